@@ -1,0 +1,1 @@
+"""Pure quantization math (no nn.Module, no I/O)."""
