@@ -82,7 +82,7 @@ def layer_override(value: Any) -> dict[str, Any]:
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
-    """Exact name, shell-style wildcard (``*k_proj``), a regex, or a dotted suffix/substring (reference: fuzzy)."""
+    """Exact name, shell-style wildcard (``*k_proj``) or a regular expression matching the whole name."""
     if pattern == name:
         return True
     if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
@@ -91,8 +91,8 @@ def _pattern_matches(pattern: str, name: str) -> bool:
         if re.fullmatch(pattern, name):
             return True
     except re.error:
-        pass
-    return pattern in name
+        return False
+    return False
 
 
 @dataclass

@@ -124,16 +124,41 @@ def fake_quant(
     Rounding uses a straight-through estimator, so gradients reach ``v`` and, through the scale, the
     clipping factors.  Returns a tensor of ``w``'s shape and dtype.
     """
-    wg = group_view(w, spec.group_size)
-    wmin, wmax = group_min_max(wg)
-    scale, zero = scale_and_zero(wmin, wmax, spec, alpha, beta, scale_dtype, ste=True)
-    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    x = wg / scale
-    if v is not None:
-        x = x + group_view(v, spec.group_size)
-    maxq = 2**spec.bits - 1
-    codes = (_round_ste(x) + zero).clamp(0, maxq)
-    return ((codes - zero) * scale).reshape(w.shape).to(w.dtype)
+    return GroupedWeight.of(w, spec.group_size).fake_quant(spec, v, alpha, beta, scale_dtype)
+
+
+class GroupedWeight:
+    """A weight viewed as groups, with its per-group range computed once.
+
+    Tuning calls the fake quantizer hundreds of times on the same weight; only ``v``, ``alpha`` and
+    ``beta`` change, so the grouping and the min/max reductions are done here once.
+    """
+
+    def __init__(self, wg: torch.Tensor, shape: torch.Size):
+        self.wg = wg
+        self.shape = shape
+        self.wmin, self.wmax = group_min_max(wg)
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group_size: int) -> GroupedWeight:
+        return cls(group_view(w, group_size), w.shape)
+
+    def fake_quant(
+        self,
+        spec: LayerSpec,
+        v: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> torch.Tensor:
+        scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        x = self.wg / scale
+        if v is not None:
+            x = x + v.reshape(self.wg.shape)
+        maxq = 2**spec.bits - 1
+        codes = (_round_ste(x) + zero).clamp(0, maxq)
+        return ((codes - zero) * scale).reshape(self.shape).to(self.wg.dtype)
 
 
 @torch.no_grad()

@@ -1,0 +1,259 @@
+"""The quantization pipeline and the ``AutoRound`` Python API.
+
+config -> plan -> calibration data -> tuning -> packed layers -> format on disk.  ``from_pretrained`` (through
+the HfQuantizer), the ``AutoRound`` class and the CLI all run the same three functions below:
+``plan_model``, ``quantize_model`` and ``pack_model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AutoRoundConfig
+from .layers import install_quantized
+from .packing.registry import Packer, get_packer
+from .schemes import LayerSpec, QuantPlan, resolve_plan
+from .tuning.block import TuneOptions
+from .tuning.engine import TuneReport, find_blocks, quantizable_layers
+from .tuning.engine import run as run_tuning
+
+logger = logging.getLogger(__name__)
+
+FORMAT_PACKINGS = {"auto_round": "auto_round"}  # user-facing format -> packer name (resolved per model)
+
+
+def _packer_for(format_name: str, default: LayerSpec | None) -> Packer:
+    if format_name not in FORMAT_PACKINGS:
+        raise ValueError(f"unknown format {format_name!r}; accepted: {', '.join(FORMAT_PACKINGS)}")
+    packer = get_packer(FORMAT_PACKINGS[format_name])
+    return packer.resolve(default) if default is not None else packer
+
+
+def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
+    """Which layers to quantize and how; layers a requested format cannot hold stay in 16 bit (one warning)."""
+    default = config.default_spec()
+    packers = [_packer_for(f, default) for f in config.formats()]
+
+    def can_hold(spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+        for packer in packers:
+            reason = packer.can_hold(spec, in_features, out_features)
+            if reason:
+                return reason
+        return None
+
+    plan = resolve_plan(quantizable_layers(model, config.quant_lm_head), default, config.layer_config, can_hold)
+    if plan.skipped:
+        listed = "; ".join(f"{s.name} ({s.reason})" for s in plan.skipped)
+        logger.warning("%d layers kept in 16 bit: %s", len(plan.skipped), listed)
+    return plan
+
+
+def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOptions:
+    return TuneOptions(
+        iters=config.iters,
+        lr=config.lr,
+        minmax_lr=config.minmax_lr,
+        batch_size=config.batch_size,
+        gradient_accumulate_steps=config.gradient_accumulate_steps,
+        seed=config.seed,
+        disable_opt_rtn=config.disable_opt_rtn,
+        enable_torch_compile=config.enable_torch_compile,
+        show_progress=show_progress,
+    )
+
+
+@dataclass
+class QuantizationResult:
+    plan: QuantPlan
+    report: TuneReport
+
+
+def quantize_model(model: nn.Module, tokenizer: Any, config: AutoRoundConfig, show_progress: bool = True) -> QuantizationResult:
+    """Calibrate and tune ``model`` in place (its planned Linear weights end up dequantized)."""
+    from .data import load_calibration
+
+    plan = plan_model(model, config)
+    needs_data = bool(plan.layers) and (config.iters > 0 or not config.disable_opt_rtn)
+    if needs_data:
+        calib = load_calibration(config.dataset, tokenizer, config.seqlen, config.nsamples, config.seed)
+        input_ids, mask = calib.input_ids, calib.attention_mask
+    else:
+        input_ids = torch.zeros(1, 1, dtype=torch.long)
+        mask = None
+    if not plan.layers:
+        return QuantizationResult(plan, TuneReport())
+    if not needs_data:
+        from .tuning.engine import rtn_only
+
+        return QuantizationResult(plan, rtn_only(model, plan, tune_options(config, show_progress)))
+    report = run_tuning(model, plan, input_ids, mask, tune_options(config, show_progress))
+    return QuantizationResult(plan, report)
+
+
+def pack_model(model: nn.Module, result: QuantizationResult, config: AutoRoundConfig, format_name: str | None = None) -> Packer:
+    """Swap the tuned Linear layers for QuantLinear layers in ``format_name``'s packing; describe it in ``config``."""
+    format_name = format_name or config.formats()[0]
+    default = config.default_spec()
+    packer = _packer_for(format_name, default)
+    install_quantized(model, result.report.quantized, packer.name, config.backend)
+    describe_packed(model, config, result.plan, packer)
+    return packer
+
+
+def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, packer: Packer) -> None:
+    """Make ``config`` (what save_pretrained writes) describe the packed model, in the format's own keys."""
+    default = config.default_spec() or LayerSpec()
+    overrides: dict[str, dict[str, Any]] = dict(plan.overrides())
+    for skipped in plan.skipped:
+        overrides[skipped.name] = {"bits": 16}
+    block_path, _blocks = find_blocks(model)
+    extra = {
+        "iters": config.iters,
+        "lr": config.lr,
+        "minmax_lr": config.minmax_lr,
+        "nsamples": config.nsamples,
+        "seqlen": config.seqlen,
+        "batch_size": config.batch_size,
+        "gradient_accumulate_steps": config.gradient_accumulate_steps,
+        "dataset": config.dataset if isinstance(config.dataset, str) else "custom",
+        "block_name_to_quantize": block_path,
+        "quant_lm_head": config.quant_lm_head or None,
+        "signround_version": _version(),
+    }
+    config.set_packed(packer.quantization_config(default, overrides, extra))
+    model.config.quantization_config = config
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Fail before any long work if ``output_dir`` cannot be created or written."""
+    out = Path(output_dir).expanduser().resolve()
+    parent = out.parent
+    probe_dir = parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"output directory {str(out)!r} is not writable")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {str(out)!r} exists and is not a directory")
+    return out
+
+
+def atomic_save(output_dir: str | os.PathLike, write: Any) -> Path:
+    """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``output_dir`` in one rename; on failure nothing is left.
+
+    An existing ``output_dir`` is replaced only once the new one is complete.
+    """
+    out = check_output_dir(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _load_model(path: str, trust_remote_code: bool, dtype: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+class AutoRound:
+    """The reference tool's Python API.
+
+    >>> ar = AutoRound("path/to/model", scheme="W4A16", group_size=32, iters=50, dataset="calib.txt")
+    >>> ar.quantize_and_save("out", format="auto_round")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        tokenizer: Any = None,
+        scheme: str = "W4A16",
+        *,
+        trust_remote_code: bool = False,
+        dtype: Any = "auto",
+        show_progress: bool = True,
+        **kwargs: Any,
+    ):
+        self.config = AutoRoundConfig(scheme=scheme, **kwargs)  # validates everything before loading anything
+        if isinstance(model, (str, os.PathLike)):
+            path = str(model)
+            self.model = _load_model(path, trust_remote_code, dtype)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or path, trust_remote_code=trust_remote_code)
+        else:
+            self.model = model
+        self.tokenizer = tokenizer
+        self.show_progress = show_progress
+        self.result: QuantizationResult | None = None
+
+    def quantize(self) -> tuple[nn.Module, dict[str, LayerSpec]]:
+        """Tune the model in place; returns it and the per-layer specs (the reference returns model, layer_config)."""
+        self.result = quantize_model(self.model, self.tokenizer, self.config, self.show_progress)
+        return self.model, dict(self.result.plan.layers)
+
+    def save_quantized(self, output_dir: str | os.PathLike, format: str | None = None, inplace: bool = True) -> Path:
+        """Pack (once) and write the model, its config and tokenizer to ``output_dir`` atomically."""
+        if self.result is None:
+            raise RuntimeError("call quantize() before save_quantized()")
+        if not inplace:
+            raise NotImplementedError("inplace=False is not supported yet; the model is packed in place")
+        formats = [f.strip() for f in (format or self.config.format).split(",") if f.strip()]
+        if len(formats) != 1:
+            raise NotImplementedError(f"exporting several formats at once ({formats}) is not supported yet")
+        self.config.format = formats[0]
+        if not getattr(self, "_packed", False):
+            pack_model(self.model, self.result, self.config, formats[0])
+            _attach_quantizer(self.model, self.config)
+            self._packed = True
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(tmp)
+
+        return atomic_save(output_dir, write)
+
+    def quantize_and_save(self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True) -> Path:
+        check_output_dir(output_dir)
+        for name in format.split(","):
+            _packer_for(name.strip(), self.config.default_spec())  # unknown format: fail before tuning
+        self.quantize()
+        return self.save_quantized(output_dir, format, inplace)
+
+
+def _attach_quantizer(model: nn.Module, config: AutoRoundConfig) -> None:
+    """A model packed outside from_pretrained gets the quantizer transformers' save_pretrained expects."""
+    from .hf_quantizer import SignRoundHfQuantizer
+
+    model.hf_quantizer = SignRoundHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.config.quantization_config = config

@@ -1,0 +1,239 @@
+"""``AutoRoundConfig``: every user-facing knob, validated when the config is built.
+
+It is a Transformers ``QuantizationConfigMixin`` with ``quant_method = "auto-round"``: passed to
+``from_pretrained`` it makes the model quantize while loading; written to ``config.json`` (``to_dict``) it
+describes the packed model in the reference tool's keys, so Intel's loaders, vLLM and SGLang read it;
+read back (``from_dict``) it rebuilds the packed layers.  Unknown keys from a checkpoint are kept and
+written back unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .schemes import SUPPORTED_BITS, LayerSpec, layer_override, scheme_fields, scheme_names
+
+QUANT_METHOD = "auto-round"
+DEFAULT_DATASET = "NeelNanda/pile-10k"
+
+# The reference's recipes (user guide, "各配置方案详细参数"); lr None = automatic (1/iters).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"batch_size": 8, "iters": 200, "seqlen": 2048, "nsamples": 128, "lr": None},
+    "best": {"batch_size": 8, "iters": 1000, "seqlen": 2048, "nsamples": 512, "lr": None},
+    "light": {"batch_size": 8, "iters": 50, "seqlen": 2048, "nsamples": 128, "lr": 5e-3},
+}
+
+# Knobs that only matter while quantizing; the rest describe the packed checkpoint.
+_TUNING_KEYS = (
+    "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
+    "seed", "disable_opt_rtn", "enable_torch_compile",
+)  # fmt: skip
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class AutoRoundConfig(QuantizationConfigMixin):
+    """Configuration of SignRound quantization (and of loading its checkpoints).
+
+    Args mirror the reference tool's API.  ``scheme`` (e.g. ``"W4A16"``) sets bits / group_size / sym;
+    explicitly passed ``bits``, ``group_size`` or ``sym`` override it.  ``iters=0`` gives (optimised)
+    RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``layer_config`` maps exact layer names to a scheme
+    name or a dict of LayerSpec fields (``{"bits": 16}`` keeps a layer unquantized).
+    """
+
+    def __init__(
+        self,
+        bits: int | None = None,
+        group_size: int | None = None,
+        sym: bool | None = None,
+        scheme: str = "W4A16",
+        iters: int = 200,
+        lr: float | None = None,
+        minmax_lr: float | None = None,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        batch_size: int = 8,
+        gradient_accumulate_steps: int = 1,
+        dataset: Any = DEFAULT_DATASET,
+        seed: int = 42,
+        layer_config: Mapping[str, Any] | None = None,
+        quant_lm_head: bool = False,
+        format: str = "auto_round",
+        backend: str = "auto",
+        enable_torch_compile: bool = False,
+        disable_opt_rtn: bool = False,
+        tokenizer: str | None = None,
+        data_type: str = "int",
+        act_bits: int = 16,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ):
+        self.quant_method = QUANT_METHOD
+        _require(
+            quant_method in (QUANT_METHOD, "intel/auto-round"),
+            f"quant_method={quant_method!r} is not an AutoRound config; expected {QUANT_METHOD!r}",
+        )
+        _require(isinstance(scheme, str), f"scheme must be a string, got {scheme!r}; accepted: {scheme_names()}")
+        fields = scheme_fields(scheme)  # raises on an unknown scheme, listing the accepted ones
+        self.scheme = scheme.upper()
+        base = fields or {"bits": 16, "group_size": 128, "sym": True}
+        self.bits = base["bits"] if bits is None else bits
+        self.group_size = base["group_size"] if group_size is None else group_size
+        self.sym = base["sym"] if sym is None else sym
+        self.data_type = data_type
+        self.act_bits = act_bits
+        self.iters = iters
+        self.lr = lr
+        self.minmax_lr = minmax_lr
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.batch_size = batch_size
+        self.gradient_accumulate_steps = gradient_accumulate_steps
+        self.dataset = dataset
+        self.seed = seed
+        self.layer_config = dict(layer_config or {})
+        self.quant_lm_head = quant_lm_head
+        self.format = format
+        self.backend = backend
+        self.enable_torch_compile = enable_torch_compile
+        self.disable_opt_rtn = disable_opt_rtn
+        self.tokenizer = tokenizer
+        # What a checkpoint says about itself (packing layout, per-layer overrides, block names, ...).
+        self.packing_format: str | None = kwargs.pop("packing_format", None)
+        self.extra_config: dict[str, dict[str, Any]] = dict(kwargs.pop("extra_config", None) or {})
+        self.block_name_to_quantize = kwargs.pop("block_name_to_quantize", None)
+        self.unknown_keys: dict[str, Any] = dict(kwargs)
+        # The exact description of a packed model (a checkpoint's dict, or what packing produced); None
+        # while the config only says how to quantize.
+        self.packed: dict[str, Any] | None = None
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """A checkpoint's ``quantization_config``: the config describes that packed model, kept verbatim."""
+        config = cls(**{**config_dict, **kwargs})
+        config.packed = copy.deepcopy(dict(config_dict))
+        return (config, {}) if return_unused_kwargs else config
+
+    def set_packed(self, description: dict[str, Any]) -> None:
+        """Record what the packed model is (the format's config body); ``to_dict`` then returns exactly that."""
+        self.packed = copy.deepcopy(description)
+        self.packing_format = description.get("packing_format")
+        self.extra_config = copy.deepcopy(description.get("extra_config") or {})
+        self.block_name_to_quantize = description.get("block_name_to_quantize")
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad value and what is accepted."""
+        _require(self.bits in (*SUPPORTED_BITS, 16), f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)}")
+        _require(
+            _is_int(self.group_size) and (self.group_size > 0 or self.group_size == -1),
+            f"group_size={self.group_size!r} is not supported; accepted: a positive integer (e.g. 32, 64, 128) or -1 (per channel)",
+        )
+        _require(isinstance(self.sym, bool), f"sym must be True or False, got {self.sym!r}")
+        _require(self.data_type == "int", f"data_type={self.data_type!r} is not supported; accepted: ['int']")
+        _require(self.act_bits == 16, f"act_bits={self.act_bits!r} is not supported; accepted: [16] (weight-only)")
+        _require(_is_int(self.iters) and self.iters >= 0, f"iters must be an integer >= 0 (0 = RTN), got {self.iters!r}")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                f"{name} must be a positive number or None (automatic), got {value!r}",
+            )
+        for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        for name in ("quant_lm_head", "enable_torch_compile", "disable_opt_rtn"):
+            _require(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        _require(
+            self.tokenizer is None or isinstance(self.tokenizer, str),
+            f"tokenizer must be a path/name string or None, got {type(self.tokenizer).__name__}",
+        )
+        _require(self.dataset is not None, "dataset must not be None; pass a local file, a spec string or a list of texts")
+        _require(isinstance(self.layer_config, dict), f"layer_config must be a dict, got {type(self.layer_config).__name__}")
+        for name, value in self.layer_config.items():
+            _require(isinstance(name, str) and name, f"layer_config keys must be layer names, got {name!r}")
+            override = layer_override(value)
+            if override.get("bits", 0) < 16:
+                LayerSpec(**{**self.default_spec_fields(), **override})  # raises with the accepted values
+        self._validate_formats()
+        self._validate_backend()
+
+    def _validate_formats(self) -> None:
+        from .packing.registry import get_packer
+
+        _require(isinstance(self.format, str) and self.format.strip(), f"format must be a non-empty string, got {self.format!r}")
+        if self.bits >= 16:
+            return
+        spec = self.default_spec()
+        for name in self.formats():
+            packer = get_packer(name)  # raises on an unknown format, listing the accepted ones
+            reason = packer.can_hold_spec(spec) if hasattr(packer, "can_hold_spec") else None
+            _require(reason is None, f"format {name!r} cannot hold bits={self.bits} group_size={self.group_size} sym={self.sym}: {reason}")
+
+    def _validate_backend(self) -> None:
+        from .kernels.registry import backend_names
+
+        names = backend_names()
+        _require(
+            self.backend == "auto" or self.backend in names,
+            f"backend={self.backend!r} is unknown; accepted: {['auto', *names]}",
+        )
+
+    # -- derived views ----------------------------------------------------------------------------
+    def formats(self) -> list[str]:
+        """``"auto_round,auto_gptq"`` -> ``["auto_round", "auto_gptq"]``."""
+        return [f.strip().lower() for f in self.format.split(",") if f.strip()]
+
+    def default_spec_fields(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "data_type": self.data_type, "act_bits": self.act_bits}
+
+    def default_spec(self) -> LayerSpec | None:
+        """The LayerSpec of layers without an override (``None`` for a 16-bit scheme such as BF16)."""
+        return None if self.bits >= 16 else LayerSpec(**self.default_spec_fields())
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-only description, in the reference's keys (what ``save_pretrained`` writes)."""
+        if self.packed is not None:
+            return copy.deepcopy(self.packed)
+        out: dict[str, Any] = {
+            "quant_method": QUANT_METHOD,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "data_type": self.data_type,
+            "act_bits": self.act_bits,
+        }
+        if self.packing_format is not None:
+            out["packing_format"] = self.packing_format
+        if self.extra_config:
+            out["extra_config"] = copy.deepcopy(self.extra_config)
+        if self.block_name_to_quantize is not None:
+            out["block_name_to_quantize"] = self.block_name_to_quantize
+        for key in _TUNING_KEYS:
+            out[key] = getattr(self, key)
+        out["dataset"] = self.dataset if isinstance(self.dataset, str) else f"<{type(self.dataset).__name__} of {len(self.dataset)} samples>"
+        out["quant_lm_head"] = self.quant_lm_head
+        out["backend"] = self.backend
+        out.update(copy.deepcopy(self.unknown_keys))
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What a user's config may change when loading a packed checkpoint."""
+        return {"backend": self.backend}

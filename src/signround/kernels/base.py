@@ -1,0 +1,127 @@
+"""The QuantLinear contract every backend implements.
+
+A QuantLinear is a plain ``nn.Module`` (deliberately not an ``nn.Linear`` subclass: code that special-cases
+``nn.Linear`` — weight tying, re-initialisation, other quantizers — must not mistake it for a dense layer).
+Its persistent buffers carry exactly the checkpoint tensor names, shapes and dtypes that the layer's Packer
+declares, so ``from_pretrained`` loads a checkpoint straight into them and ``state_dict()`` saves the same format.
+
+Life cycle: construct (possibly on the meta device) -> the loader fills the buffers -> ``check_loaded`` ->
+``post_init`` once -> ``forward``.  ``post_init`` may build extra *non-persistent* buffers (a repacked weight for
+a fused kernel) but must leave the persistent, checkpoint-format buffers untouched, so saving still works.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..packing import Packer, TensorLayout, get_packer
+from ..quant.int import QuantizedTensor
+from ..schemes import LayerSpec
+
+__all__ = ["QuantLinear"]
+
+
+class QuantLinear(nn.Module):
+    """Base class: buffers, loading checks and (un)packing; subclasses implement :meth:`forward`.
+
+    Input ``x``: ``[..., in_features]`` in the activation dtype; output ``[..., out_features]``, same dtype.
+    """
+
+    backend_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: LayerSpec,
+        packer_name: str,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.packer_name = packer_name
+        self.dtype = dtype
+        self.has_bias = bias
+        for name, (shape, buf_dtype) in self.expected_buffers().items():
+            self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device), persistent=True)
+        if not bias:
+            self.register_buffer("bias", None)
+
+    # -- layout -------------------------------------------------------------------------------------------------
+    @property
+    def packer(self) -> Packer:
+        return get_packer(self.packer_name)
+
+    def expected_buffers(self) -> TensorLayout:
+        """Every persistent buffer: the packer's tensors plus ``bias`` (activation dtype) when the layer has one."""
+        layout = dict(self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features))
+        if self.has_bias:
+            layout["bias"] = ((self.out_features,), self.dtype)
+        return layout
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+            f"group_size={s.group_size}, sym={s.sym}, packing={self.packer_name!r}, backend={self.backend_name!r}"
+        )
+
+    # -- building -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(
+        cls,
+        qt: QuantizedTensor,
+        packer_name: str,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> QuantLinear:
+        """A ready-to-run layer (``post_init`` already called) on ``qt``'s device, buffers filled by the packer."""
+        out_features, in_features = qt.codes.shape
+        layer = cls(in_features, out_features, qt.spec, packer_name, bias is not None, dtype, device=qt.codes.device)
+        with torch.no_grad():
+            for name, tensor in layer.packer.pack(qt).items():
+                getattr(layer, name).copy_(tensor)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.post_init()
+        return layer
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        """The layer's codes, scales and zeros, unpacked from the checkpoint-format buffers."""
+        tensors = {name: getattr(self, name) for name in self.packer.tensor_names}
+        return self.packer.unpack(tensors, self.spec, self.in_features, self.out_features)
+
+    def post_init(self) -> None:
+        """Called once after the weights are loaded; backends that repack for a faster kernel do it here."""
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def check_loaded(self, layer_name: str) -> None:
+        """Raise ``ValueError`` naming the layer and buffer if a buffer is missing, still on meta, of the wrong
+        dtype or shape, or (floating point) holds non-finite values.
+
+        Transformers only warns about a missing checkpoint tensor and leaves the buffer uninitialised, so loaders
+        call this for every layer before the model is used.
+        """
+        for name, (shape, dtype) in self.expected_buffers().items():
+            buf = getattr(self, name, None)
+            where = f"layer {layer_name!r}: buffer {name!r}"
+            if not isinstance(buf, torch.Tensor):
+                raise ValueError(f"{where} is missing")
+            if buf.device.type == "meta":
+                raise ValueError(f"{where} is still on the meta device (not loaded from the checkpoint?)")
+            if buf.dtype != dtype:
+                raise ValueError(f"{where} has dtype {buf.dtype}, expected {dtype}")
+            if tuple(buf.shape) != shape:
+                raise ValueError(f"{where} has shape {tuple(buf.shape)}, expected {shape}")
+            if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
+                raise ValueError(f"{where} holds non-finite values (NaN or inf)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")

@@ -1,0 +1,81 @@
+"""Module surgery: swapping ``nn.Linear`` layers for the QuantLinear of the backend chosen per layer.
+
+Two moments need it: after tuning (fill the new layers from the quantized tensors) and before a packed
+checkpoint is loaded (empty layers on the meta device, with buffers named as the checkpoint's tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .kernels.base import QuantLinear
+from .kernels.registry import select
+from .quant.int import QuantizedTensor
+from .schemes import LayerSpec
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _requested(backend: str | None) -> str | None:
+    return None if backend in (None, "auto") else backend
+
+
+def install_quantized(
+    model: nn.Module,
+    quantized: Mapping[str, QuantizedTensor],
+    packing: str,
+    backend: str | None = "auto",
+    dtype: torch.dtype | None = None,
+) -> dict[str, QuantLinear]:
+    """Replace each named Linear by a ready QuantLinear holding its packed tensors."""
+    installed = {}
+    for name, qt in quantized.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"layer {name!r} is a {type(linear).__name__}, expected nn.Linear")
+        act_dtype = dtype or linear.weight.dtype
+        device = linear.weight.device
+        chosen = select(qt.spec, packing, device, act_dtype, linear.in_features, linear.out_features, _requested(backend))
+        bias = None if linear.bias is None else linear.bias.detach()
+        qt_dev = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
+        layer = chosen.quant_linear.from_quantized(qt_dev, packing, bias, act_dtype)
+        _set_module(model, name, layer)
+        installed[name] = layer
+    return installed
+
+
+def install_empty(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec],
+    packing: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    backend: str | None = "auto",
+) -> dict[str, QuantLinear]:
+    """Replace each named Linear by an empty QuantLinear on the meta device, ready for the checkpoint loader.
+
+    ``device`` is where the layer will run (it decides the backend); buffers are created on meta.
+    """
+    installed = {}
+    for name, spec in specs.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"checkpoint layer {name!r} is a {type(linear).__name__} in this model, expected nn.Linear")
+        chosen = select(spec, packing, device, dtype, linear.in_features, linear.out_features, _requested(backend))
+        layer = chosen.quant_linear(
+            linear.in_features, linear.out_features, spec, packing, linear.bias is not None, dtype, device="meta"
+        )
+        _set_module(model, name, layer)
+        installed[name] = layer
+    return installed
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -1,0 +1,9 @@
+"""Checkpoint formats: one Packer per on-disk layout, looked up by its ``packing_format`` name.
+
+Importing this package registers every built-in format.
+"""
+
+from . import auto_round  # noqa: F401  (registers "auto_round", "auto_round:auto_gptq")
+from .registry import Packer, TensorLayout, get_packer, packer_names, register_packer
+
+__all__ = ["Packer", "TensorLayout", "get_packer", "packer_names", "register_packer"]

@@ -1,0 +1,131 @@
+"""The Packer contract and the name -> Packer registry.
+
+A Packer turns one layer's :class:`~signround.quant.int.QuantizedTensor` into the named tensors a checkpoint
+format stores (and back), and writes / reads that format's ``config.json["quantization_config"]`` body.
+Packers never run a model and never touch files: exporters and loaders do the I/O and call these pure
+functions, so every format can be tested alone (``unpack(pack(q)) == q``).
+
+Names are the on-disk ``packing_format`` strings (``"auto_round:auto_gptq"``, ...), looked up with
+:func:`get_packer`; an unknown name lists every registered one.  Adding a format = one new module with one
+decorated class; nothing else is edited.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ..quant.int import QuantizedTensor
+from ..schemes import LayerSpec
+
+__all__ = [
+    "Packer",
+    "TensorLayout",
+    "get_packer",
+    "packer_names",
+    "register_packer",
+]
+
+# tensor name (relative to the layer) -> (shape, dtype)
+TensorLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+_PACKERS: dict[str, Packer] = {}
+_ALIASES: dict[str, str] = {}
+
+
+class Packer(ABC):
+    """One checkpoint layout.  Instances are stateless; the registry holds one instance per name."""
+
+    name: ClassVar[str] = ""
+    tensor_names: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def can_hold(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+        """``None`` if this layout can store a layer of that shape and spec, else the reason (names the bad value).
+
+        Planning calls this before tuning so a layer the format cannot hold stays in 16 bit, with the reason
+        recorded, instead of failing at save time.
+        """
+
+    @abstractmethod
+    def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
+        """Shape and dtype of every stored tensor: used to build empty (meta) buffers before a checkpoint is
+        loaded into them, and to validate what was loaded."""
+
+    @abstractmethod
+    def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """The layer's stored tensors (names relative to the layer, e.g. ``"qweight"``).  Does not modify ``qt``."""
+
+    @abstractmethod
+    def unpack(
+        self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
+    ) -> QuantizedTensor:
+        """Inverse of :meth:`pack`; raises ``ValueError`` naming a missing or mis-shaped tensor."""
+
+    @abstractmethod
+    def quantization_config(
+        self, default: LayerSpec, overrides: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The ``config.json["quantization_config"]`` body for this format (JSON values only).
+
+        :param default: the model-wide spec.
+        :param overrides: layer name -> the LayerSpec fields that differ from ``default``; ``{"bits": 16}``
+            (or more) marks a layer kept unquantized.
+        :param extra: format-specific metadata (tuning knobs, block names, tool version ...).
+        """
+
+    @abstractmethod
+    def parse_config(self, cfg: Mapping[str, Any]) -> tuple[LayerSpec, dict[str, dict[str, Any]]]:
+        """Inverse of :meth:`quantization_config`: ``(default spec, overrides)`` with the same conventions."""
+
+    def resolve(self, default: LayerSpec) -> Packer:
+        """The concrete on-disk variant of this format for a model whose model-wide spec is ``default``.
+
+        Exporters call ``get_packer(format).resolve(default)`` once per model: some formats store one
+        convention per checkpoint (e.g. auto_round's zero-point offset follows the model's symmetry).
+        """
+        return self
+
+    def check_holds(self, spec: LayerSpec, in_features: int, out_features: int) -> None:
+        """Raise ``ValueError`` with :meth:`can_hold`'s reason when the layer does not fit."""
+        reason = self.can_hold(spec, in_features, out_features)
+        if reason is not None:
+            raise ValueError(f"packing {self.name!r} cannot hold this layer: {reason}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+P = TypeVar("P", bound=type[Packer])
+
+
+def register_packer(name: str, *aliases: str) -> Callable[[P], P]:
+    """Class decorator: instantiate the Packer and register it under ``name`` (its ``packing_format``) and aliases."""
+
+    def decorate(cls: P) -> P:
+        for key in (name, *aliases):
+            if key in _PACKERS or key in _ALIASES:
+                raise ValueError(f"packing format {key!r} is already registered (by {get_packer(key)!r})")
+        cls.name = name
+        _PACKERS[name] = cls()
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return cls
+
+    return decorate
+
+
+def packer_names() -> list[str]:
+    """Every registered name and alias, sorted."""
+    return sorted([*_PACKERS, *_ALIASES])
+
+
+def get_packer(name: str) -> Packer:
+    """The registered Packer for ``name`` (or an alias); an unknown name lists every registered one."""
+    key = _ALIASES.get(name, name)
+    if key not in _PACKERS:
+        raise ValueError(f"unknown packing format {name!r}; registered: {', '.join(packer_names()) or '(none)'}")
+    return _PACKERS[key]

@@ -1,0 +1,1 @@
+"""SignRound tuning: block walk, per-block signed-gradient loop, RTN initialisations. Never touches files."""

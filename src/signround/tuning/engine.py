@@ -1,0 +1,265 @@
+"""The block walk: decoder blocks are tuned in order, each on the outputs of the already-quantized ones.
+
+Two streams of hidden states flow through the model: the full-precision stream (fp inputs -> fp block ->
+reference outputs, the targets) and the quantized stream (outputs of the quantized blocks, what the
+tuned layers will really see).  Each block is tuned to map quantized-stream inputs onto full-precision
+targets, which also corrects the error accumulated upstream.
+
+Memory policy lives here only: the cached streams stay on the device of the block being tuned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..quant.int import QuantizedTensor
+from ..schemes import LayerSpec, QuantPlan
+from .block import BlockResult, TuneOptions, run_block, tune_block
+from .inputs import BlockInputs, capture_block_inputs
+from .rtn import optimized_rtn_params, plain_rtn_params
+
+logger = logging.getLogger(__name__)
+
+# Where architectures keep their decoder blocks, most common first.  A new architecture whose blocks
+# live elsewhere only needs its path added here.
+BLOCK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "model.decoder.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "transformer.layers",
+)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's decoder blocks and their path (e.g. ``model.layers``)."""
+    for path in BLOCK_PATHS:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return path, blocks
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__}; looked for {list(BLOCK_PATHS)}. "
+        "Add the path of its nn.ModuleList of blocks to signround.tuning.engine.BLOCK_PATHS."
+    )
+
+
+def quantizable_layers(model: nn.Module, include_lm_head: bool = False) -> list[tuple[str, int, int]]:
+    """Candidate layers ``(name, in_features, out_features)``: every nn.Linear inside the blocks (+ lm_head)."""
+    path, blocks = find_blocks(model)
+    out = []
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                out.append((f"{path}.{i}.{name}", module.in_features, module.out_features))
+    if include_lm_head:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Linear):
+            head_name = next(n for n, m in model.named_modules() if m is head)
+            out.append((head_name, head.in_features, head.out_features))
+    return out
+
+
+@dataclass
+class TuneReport:
+    """What tuning produced: the quantized tensors by full layer name, and per-block loss figures."""
+
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    block_losses: list[tuple[float | None, float | None]] = field(default_factory=list)
+
+
+class _InputEnergy:
+    """Forward hooks accumulating ``E[x_j^2]`` per input feature of some Linear layers."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            self.sums[name] += x.square().sum(0)
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {name: s / max(self.counts[name], 1) for name, s in self.sums.items()}
+
+
+def _init_params(
+    linear: nn.Linear, spec: LayerSpec, importance: torch.Tensor | None, options: TuneOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if options.disable_opt_rtn:
+        return plain_rtn_params(linear.weight.detach(), spec)
+    return optimized_rtn_params(linear.weight.detach(), spec, importance, scale_dtype=options.scale_dtype)
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    for p in block.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def run(
+    model: nn.Module,
+    plan: QuantPlan,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    options: TuneOptions,
+) -> TuneReport:
+    """Tune and quantize every planned layer of ``model`` in place; returns the quantized tensors.
+
+    After this call each planned Linear's weight holds its dequantized value (the model computes what the
+    packed model will); packing into a format is the caller's next step.
+    """
+    path, blocks = find_blocks(model)
+    report = TuneReport()
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(options.seed)
+    try:
+        with torch.no_grad():
+            fp_inputs = capture_block_inputs(model, blocks[0], input_ids, attention_mask)
+        q_inputs = fp_inputs
+        bs = min(options.batch_size, len(fp_inputs))
+        params_require_grad = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        bar = tqdm(total=len(blocks), desc="signround", disable=not options.show_progress)
+        for i, block in enumerate(blocks):
+            prefix = f"{path}.{i}."
+            layers = {
+                name: module
+                for name, module in block.named_modules()
+                if isinstance(module, nn.Linear) and prefix + name in plan.layers
+            }
+            device = _block_device(block)
+            fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
+            fp_out = run_block(block, fp_in, bs)
+            if not layers:
+                q_out = fp_out if q_in is fp_in else run_block(block, q_in, bs)
+                report.block_losses.append((None, None))
+            else:
+                result = _tune_one_block(block, layers, prefix, plan, q_in, fp_out, options, bar, i)
+                for name, qt in result.quantized.items():
+                    report.quantized[prefix + name] = qt
+                report.block_losses.append((result.init_loss, result.final_loss))
+                q_out = run_block(block, q_in, bs)
+            fp_inputs = fp_in.with_hidden(fp_out)
+            q_inputs = q_in.with_hidden(q_out)
+            bar.update(1)
+        bar.close()
+        _quantize_head(model, plan, q_inputs, options, report)
+        for p, flag in params_require_grad.items():
+            p.requires_grad_(flag)
+    finally:
+        model.train(was_training)
+    return report
+
+
+def _tune_one_block(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    prefix: str,
+    plan: QuantPlan,
+    q_in: BlockInputs,
+    fp_out: torch.Tensor,
+    options: TuneOptions,
+    bar: tqdm,
+    index: int,
+) -> BlockResult:
+    importance: dict[str, torch.Tensor] = {}
+    if not options.disable_opt_rtn:
+        energy = _InputEnergy(layers)
+        try:
+            run_block(block, q_in, min(options.batch_size, len(q_in)))
+        finally:
+            importance = energy.close()
+    specs = {name: plan.layers[prefix + name] for name in layers}
+    prepared = {
+        name: (linear, specs[name], _init_params(linear, specs[name], importance.get(name), options))
+        for name, linear in layers.items()
+    }
+
+    def progress(it: int, loss: float) -> None:
+        if it % 10 == 0 or it == options.iters - 1:
+            bar.set_postfix_str(f"block {index} iter {it} loss {loss:.3g}")
+
+    with torch.enable_grad():
+        result = tune_block(block, prepared, q_in, fp_out, options, progress)
+    if result.init_loss is not None:
+        logger.debug("block %d: loss %.4g -> %.4g (best iter %s)", index, result.init_loss, result.final_loss, result.best_iter)
+    return result
+
+
+def _quantize_head(
+    model: nn.Module, plan: QuantPlan, q_inputs: BlockInputs, options: TuneOptions, report: TuneReport
+) -> None:
+    """lm_head (only when planned) gets optimised RTN weighted by the final normalised hidden states."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    if head_name not in plan.layers:
+        return
+    from ..quant.int import dequantize, quantize
+
+    spec = plan.layers[head_name]
+    importance = None
+    norm = _final_norm(model)
+    if norm is not None and not options.disable_opt_rtn:
+        with torch.no_grad():
+            x = norm(q_inputs.hidden.to(_block_device(norm))).float()
+            importance = x.reshape(-1, x.shape[-1]).square().mean(0)
+    alpha, beta = _init_params(head, spec, importance, options)
+    qt = quantize(head.weight, spec, None, alpha, beta, options.scale_dtype)
+    if _is_tied(model):
+        # The embedding keeps its full-precision table; the head gets its own (quantized) weight.
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        head.weight.copy_(dequantize(qt).to(head.weight.dtype))
+    report.quantized[head_name] = qt
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "model.decoder.final_layer_norm"):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    return head is not None and emb is not None and head.weight is emb.weight
+
+
+@torch.no_grad()
+def rtn_only(model: nn.Module, plan: QuantPlan, options: TuneOptions) -> TuneReport:
+    """Plain RTN of every planned layer without calibration data (``iters=0, disable_opt_rtn=True``)."""
+    from ..quant.int import dequantize, quantize
+
+    report = TuneReport()
+    for name, spec in plan.layers.items():
+        linear = model.get_submodule(name)
+        qt = quantize(linear.weight, spec, scale_dtype=options.scale_dtype)
+        linear.weight.copy_(dequantize(qt).to(linear.weight.dtype))
+        report.quantized[name] = qt
+    return report

@@ -1,0 +1,147 @@
+"""Capturing and replaying a decoder block's inputs.
+
+A block's forward needs more than the hidden states: attention mask, position ids, rotary embeddings,
+cache flags — whatever the architecture passes.  Instead of knowing each architecture, the first block's
+call is intercepted (a forward pre-hook with kwargs) once per calibration sample, and everything it
+received is kept.  Keyword arguments equal for every sample (rotary tables, a causal mask, flags) are
+stored once; those that differ (padding masks) are stacked per sample and re-batched on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return a is b or a == b
+
+
+def _stack(values: list[Any]) -> Any:
+    """Per-sample values (batch dim 1) -> one batched value, tuple structure kept."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values, dim=0)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([v[i] for v in values]) for i in range(len(first)))
+    raise TypeError(f"cannot batch a per-sample block argument of type {type(first).__name__}")
+
+
+def _index(value: Any, idx: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[idx.to(value.device)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_index(v, idx) for v in value)
+    return value
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+# Arguments that must not carry state between the replays of a block.
+_FORCED_KWARGS = {"use_cache": False, "past_key_value": None, "past_key_values": None, "cache": None}
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states ``[N, T, H]`` plus the block's other arguments, shared or per sample."""
+
+    hidden: torch.Tensor
+    shared: dict[str, Any] = field(default_factory=dict)
+    per_sample: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
+        """Same arguments, other hidden states (a block's outputs feed the next block)."""
+        return BlockInputs(hidden=hidden, shared=self.shared, per_sample=self.per_sample)
+
+    def to(self, device: torch.device) -> BlockInputs:
+        return BlockInputs(
+            hidden=self.hidden.to(device),
+            shared={k: _to(v, device) for k, v in self.shared.items()},
+            per_sample={k: _to(v, device) for k, v in self.per_sample.items()},
+        )
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        kwargs = dict(self.shared)
+        kwargs.update({k: _index(v, idx) for k, v in self.per_sample.items()})
+        return self.hidden[idx.to(self.hidden.device)], kwargs
+
+    def batch_indices(self, batch_size: int) -> Iterator[torch.Tensor]:
+        n = len(self)
+        for start in range(0, n, batch_size):
+            yield torch.arange(start, min(start + batch_size, n))
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for idx in self.batch_indices(batch_size):
+            yield self.batch(idx)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> BlockInputs:
+    """Run the model on each sample until its first block and keep what that block receives."""
+    records: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        extra = {f"__arg{i}": a for i, a in enumerate(args[1:], start=1)}
+        records.append((hidden.detach(), {**extra, **kwargs}))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for i in range(input_ids.shape[0]):
+            ids = input_ids[i : i + 1].to(device)
+            mask = None if attention_mask is None else attention_mask[i : i + 1].to(device)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(records) != input_ids.shape[0]:
+        raise RuntimeError("the first decoder block was not called for every calibration sample")
+
+    hidden = torch.cat([h for h, _ in records], dim=0)
+    keys = records[0][1].keys()
+    shared: dict[str, Any] = {}
+    per_sample: dict[str, Any] = {}
+    for key in keys:
+        if key in _FORCED_KWARGS:
+            shared[key] = _FORCED_KWARGS[key]
+            continue
+        values = [kw[key] for _, kw in records]
+        if all(_same(values[0], v) for v in values[1:]):
+            shared[key] = values[0]
+        else:
+            per_sample[key] = _stack(values)
+    if any(k.startswith("__arg") for k in keys):
+        raise NotImplementedError("blocks called with extra positional arguments are not supported yet")
+    return BlockInputs(hidden=hidden, shared=shared, per_sample=per_sample)

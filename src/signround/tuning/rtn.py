@@ -1,0 +1,89 @@
+"""Round-to-nearest, plain and optimised.
+
+Plain RTN is ``alpha = beta = 1`` (the full group range).  Optimised RTN — the reference's default when
+``iters=0`` — picks per-group clipping factors ``alpha`` / ``beta`` in ``(0, 1]`` that minimise the
+reconstruction error weighted by the calibration activations' energy per input feature
+(``E[x_j^2]``, the diagonal of the layer's Hessian).  Because it searches the same ``alpha`` / ``beta``
+that SignRound tunes, its result is exactly representable as a starting point for tuning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.int import GroupedWeight, scale_and_zero
+from ..schemes import LayerSpec
+
+# Clip factors tried, largest first (ties keep the wider range).
+DEFAULT_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 .. 0.50
+
+
+def plain_rtn_params(w: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alpha = beta = 1`` per group."""
+    gw = GroupedWeight.of(w, spec.group_size)
+    ones = torch.ones_like(gw.wmin)
+    return ones, ones.clone()
+
+
+def _weighted_group_error(
+    gw: GroupedWeight,
+    spec: LayerSpec,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    weights: torch.Tensor,
+    scale_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Sum over each group of ``weight_j * (w_j - q(w_j))^2`` -> ``[out, G]``."""
+    scale, zero = scale_and_zero(gw.wmin, gw.wmax, spec, alpha, beta, scale_dtype)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = (torch.round(gw.wg / scale) + zero).clamp(0, 2**spec.bits - 1)
+    err = (codes - zero) * scale - gw.wg
+    return (err.square() * weights).sum(-1)
+
+
+@torch.no_grad()
+def optimized_rtn_params(
+    w: torch.Tensor,
+    spec: LayerSpec,
+    importance: torch.Tensor | None = None,
+    grid: tuple[float, ...] = DEFAULT_GRID,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(alpha, beta)`` from a grid search of the activation-weighted error.
+
+    ``importance`` is ``E[x^2]`` per input feature ``[in]`` (uniform when ``None``).  The search first
+    shrinks both ends together, then (asym only, where the two ends are independent) refines ``beta``
+    with ``alpha`` fixed and ``alpha`` with ``beta`` fixed.  Loops run over the grid, never over groups.
+    """
+    w = w.float()
+    gw = GroupedWeight.of(w, spec.group_size)
+    if importance is None:
+        weights = torch.ones_like(gw.wg[:1])
+    else:
+        imp = importance.float().to(w.device)
+        imp = imp + 1e-6 * imp.mean().clamp(min=1e-12)  # dead inputs still count a little
+        weights = imp.reshape(1, gw.wg.shape[1], gw.wg.shape[2])
+
+    alpha = torch.ones_like(gw.wmin)
+    beta = torch.ones_like(gw.wmin)
+    best = _weighted_group_error(gw, spec, alpha, beta, weights, scale_dtype)
+
+    def sweep(update_alpha: bool, update_beta: bool) -> None:
+        nonlocal best
+        for factor in grid:
+            f = torch.full_like(alpha, factor)
+            a = f if update_alpha else alpha
+            b = f if update_beta else beta
+            err = _weighted_group_error(gw, spec, a, b, weights, scale_dtype)
+            better = err < best
+            best = torch.where(better, err, best)
+            if update_alpha:
+                alpha.copy_(torch.where(better, f, alpha))
+            if update_beta:
+                beta.copy_(torch.where(better, f, beta))
+
+    sweep(True, True)
+    if not spec.sym:
+        sweep(False, True)
+        sweep(True, False)
+    return alpha, beta

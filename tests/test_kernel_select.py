@@ -1,0 +1,99 @@
+"""select() over backend descriptors: picks the best usable one and explains every rejection."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from signround.kernels import Backend, QuantLinear, backend_names, candidates, register_backend, registry, select
+from signround.kernels.torch import TorchQuantLinear
+from signround.schemes import LayerSpec
+
+W4 = LayerSpec(bits=4, group_size=128, sym=True)
+PACKING = "auto_round:auto_gptq"
+
+
+def _fake(name: str, **fields) -> Backend:
+    spec = {
+        "quant_linear": QuantLinear,
+        "devices": ("cpu",),
+        "bits": (4,),
+        "dtypes": (torch.bfloat16,),
+        "packings": (PACKING,),
+        "priority": 5,
+    }
+    spec.update(fields)
+    return Backend(name=name, **spec)
+
+
+def test_torch_is_registered_and_chosen_on_cpu() -> None:
+    assert "torch" in backend_names()
+    backend = select(W4, PACKING, "cpu", torch.bfloat16, 256, 512)
+    assert backend.name == "torch" and backend.quant_linear is TorchQuantLinear
+    assert select(W4, "auto_round", torch.device("cpu"), torch.float32, 256, 512, requested="torch").name == "torch"
+
+
+def test_unknown_requested_backend_lists_registered() -> None:
+    with pytest.raises(ValueError, match=r"unknown backend 'marlin'; registered: .*torch"):
+        select(W4, PACKING, "cpu", torch.bfloat16, 256, 512, requested="marlin")
+
+
+def test_requested_backend_that_cannot_run_gives_reason() -> None:
+    with pytest.raises(
+        ValueError, match=r"backend 'torch' cannot run the layer .*device 'hpu' not in \['cpu', 'cuda'\]"
+    ):
+        select(W4, PACKING, "hpu", torch.bfloat16, 256, 512, requested="torch")
+    with pytest.raises(ValueError, match=r"activation dtype torch.int8"):
+        select(W4, PACKING, "cpu", torch.int8, 256, 512, requested="torch")
+
+
+def test_no_usable_backend_lists_each_rejection(monkeypatch) -> None:
+    monkeypatch.setitem(registry._BACKENDS, "fake_gpu", _fake("fake_gpu", devices=("cuda",)))
+    with pytest.raises(ValueError, match="no kernel backend can run the layer") as err:
+        select(W4, PACKING, "cpu", torch.bfloat16, 256, 172)
+    message = str(err.value)
+    assert "fake_gpu: device 'cpu' not in ['cuda']" in message
+    assert "torch: " in message and "out_features=172" in message
+
+
+def test_unknown_packing_is_a_rejection_reason() -> None:
+    reasons = dict((b.name, r) for b, r in candidates(W4, "awq_gemm_v9", "cpu", torch.bfloat16, 256, 512))
+    assert "unknown packing format 'awq_gemm_v9'" in reasons["torch"]
+
+
+def test_priority_missing_package_and_hint(monkeypatch, caplog) -> None:
+    monkeypatch.setitem(
+        registry._BACKENDS, "fast", _fake("fast", priority=10, requires=("signround-no-such-package>=1.0",))
+    )
+    monkeypatch.setitem(registry._BACKENDS, "medium", _fake("medium", priority=5))
+    ranked = candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
+    assert [b.name for b, _ in ranked][:3] == ["fast", "medium", "torch"]
+    assert "pip install 'signround-no-such-package>=1.0'" in ranked[0][1]
+    with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
+        chosen = select(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
+    assert chosen.name == "medium"
+    assert "faster if installed: fast" in caplog.text
+    # what the descriptor does not allow falls back to torch
+    assert select(LayerSpec(bits=3), PACKING, "cpu", torch.bfloat16, 256, 640).name == "torch"
+
+
+def test_custom_check_and_divisibility(monkeypatch) -> None:
+    monkeypatch.setitem(
+        registry._BACKENDS,
+        "picky",
+        _fake(
+            "picky", priority=9, out_features_multiple=64, check=lambda s, i, o: "needs i >= 512" if i < 512 else None
+        ),
+    )
+    reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 96))
+    assert reasons["picky"] == "out_features=96 is not a multiple of 64"
+    reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 128))
+    assert reasons["picky"] == "needs i >= 512"
+    assert select(W4, PACKING, "cpu", torch.bfloat16, 512, 128).name == "picky"
+
+
+def test_register_twice_is_an_error() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend(registry.get_backend("torch"))
