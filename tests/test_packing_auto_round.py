@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +157,10 @@ def test_can_hold_refuses_with_reason(packing, spec, in_features, out_features, 
 def test_can_hold_accepts_and_pack_refuses_asym_for_zero_minus_one() -> None:
     spec = LayerSpec(bits=4, sym=False)
     assert get_packer(AS_IS).can_hold(spec, 256, 64) is None
+    assert get_packer(AS_IS).can_hold_spec(spec) is None
+    assert "sym=False" in get_packer(ZP).can_hold_spec(spec)
+    assert get_packer(ZP).can_load(spec, 256, 64) is None  # foreign checkpoints still load
+    assert "out_features=48" in get_packer(ZP).can_load(spec, 256, 48)
     with pytest.raises(ValueError, match="sym=False"):
         get_packer(ZP).pack(_random_qt(spec))
 
@@ -221,7 +226,17 @@ def test_quantization_config_is_the_reference_body() -> None:
         "extra_config": {
             "model.layers.0.mlp.down_proj": {"bits": 8},
             "model.layers.1.self_attn.q_proj": {"bits": 16, "data_type": "float"},
-            "lm_head": {"bits": 4, "data_type": "int", "group_size": 128, "sym": True},
+            "lm_head": {
+                "bits": 4,
+                "group_size": 128,
+                "sym": True,
+                "data_type": "int",
+                "act_bits": 16,
+                "act_group_size": 128,
+                "act_sym": True,
+                "act_data_type": "float",
+                "act_dynamic": True,
+            },
         },
     }
     assert cfg == expected
@@ -263,3 +278,40 @@ def test_parse_reference_checkpoint_config() -> None:
         get_packer(AS_IS).parse_config(cfg)
     with pytest.raises(ValueError, match="quant_method='gptq'"):
         get_packer(ZP).parse_config({**cfg, "quant_method": "gptq"})
+
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "auto_round_0.16.1_golden.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=lambda c: f"w{c['bits']}g{c['group_size']}{'sym' if c['sym'] else 'asym'}")
+def test_matches_tensors_packed_by_the_reference(case) -> None:
+    """Frozen output of auto-round 0.16.1's own QuantLinear.pack (see the fixture's "source"): we write the same
+    tensors and read theirs back exactly."""
+    bits, gs, in_features, out_features = case["bits"], case["group_size"], case["in_features"], case["out_features"]
+    spec = LayerSpec(bits=bits, group_size=gs, sym=case["sym"])
+    groups = 1 if gs == -1 else in_features // gs
+    o, i, g = torch.arange(out_features)[:, None], torch.arange(in_features)[None, :], torch.arange(groups)[None, :]
+    zeros = torch.full((out_features, groups), 2 ** (bits - 1)) if spec.sym else (o + g * 5) % 2**bits
+    sign = torch.where(g % 2 == 0, 1.0, -1.0)
+    qt = QuantizedTensor(
+        codes=((o * 7 + i * 3) % 2**bits).to(torch.uint8),
+        scales=((o + 1) / 64.0 * sign).to(torch.float16),
+        zeros=zeros.to(torch.int32),
+        spec=spec,
+    )
+    reference = {
+        "qweight": torch.tensor(case["qweight"], dtype=torch.int32),
+        "qzeros": torch.tensor(case["qzeros"], dtype=torch.int32),
+        "scales": torch.tensor(case["scales_fp16_bits"], dtype=torch.int16).view(torch.float16),
+    }
+    packer = get_packer("auto_round").resolve(spec)
+    assert packer.name == case["packing_format"]
+    ours = packer.pack(qt)
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name
+    _assert_same(packer.unpack(reference, spec, in_features, out_features), qt)
+
+
+def test_bad_override_names_the_layer() -> None:
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.mlp\.up_proj': invalid overrides"):
+        get_packer(ZP).quantization_config(LayerSpec(), {"model.layers.0.mlp.up_proj": {"bits": 5}}, {})

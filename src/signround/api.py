@@ -7,6 +7,7 @@ the HfQuantizer), the ``AutoRound`` class and the CLI all run the same three fun
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from torch import nn
 
 from .config import AutoRoundConfig
 from .layers import install_quantized
-from .packing.registry import Packer, get_packer
+from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, resolve_plan
 from .tuning.block import TuneOptions
 from .tuning.engine import TuneReport, find_blocks, quantizable_layers
@@ -28,20 +29,12 @@ from .tuning.engine import run as run_tuning
 
 logger = logging.getLogger(__name__)
 
-FORMAT_PACKINGS = {"auto_round": "auto_round"}  # user-facing format -> packer name (resolved per model)
-
-
-def _packer_for(format_name: str, default: LayerSpec | None) -> Packer:
-    if format_name not in FORMAT_PACKINGS:
-        raise ValueError(f"unknown format {format_name!r}; accepted: {', '.join(FORMAT_PACKINGS)}")
-    packer = get_packer(FORMAT_PACKINGS[format_name])
-    return packer.resolve(default) if default is not None else packer
 
 
 def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
     """Which layers to quantize and how; layers a requested format cannot hold stay in 16 bit (one warning)."""
     default = config.default_spec()
-    packers = [_packer_for(f, default) for f in config.formats()]
+    packers = [format_packer(f, default) for f in config.formats()]
 
     def can_hold(spec: LayerSpec, in_features: int, out_features: int) -> str | None:
         for packer in packers:
@@ -51,6 +44,9 @@ def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
         return None
 
     plan = resolve_plan(quantizable_layers(model, config.quant_lm_head), default, config.layer_config, can_hold)
+    if default is not None and not plan.layers and plan.skipped:
+        reasons = sorted({s.reason for s in plan.skipped})
+        raise ValueError(f"no layer of this model can be quantized with {default}: {'; '.join(reasons)}")
     if plan.skipped:
         listed = "; ".join(f"{s.name} ({s.reason})" for s in plan.skipped)
         logger.warning("%d layers kept in 16 bit: %s", len(plan.skipped), listed)
@@ -103,7 +99,7 @@ def pack_model(model: nn.Module, result: QuantizationResult, config: AutoRoundCo
     """Swap the tuned Linear layers for QuantLinear layers in ``format_name``'s packing; describe it in ``config``."""
     format_name = format_name or config.formats()[0]
     default = config.default_spec()
-    packer = _packer_for(format_name, default)
+    packer = format_packer(format_name, default)
     install_quantized(model, result.report.quantized, packer.name, config.backend)
     describe_packed(model, config, result.plan, packer)
     return packer
@@ -116,6 +112,9 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
     for skipped in plan.skipped:
         overrides[skipped.name] = {"bits": 16}
     block_path, _blocks = find_blocks(model)
+    for name in plan.layers:  # quantized layers outside the blocks (lm_head) must be named, even if equal to default
+        if not name.startswith(block_path + "."):
+            overrides.setdefault(name, {})
     extra = {
         "iters": config.iters,
         "lr": config.lr,
@@ -146,6 +145,8 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     probe_dir = parent
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise NotADirectoryError(f"output directory {str(out)!r} cannot be created: {str(probe_dir)!r} is not a directory")
     if not os.access(probe_dir, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise PermissionError(f"output directory {str(out)!r} is not writable")
     if out.exists() and not out.is_dir():
@@ -236,6 +237,8 @@ class AutoRound:
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
+            # The reference also writes the quantization config on its own (vLLM looks for this file).
+            (tmp / "quantization_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(tmp)
 
@@ -244,7 +247,7 @@ class AutoRound:
     def quantize_and_save(self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True) -> Path:
         check_output_dir(output_dir)
         for name in format.split(","):
-            _packer_for(name.strip(), self.config.default_spec())  # unknown format: fail before tuning
+            format_packer(name.strip(), self.config.default_spec())  # unknown format: fail before tuning
         self.quantize()
         return self.save_quantized(output_dir, format, inplace)
 

@@ -43,6 +43,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_dataset_spec(dataset: str) -> None:
+    """Syntax of a dataset spec and existence of its local files, before any model is loaded."""
+    from pathlib import Path
+
+    from .data import parse_dataset_spec
+    from .data.sources import looks_like_hub_name
+
+    for spec in parse_dataset_spec(dataset):
+        if not Path(spec.name).expanduser().exists() and not looks_like_hub_name(spec.name):
+            raise FileNotFoundError(f"calibration dataset {spec.name!r} does not exist (from dataset={dataset!r})")
+
+
 class AutoRoundConfig(QuantizationConfigMixin):
     """Configuration of SignRound quantization (and of loading its checkpoints).
 
@@ -162,6 +174,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
             f"tokenizer must be a path/name string or None, got {type(self.tokenizer).__name__}",
         )
         _require(self.dataset is not None, "dataset must not be None; pass a local file, a spec string or a list of texts")
+        if isinstance(self.dataset, str) and self.packing_format is None:
+            _check_dataset_spec(self.dataset)
         _require(isinstance(self.layer_config, dict), f"layer_config must be a dict, got {type(self.layer_config).__name__}")
         for name, value in self.layer_config.items():
             _require(isinstance(name, str) and name, f"layer_config keys must be layer names, got {name!r}")
@@ -172,16 +186,11 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self._validate_backend()
 
     def _validate_formats(self) -> None:
-        from .packing.registry import get_packer
+        from .packing.registry import format_packer
 
         _require(isinstance(self.format, str) and self.format.strip(), f"format must be a non-empty string, got {self.format!r}")
-        if self.bits >= 16:
-            return
-        spec = self.default_spec()
         for name in self.formats():
-            packer = get_packer(name)  # raises on an unknown format, listing the accepted ones
-            reason = packer.can_hold_spec(spec) if hasattr(packer, "can_hold_spec") else None
-            _require(reason is None, f"format {name!r} cannot hold bits={self.bits} group_size={self.group_size} sym={self.sym}: {reason}")
+            format_packer(name, self.default_spec())  # raises on an unknown format, listing the accepted ones
 
     def _validate_backend(self) -> None:
         from .kernels.registry import backend_names

@@ -94,7 +94,7 @@ class SignRoundHfQuantizer(HfQuantizer):
         default, overrides = packer.parse_config(description)
         wanted = {name for name, entry in overrides.items() if entry.get("bits", default.bits) < 16}
         candidates = [c for c in quantizable_layers(model, include_lm_head=True) if c[0] != _head_name(model) or c[0] in wanted]
-        plan = resolve_plan(candidates, default, overrides, packer.can_hold)
+        plan = resolve_plan(candidates, default, overrides, packer.can_load)
         dtype = next(iter(model.parameters())).dtype
         self.installed = install_empty(model, plan.layers, packer.name, _target_device(self.device_map), dtype, config.backend)
         return model

@@ -31,6 +31,8 @@ class LayerSpec:
             raise ValueError(f"data_type={self.data_type!r} is not supported; accepted: {list(SUPPORTED_DATA_TYPES)}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} (16 = keep unquantized)")
+        if not isinstance(self.sym, bool):
+            raise ValueError(f"sym={self.sym!r} is not supported; accepted: True or False")
         if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
             raise ValueError(f"group_size={self.group_size!r} is not supported; accepted: a positive integer or -1 (per channel)")
         if self.act_bits != 16:
@@ -78,6 +80,9 @@ def layer_override(value: Any) -> dict[str, Any]:
     unknown = set(value) - set(LAYER_SPEC_KEYS)
     if unknown:
         raise ValueError(f"unknown layer_config keys {sorted(unknown)}; accepted: {list(LAYER_SPEC_KEYS)}")
+    bits = value.get("bits")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
+        raise ValueError(f"layer_config bits={bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} or 16 (keep unquantized)")
     return dict(value)
 
 

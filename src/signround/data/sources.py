@@ -243,7 +243,7 @@ def load_jsonl(path: Path) -> list[Item]:
     return _items(values(), f"calibration file {str(path)!r}")
 
 
-def _looks_like_hub_name(name: str) -> bool:
+def looks_like_hub_name(name: str) -> bool:
     return bool(_HUB_NAME.match(name)) and Path(name).suffix.lower() not in LOADERS
 
 
@@ -324,6 +324,6 @@ def load_items(spec: DatasetSpec) -> list[Item]:
         return _load_local(spec, path)
     if path.exists():
         raise ValueError(f"calibration dataset {spec.name!r} is a directory; pass a .json, .jsonl or .txt file")
-    if not _looks_like_hub_name(spec.name):
+    if not looks_like_hub_name(spec.name):
         raise FileNotFoundError(f"calibration file {spec.name!r} does not exist (supported types: {sorted(LOADERS)})")
     return _items(_hub_rows(spec), f"hub dataset {spec.name!r}")

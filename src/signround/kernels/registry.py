@@ -22,7 +22,15 @@ from ..packing import get_packer
 from ..schemes import LayerSpec
 from .base import QuantLinear
 
-__all__ = ["Backend", "backend_names", "candidates", "get_backend", "register_backend", "select"]
+__all__ = [
+    "Backend",
+    "backend_names",
+    "candidates",
+    "get_backend",
+    "missing_requirement",
+    "register_backend",
+    "select",
+]
 
 logger = logging.getLogger(__name__)
 

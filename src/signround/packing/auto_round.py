@@ -13,8 +13,9 @@ whole checkpoint:
 
 * ``"auto_round:auto_gptq"`` (what the reference writes for symmetric int models): zero points stored minus
   one, so the full-range symmetric zero ``2^(b-1)`` is stored as ``2^(b-1) - 1``.  Asymmetric layers are refused
-  for writing: a zero point of 0 would be stored as -1 and every reader (reference torch / Triton kernels, vLLM's
-  GPTQ kernels) would dequantize it as ``2^b``.  Reading such foreign layers works (we undo the offset modulo 2^b).
+  for writing: ``zero - 1`` cannot represent a zero point of 0 (the reference writer clamps it to 1, older writers
+  wrapped it to -1 and corrupted the neighbouring fields).  Reading such foreign layers works: we add the one back
+  modulo ``2^b``, which agrees with the reference readers on everything its 0.16 writer produces.
 * ``"auto_round"`` (what the reference writes for asymmetric models that are not 4-bit): zero points as-is.
   Alias ``"auto_round:gptqmodel"``.  ``get_packer("auto_round").resolve(default)`` picks the variant the
   reference would write for a model whose default spec is ``default``.
@@ -40,10 +41,12 @@ QUANT_METHOD = "auto-round"
 _LEGACY_QUANT_METHODS = (QUANT_METHOD, "intel/auto-round")  # the latter written by auto-round <= 0.3
 AUTO_ROUND_BITS = (2, 3, 4, 8)
 
-# Weight keys, in the order the reference serialises them (its act_* keys are dropped when act_bits >= 16).
+# Top-level weight keys, in the order the reference serialises them (its act_* keys are dropped at act_bits >= 16).
 _WEIGHT_KEYS = ("bits", "data_type", "group_size", "sym")
+# extra_config entries use the reference's QuantizationScheme field order.
+_SCHEME_WEIGHT_KEYS = ("bits", "group_size", "sym", "data_type")
 # Tuning metadata the reference writes (SerializedCompressorConfig field order), each dropped when equal to the
-# reference default (its filter_quantization_config); lr/minmax_lr default to 1/iters (5e-3 when iters == 0).
+# reference default (its filter_quantization_config); lr/minmax_lr default to 1/iters (5e-3 when iters is 0/absent).
 _TUNING_KEYS = (
     "amp",
     "batch_size",
@@ -80,7 +83,7 @@ _UNQUANTIZED_ENTRY = {"bits": 16, "data_type": "float"}
 
 def _reference_defaults(extra: Mapping[str, Any]) -> dict[str, Any]:
     defaults = dict(_TUNING_DEFAULTS)
-    iters = extra.get("iters", 200)
+    iters = extra.get("iters") or 0
     defaults["lr"] = defaults["minmax_lr"] = 1.0 / iters if iters else 5e-3
     return defaults
 
@@ -107,6 +110,14 @@ def _block_prefixes(blocks: Any) -> list[str] | None:
 
 def _in_blocks(name: str, blocks: list[str]) -> bool:
     return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+def _layer_spec(name: str, default: LayerSpec, fields: Mapping[str, Any]) -> LayerSpec:
+    """``default`` with a layer's field overrides, validated; errors name the layer."""
+    try:
+        return replace(default, **fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"layer {name!r}: invalid overrides {dict(fields)}: {err}") from err
 
 
 def _fp16_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -137,12 +148,17 @@ class _AutoRoundLayout(Packer):
     zero_offset: ClassVar[int] = 0  # subtracted (mod 2^bits) before a zero point is stored
 
     # -- shapes -------------------------------------------------------------------------------------------------
-    def layout_reason(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
-        """Why the tensor layout cannot describe the layer (reading and writing), or None."""
+    def _spec_layout_reason(self, spec: LayerSpec) -> str | None:
         if spec.data_type != "int":
             return f"data_type={spec.data_type!r} is not stored by packing {self.name!r}; accepted: 'int'"
         if spec.bits not in AUTO_ROUND_BITS:
             return f"bits={spec.bits} is not stored by packing {self.name!r}; accepted: {list(AUTO_ROUND_BITS)}"
+        return None
+
+    def layout_reason(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+        """Why the tensor layout cannot describe the layer (reading and writing), or None."""
+        if reason := self._spec_layout_reason(spec):
+            return reason
         if in_features % RUN:
             return (
                 f"in_features={in_features} is not a multiple of {RUN}: qweight packs {RUN} input rows into "
@@ -158,7 +174,13 @@ class _AutoRoundLayout(Packer):
             return f"in_features={in_features} is not divisible by group_size={spec.group_size}"
         return None
 
+    def can_hold_spec(self, spec: LayerSpec) -> str | None:
+        return self._spec_layout_reason(spec)
+
     def can_hold(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+        return self.can_hold_spec(spec) or self.layout_reason(spec, in_features, out_features)
+
+    def can_load(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
         return self.layout_reason(spec, in_features, out_features)
 
     def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
@@ -224,7 +246,7 @@ class _AutoRoundLayout(Packer):
         and ``block_name_to_quantize``; values equal to the reference defaults are dropped, as it does.
 
         ``extra_config`` lists, per layer: only the differing weight keys for layers inside
-        ``block_name_to_quantize``; all four weight keys for quantized layers outside it (e.g. ``lm_head``), because
+        ``block_name_to_quantize``; every scheme key for quantized layers outside it (e.g. ``lm_head``), because
         vLLM and the reference treat layers outside the blocks as 16 bit unless listed — so callers must include such
         layers in ``overrides`` even with an empty diff (an empty diff always gets the full entry);
         ``{"bits": 16, "data_type": "float"}`` for layers kept unquantized.
@@ -252,10 +274,19 @@ class _AutoRoundLayout(Packer):
     ) -> dict[str, Any]:
         if fields.get("bits", default.bits) >= 16:
             return dict(_UNQUANTIZED_ENTRY)
-        spec = replace(default, **fields)  # validates the fields
+        spec = _layer_spec(name, default, fields)
         if not fields or (blocks is not None and not _in_blocks(name, blocks)):
-            return {key: getattr(spec, key) for key in _WEIGHT_KEYS}
-        return {key: getattr(spec, key) for key in _WEIGHT_KEYS if getattr(spec, key) != getattr(default, key)}
+            # the reference lists every QuantizationScheme field of such a layer (its act_* values for W*A16
+            # follow from the weight ones; its None-valued super_* / rotation fields are left out)
+            return {
+                **{key: getattr(spec, key) for key in _SCHEME_WEIGHT_KEYS},
+                "act_bits": spec.act_bits,
+                "act_group_size": spec.group_size,
+                "act_sym": spec.sym,
+                "act_data_type": "float",
+                "act_dynamic": True,
+            }
+        return {key: getattr(spec, key) for key in _SCHEME_WEIGHT_KEYS if getattr(spec, key) != getattr(default, key)}
 
     def parse_config(self, cfg: Mapping[str, Any]) -> tuple[LayerSpec, dict[str, dict[str, Any]]]:
         """``(default, overrides)`` from an auto-round config (ours or the reference's).
@@ -280,8 +311,10 @@ class _AutoRoundLayout(Packer):
             if (entry.get("bits") or default.bits) >= 16:
                 overrides[name] = {"bits": 16}
                 continue
-            fields = {k: entry[k] for k in LAYER_SPEC_KEYS if entry.get(k) is not None and k != "act_bits"}
-            replace(default, **fields)  # validates
+            fields = {k: entry[k] for k in LAYER_SPEC_KEYS if entry.get(k) is not None}
+            if fields.get("act_bits", 16) >= 16:  # None / 16 / 32 all mean unquantized activations
+                fields.pop("act_bits", None)
+            _layer_spec(name, default, fields)
             overrides[name] = {k: v for k, v in fields.items() if getattr(default, k) != v}
         return default, overrides
 
@@ -304,10 +337,10 @@ class AutoRoundGptqPacker(_AutoRoundLayout):
 
     zero_offset: ClassVar[int] = 1
 
-    def can_hold(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+    def can_hold_spec(self, spec: LayerSpec) -> str | None:
         if not spec.sym:
             return (
-                f"sym=False: packing {self.name!r} stores zero points minus one and readers add one back without "
-                "wrapping, so a zero point of 0 would load as 2^bits; use packing 'auto_round' for asymmetric layers"
+                f"sym=False: packing {self.name!r} stores zero points minus one, and the reference writer clamps a "
+                "zero point of 0 to 1; use packing 'auto_round' for asymmetric layers"
             )
-        return self.layout_reason(spec, in_features, out_features)
+        return self._spec_layout_reason(spec)

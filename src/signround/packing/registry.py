@@ -50,6 +50,16 @@ class Packer(ABC):
         recorded, instead of failing at save time.
         """
 
+    def can_hold_spec(self, spec: LayerSpec) -> str | None:
+        """The shape-independent part of :meth:`can_hold` (bits, data type, symmetry): lets a config be validated
+        before any layer is seen."""
+        return None
+
+    def can_load(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+        """Like :meth:`can_hold`, for *reading* a checkpoint: a format may read layers it refuses to write (a
+        convention its other readers get wrong).  Loaders plan with this, exporters with :meth:`can_hold`."""
+        return self.can_hold(spec, in_features, out_features)
+
     @abstractmethod
     def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
         """Shape and dtype of every stored tensor: used to build empty (meta) buffers before a checkpoint is
@@ -129,3 +139,17 @@ def get_packer(name: str) -> Packer:
     if key not in _PACKERS:
         raise ValueError(f"unknown packing format {name!r}; registered: {', '.join(packer_names()) or '(none)'}")
     return _PACKERS[key]
+
+
+# User-facing export format (``format="auto_round"``) -> the packer family that writes it.  A family's
+# ``resolve(default)`` picks the concrete on-disk variant for the model's default spec.
+EXPORT_FORMATS: dict[str, str] = {"auto_round": "auto_round"}
+
+
+def format_packer(format_name: str, default: LayerSpec | None = None) -> Packer:
+    """The Packer writing export format ``format_name``; an unknown format lists the accepted ones."""
+    key = format_name.strip().lower()
+    if key not in EXPORT_FORMATS:
+        raise ValueError(f"unknown format {format_name!r}; accepted: {', '.join(EXPORT_FORMATS)}")
+    packer = get_packer(EXPORT_FORMATS[key])
+    return packer.resolve(default) if default is not None else packer

@@ -152,13 +152,39 @@ class GroupedWeight:
         scale_dtype: torch.dtype = torch.float16,
     ) -> torch.Tensor:
         scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
-        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        x = self.wg / scale
-        if v is not None:
-            x = x + v.reshape(self.wg.shape)
-        maxq = 2**spec.bits - 1
-        codes = (_round_ste(x) + zero).clamp(0, maxq)
-        return ((codes - zero) * scale).reshape(self.shape).to(self.wg.dtype)
+        v = torch.zeros_like(self.wg) if v is None else v.reshape(self.wg.shape)
+        qdq = _GroupQDQ.apply(self.wg, v, scale.unsqueeze(-1), zero.unsqueeze(-1), 2**spec.bits - 1)
+        return qdq.reshape(self.shape).to(self.wg.dtype)
+
+
+class _GroupQDQ(torch.autograd.Function):
+    """``(clamp(round(w/s + v) + z, 0, maxq) - z) * s`` with its straight-through gradient, fused.
+
+    Autograd through the elementwise chain costs a dozen full-size passes per call; tuning calls it for
+    every layer at every step, so forward and backward are written out here (same values and gradients
+    as the composed ops: round passes gradients straight through, clamp stops them outside the range).
+      d/dv = s * m        d/ds = sum_group g * ((c - z) - m * w / s)        d/dz = sum_group g * s * (m - 1)
+    """
+
+    @staticmethod
+    def forward(ctx, wg, v, scale, zero, maxq):  # type: ignore[override]
+        pre = torch.round(torch.addcdiv(v, wg, scale)).add_(zero)
+        inside = (pre >= 0) & (pre <= maxq)
+        codes = pre.clamp_(0, maxq)
+        ctx.save_for_backward(wg, scale, zero, codes, inside)
+        return (codes - zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        wg, scale, zero, codes, inside = ctx.saved_tensors
+        g_in = grad * inside
+        grad_v = g_in * scale if ctx.needs_input_grad[1] else None
+        grad_scale = grad_zero = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = ((grad * (codes - zero)).sum(-1, keepdim=True) - (g_in * wg).sum(-1, keepdim=True) / scale)
+        if ctx.needs_input_grad[3]:
+            grad_zero = (g_in.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True)) * scale
+        return None, grad_v, grad_scale, grad_zero, None
 
 
 @torch.no_grad()

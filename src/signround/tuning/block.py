@@ -209,11 +209,18 @@ def _signsgd_loop(
         scheduler.step()
         if progress is not None:
             progress(it, total)
-    for name, tl in tunables.items():
-        tl.load(best_state[name])
-    final_loss = _full_loss(block, inputs, targets, bs)
-    if final_loss > init_loss:  # the minibatch winner generalised worse than the start: keep the start
+    # Minibatch losses come from different random batches, so the "best" one is a noisy pick: judge the
+    # minibatch winner, the last iterate and the starting point on the whole calibration set, keep the lowest.
+    candidates = {"best": (best_state, best_iter), "last": (snapshot(), options.iters)}
+    final_loss, final_state, best_iter = init_loss, init_state, -1
+    for state, iteration in candidates.values():
+        if iteration == 0:  # the minibatch winner is the starting point itself
+            continue
         for name, tl in tunables.items():
-            tl.load(init_state[name])
-        final_loss, best_iter = init_loss, -1
+            tl.load(state[name])
+        loss = _full_loss(block, inputs, targets, bs)
+        if loss < final_loss:
+            final_loss, final_state, best_iter = loss, state, iteration
+    for name, tl in tunables.items():
+        tl.load(final_state[name])
     return BlockResult(quantized={}, init_loss=init_loss, final_loss=final_loss, best_iter=best_iter, losses=losses)

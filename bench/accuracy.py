@@ -1,0 +1,164 @@
+"""Accuracy benchmark: SmolLM2-135M, fp32 vs plain RTN vs optimised RTN vs SignRound at W4/W3/W2 (G32, sym).
+
+Protocol (issue "walking skeleton"):
+* calibration: tinyshakespeare tokenized without special tokens, consecutive 256-token chunks, first 32;
+* evaluation: wikitext-2 test tokenized whole, non-overlapping 512-token windows, first 40;
+  ppl = exp(mean token NLL) and the mean KL(p_fp32 || p_quant) of the next-token distributions on the same tokens;
+* bs 8, iters 50 (SignRound rows), default lr, group_size 32, sym.
+
+Each configuration runs in its own process (clean peak RSS); the fp32 run caches the reference log-probs
+(fp16, ~2 GB) so the others need one forward pass.  Results are appended as JSON lines.
+
+    python bench/accuracy.py --all                    # every row, results in bench/results/accuracy.jsonl
+    python bench/accuracy.py --run signround-w4       # one row
+    python bench/accuracy.py --table                  # markdown table from the results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CALIB = SHARED / "data" / "tinyshakespeare.txt"
+EVAL = SHARED / "data" / "wikitext2_test.txt"
+RESULTS = ROOT / "bench" / "results" / "accuracy.jsonl"
+CACHE = Path(os.environ.get("SIGNROUND_BENCH_CACHE", "/tmp/signround-bench"))
+
+CONFIGS: dict[str, dict] = {"fp32": {}}
+for _bits in (4, 3, 2):
+    CONFIGS[f"rtn-w{_bits}"] = {"bits": _bits, "iters": 0, "disable_opt_rtn": True}
+    CONFIGS[f"optrtn-w{_bits}"] = {"bits": _bits, "iters": 0}
+    CONFIGS[f"signround-w{_bits}"] = {"bits": _bits, "iters": 50}
+ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _calibration(tokenizer):
+    from signround.data import chunk_token_ids
+
+    ids = tokenizer(CALIB.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return chunk_token_ids(ids, 256, 32)
+
+
+def _eval_windows(tokenizer):
+    from signround.eval.ppl import tokenize_file, windows
+
+    return windows(tokenize_file(tokenizer, EVAL), 512, 40)
+
+
+def _evaluate(model, wins, ref_path: Path | None, save_ref: Path | None) -> tuple[float, float | None]:
+    """ppl and mean KL against the cached fp32 log-probs (or write that cache)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ref = load_file(str(ref_path))["logprobs"] if ref_path else None
+    nll, count, kl_sum, kl_count, saved = 0.0, 0, 0.0, 0, []
+    with torch.inference_mode():
+        for start in range(0, wins.shape[0], 4):
+            batch = wins[start : start + 4]
+            logp = torch.log_softmax(model(batch).logits.float(), dim=-1)
+            nll -= logp[:, :-1].gather(-1, batch[:, 1:, None]).sum().item()
+            count += batch[:, 1:].numel()
+            if save_ref is not None:
+                saved.append(logp.half())
+            if ref is not None:
+                r = ref[start : start + 4].float()
+                kl_sum += (r.exp() * (r - logp)).sum().item()
+                kl_count += batch.numel()
+    if save_ref is not None:
+        save_file({"logprobs": torch.cat(saved)}, str(save_ref))
+    return math.exp(nll / count), (kl_sum / kl_count if ref is not None else None)
+
+
+def run_one(name: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import signround
+    from signround.fetch import fetch_model
+
+    torch.set_num_threads(2)
+    fp_dir = fetch_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(fp_dir)
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    ref = CACHE / "fp32_logprobs.safetensors"
+    row: dict = {"name": name, **CONFIGS[name]}
+    if name != "fp32":
+        cfg = CONFIGS[name]
+        ar = signround.AutoRound(
+            model, tokenizer, bits=cfg["bits"], group_size=32, sym=True, iters=cfg["iters"],
+            disable_opt_rtn=cfg.get("disable_opt_rtn", False), dataset=_calibration(tokenizer),
+            nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+        )  # fmt: skip
+        start = time.perf_counter()
+        ar.quantize()
+        row["tune_seconds"] = round(time.perf_counter() - start, 1)
+    row["peak_rss_mb_after_tuning"] = round(_peak_rss_mb(), 1)
+    wins = _eval_windows(tokenizer)
+    if name == "fp32":
+        ppl, kl = _evaluate(model, wins, None, ref)
+    else:
+        if not ref.exists():
+            raise SystemExit("run the fp32 row first (it caches the reference log-probs)")
+        ppl, kl = _evaluate(model, wins, ref, None)
+    row.update(ppl=round(ppl, 3), kl=None if kl is None else round(kl, 5), torch=torch.__version__, threads=torch.get_num_threads())
+    return row
+
+
+def _append(row: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def table() -> str:
+    rows = {}
+    for line in RESULTS.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["name"]] = row  # the latest run of each row wins
+    lines = ["| setting | ppl | mean KL vs fp32 | tuning s | peak RSS MB |", "|---|---:|---:|---:|---:|"]
+    for name in ORDER:
+        r = rows.get(name)
+        if r is None:
+            continue
+        kl = "" if r.get("kl") is None else f"{r['kl']:.4f}"
+        lines.append(f"| {name} | {r['ppl']:.2f} | {kl} | {r.get('tune_seconds', '')} | {r['peak_rss_mb_after_tuning']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", choices=list(CONFIGS), help="run one row in this process")
+    parser.add_argument("--all", action="store_true", help="run every row, each in its own process")
+    parser.add_argument("--only", nargs="*", help="with --all: just these rows")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the results file")
+    args = parser.parse_args()
+    if args.run:
+        row = run_one(args.run)
+        _append(row)
+        print(json.dumps(row), flush=True)
+    elif args.all:
+        for name in args.only or ORDER:
+            subprocess.run([sys.executable, __file__, "--run", name], check=True)
+        print(table())
+    elif args.table:
+        print(table())
+    else:
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

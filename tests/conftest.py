@@ -1,0 +1,107 @@
+"""Shared fixtures: the shared model / data files, a tiny random Llama, and a saved RTN checkpoint.
+
+Everything here is small on purpose (the suite runs on 2 cores next to a benchmark).  ``integration_tests/`` picks
+these fixtures up through ``integration_tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared")
+STORIES_DIR = SHARED / "models" / "stories260K"
+DATA_DIR = SHARED / "data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """The 260K-parameter Llama (hidden 64, 5 blocks, 172-wide MLPs) with its tokenizer."""
+    return _require(STORIES_DIR)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _require(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def shakespeare(data_dir: Path) -> Path:
+    return _require(data_dir / "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def wikitext(data_dir: Path) -> Path:
+    return _require(data_dir / "wikitext2_test.txt")
+
+
+def make_tiny_llama(seed: int = 0, initializer_range: float = 0.02):
+    """A random LlamaForCausalLM whose every block Linear is quantizable at group size 32.
+
+    hidden 64, intermediate 128, 2 blocks, 4 heads of 16, 2 kv heads (k/v_proj out = 32), vocab 512 (the
+    stories260K tokenizer's size, so that tokenizer can drive it).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        initializer_range=initializer_range,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """A fresh in-memory tiny Llama (see :func:`make_tiny_llama`)."""
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_llama_factory():
+    """:func:`make_tiny_llama` itself, for tests that need another seed or weight scale."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, stories_dir: Path) -> Path:
+    """The tiny Llama saved with ``save_pretrained`` next to the stories260K tokenizer files."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama().save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(stories_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rtn_checkpoint(tmp_path_factory, stories_dir: Path) -> Path:
+    """stories260K, plain RTN W4 g32 sym (no calibration), saved in the auto_round format. Do not modify it."""
+    import signround
+
+    out = tmp_path_factory.mktemp("rtn_ckpt") / "model"
+    ar = signround.AutoRound(
+        str(stories_dir), scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True, show_progress=False
+    )
+    ar.quantize_and_save(out, format="auto_round")
+    return out
