@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy venv-ref lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ bench: bench-accuracy
 bench-accuracy: install
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/accuracy.py --all
+
+# Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).
+# torch is pinned on every pip line so pip never swaps in another build; transformers as in .venv.
+venv-ref: .venv-ref/.installed
+
+.venv-ref/.installed: Makefile
+	test -x .venv-ref/bin/python || $(PY) -m venv .venv-ref
+	.venv-ref/bin/python -m pip install -q --upgrade pip
+	.venv-ref/bin/python -m pip install -q "$(TORCH_PIN)"
+	.venv-ref/bin/python -m pip install -q "$(TORCH_PIN)" auto-round==0.16.1 transformers==5.24.0
+	.venv-ref/bin/python -m pip check
+	.venv-ref/bin/python -c "import torch, transformers, auto_round; from auto_round import AutoRound; \
+		print('torch', torch.__version__, 'transformers', transformers.__version__, 'auto-round', auto_round.__version__)"
+	touch $@
 
 lint: install
 	$(BIN)/ruff check src tests integration_tests bench

@@ -114,7 +114,12 @@ def run_one(name: str) -> dict:
         if not ref.exists():
             raise SystemExit("run the fp32 row first (it caches the reference log-probs)")
         ppl, kl = _evaluate(model, wins, ref, None)
-    row.update(ppl=round(ppl, 3), kl=None if kl is None else round(kl, 5), torch=torch.__version__, threads=torch.get_num_threads())
+    row.update(
+        ppl=round(ppl, 3),
+        kl=None if kl is None else round(kl, 5),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     return row
 
 
@@ -135,7 +140,9 @@ def table() -> str:
         if r is None:
             continue
         kl = "" if r.get("kl") is None else f"{r['kl']:.4f}"
-        lines.append(f"| {name} | {r['ppl']:.2f} | {kl} | {r.get('tune_seconds', '')} | {r['peak_rss_mb_after_tuning']:.0f} |")
+        lines.append(
+            f"| {name} | {r['ppl']:.2f} | {kl} | {r.get('tune_seconds', '')} | {r['peak_rss_mb_after_tuning']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -73,9 +73,13 @@ def main() -> None:
 
     size_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
     print("\n=== signround demo: SmolLM2-135M-Instruct, W4 G32 sym ===")
-    print(f"tuning (from_pretrained)  : {tune_s:.0f} s, iters={args.iters}, nsamples={args.nsamples}, seqlen={args.seqlen}")
+    print(
+        f"tuning (from_pretrained)  : {tune_s:.0f} s, iters={args.iters}, nsamples={args.nsamples}, seqlen={args.seqlen}"
+    )
     print(f"wikitext-2 ppl ({args.eval_windows}x512)   : fp32 {fp_ppl:.2f} -> W4G32 {q_ppl:.2f}")
-    print(f"saved to {out} ({size_mb:.0f} MB safetensors); reloaded: {len(layers)} layers on {backends}, logits identical: {same}")
+    print(
+        f"saved to {out} ({size_mb:.0f} MB safetensors); reloaded: {len(layers)} layers on {backends}, logits identical: {same}"
+    )
     print(f"fp32 says : {fp_text}")
     print(f"W4G32 says: {q_text}")
     if args.output_dir is None:

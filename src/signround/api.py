@@ -30,7 +30,6 @@ from .tuning.engine import run as run_tuning
 logger = logging.getLogger(__name__)
 
 
-
 def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
     """Which layers to quantize and how; layers a requested format cannot hold stay in 16 bit (one warning)."""
     default = config.default_spec()
@@ -48,8 +47,11 @@ def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
         reasons = sorted({s.reason for s in plan.skipped})
         raise ValueError(f"no layer of this model can be quantized with {default}: {'; '.join(reasons)}")
     if plan.skipped:
-        listed = "; ".join(f"{s.name} ({s.reason})" for s in plan.skipped)
-        logger.warning("%d layers kept in 16 bit: %s", len(plan.skipped), listed)
+        by_reason: dict[str, list[str]] = {}
+        for skipped in plan.skipped:
+            by_reason.setdefault(skipped.reason, []).append(skipped.name)
+        listed = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+        logger.warning("%d layers kept in 16 bit — %s", len(plan.skipped), listed)
     return plan
 
 
@@ -73,7 +75,9 @@ class QuantizationResult:
     report: TuneReport
 
 
-def quantize_model(model: nn.Module, tokenizer: Any, config: AutoRoundConfig, show_progress: bool = True) -> QuantizationResult:
+def quantize_model(
+    model: nn.Module, tokenizer: Any, config: AutoRoundConfig, show_progress: bool = True
+) -> QuantizationResult:
     """Calibrate and tune ``model`` in place (its planned Linear weights end up dequantized)."""
     from .data import load_calibration
 
@@ -95,7 +99,9 @@ def quantize_model(model: nn.Module, tokenizer: Any, config: AutoRoundConfig, sh
     return QuantizationResult(plan, report)
 
 
-def pack_model(model: nn.Module, result: QuantizationResult, config: AutoRoundConfig, format_name: str | None = None) -> Packer:
+def pack_model(
+    model: nn.Module, result: QuantizationResult, config: AutoRoundConfig, format_name: str | None = None
+) -> Packer:
     """Swap the tuned Linear layers for QuantLinear layers in ``format_name``'s packing; describe it in ``config``."""
     format_name = format_name or config.formats()[0]
     default = config.default_spec()
@@ -146,7 +152,9 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise NotADirectoryError(f"output directory {str(out)!r} cannot be created: {str(probe_dir)!r} is not a directory")
+        raise NotADirectoryError(
+            f"output directory {str(out)!r} cannot be created: {str(probe_dir)!r} is not a directory"
+        )
     if not os.access(probe_dir, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise PermissionError(f"output directory {str(out)!r} is not writable")
     if out.exists() and not out.is_dir():
@@ -208,7 +216,9 @@ class AutoRound:
             if tokenizer is None:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or path, trust_remote_code=trust_remote_code)
+                tokenizer = AutoTokenizer.from_pretrained(
+                    self.config.tokenizer or path, trust_remote_code=trust_remote_code
+                )
         else:
             self.model = model
         self.tokenizer = tokenizer
@@ -244,7 +254,9 @@ class AutoRound:
 
         return atomic_save(output_dir, write)
 
-    def quantize_and_save(self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True) -> Path:
+    def quantize_and_save(
+        self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True
+    ) -> Path:
         check_output_dir(output_dir)
         for name in format.split(","):
             format_packer(name.strip(), self.config.default_spec())  # unknown format: fail before tuning

@@ -1,10 +1,10 @@
 """The ``signround`` command, in the reference tool's style.
 
-    signround --model DIR --scheme W4A16 --group_size 32 --iters 50 --dataset FILE --format auto_round --output_dir OUT
-    signround --model DIR --recipe light --output_dir OUT         # recipes: default | best | light
-    signround --model DIR --iters 0 --output_dir OUT              # (optimised) RTN, no tuning
-    signround fetch-model smollm2-135m                            # the demo / benchmark model, no hub needed
-    signround list schemes|formats|backends|recipes
+signround --model DIR --scheme W4A16 --group_size 32 --iters 50 --dataset FILE --format auto_round --output_dir OUT
+signround --model DIR --recipe light --output_dir OUT         # recipes: default | best | light
+signround --model DIR --iters 0 --output_dir OUT              # (optimised) RTN, no tuning
+signround fetch-model smollm2-135m                            # the demo / benchmark model, no hub needed
+signround list schemes|formats|backends|recipes
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="signround", description="SignRound weight-only quantization of a causal LM.")
     p.add_argument("--model", "--model_name", required=True, help="local model directory (or hub name when online)")
     p.add_argument("--scheme", default="W4A16", help="W4A16, W8A16, W3A16, W2A16, W2A16G64, W2A16G32, BF16")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="the reference's recipes (bs, iters, seqlen, nsamples, lr)")
+    p.add_argument(
+        "--recipe", choices=sorted(RECIPES), help="the reference's recipes (bs, iters, seqlen, nsamples, lr)"
+    )
     p.add_argument("--bits", type=int)
     p.add_argument("--group_size", type=int)
     sym = p.add_mutually_exclusive_group()
@@ -45,9 +47,13 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int)
     p.add_argument("--batch_size", "--bs", type=int)
     p.add_argument("--gradient_accumulate_steps", type=int)
-    p.add_argument("--dataset", help=f"file, list spec 'a.txt:concat=True,b.jsonl:num=64' or hub name (default {DEFAULT_DATASET})")
+    p.add_argument(
+        "--dataset", help=f"file, list spec 'a.txt:concat=True,b.jsonl:num=64' or hub name (default {DEFAULT_DATASET})"
+    )
     p.add_argument("--seed", type=int)
-    p.add_argument("--layer_config", type=json.loads, help='JSON, e.g. \'{"model.layers.0.mlp.down_proj": {"bits": 8}}\'')
+    p.add_argument(
+        "--layer_config", type=json.loads, help='JSON, e.g. \'{"model.layers.0.mlp.down_proj": {"bits": 8}}\''
+    )
     p.add_argument("--quant_lm_head", action="store_true")
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
     p.add_argument("--enable_torch_compile", action="store_true")
@@ -81,7 +87,9 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def quantize_main(argv: Sequence[str]) -> int:
     args = _quantize_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from .api import AutoRound, check_output_dir
 
     kwargs = _config_kwargs(args)
@@ -134,9 +142,11 @@ def list_main(argv: Sequence[str]) -> int:
 
     tables: dict[str, Callable[[], str]] = {
         "schemes": lambda: "\n".join(f"{k}\t{v}" for k, v in SCHEMES.items()),
-        "formats": lambda: "auto_round\tW4A16, W3A16, W2A16, W8A16, W2A16G64, W2A16G32, BF16\n(packing layouts: "
-        + ", ".join(packer_names())
-        + ")",
+        "formats": lambda: (
+            "auto_round\tW4A16, W3A16, W2A16, W8A16, W2A16G64, W2A16G32, BF16\n(packing layouts: "
+            + ", ".join(packer_names())
+            + ")"
+        ),
         "backends": backends,
         "recipes": lambda: "\n".join(f"{k}\t{v}" for k, v in RECIPES.items()),
     }

@@ -148,7 +148,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value and what is accepted."""
-        _require(self.bits in (*SUPPORTED_BITS, 16), f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)}")
+        _require(
+            self.bits in (*SUPPORTED_BITS, 16), f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)}"
+        )
         _require(
             _is_int(self.group_size) and (self.group_size > 0 or self.group_size == -1),
             f"group_size={self.group_size!r} is not supported; accepted: a positive integer (e.g. 32, 64, 128) or -1 (per channel)",
@@ -156,7 +158,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
         _require(isinstance(self.sym, bool), f"sym must be True or False, got {self.sym!r}")
         _require(self.data_type == "int", f"data_type={self.data_type!r} is not supported; accepted: ['int']")
         _require(self.act_bits == 16, f"act_bits={self.act_bits!r} is not supported; accepted: [16] (weight-only)")
-        _require(_is_int(self.iters) and self.iters >= 0, f"iters must be an integer >= 0 (0 = RTN), got {self.iters!r}")
+        _require(
+            _is_int(self.iters) and self.iters >= 0, f"iters must be an integer >= 0 (0 = RTN), got {self.iters!r}"
+        )
         for name in ("lr", "minmax_lr"):
             value = getattr(self, name)
             _require(
@@ -168,15 +172,21 @@ class AutoRoundConfig(QuantizationConfigMixin):
             _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         for name in ("quant_lm_head", "enable_torch_compile", "disable_opt_rtn"):
-            _require(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+            _require(
+                isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"
+            )
         _require(
             self.tokenizer is None or isinstance(self.tokenizer, str),
             f"tokenizer must be a path/name string or None, got {type(self.tokenizer).__name__}",
         )
-        _require(self.dataset is not None, "dataset must not be None; pass a local file, a spec string or a list of texts")
+        _require(
+            self.dataset is not None, "dataset must not be None; pass a local file, a spec string or a list of texts"
+        )
         if isinstance(self.dataset, str) and self.packing_format is None:
             _check_dataset_spec(self.dataset)
-        _require(isinstance(self.layer_config, dict), f"layer_config must be a dict, got {type(self.layer_config).__name__}")
+        _require(
+            isinstance(self.layer_config, dict), f"layer_config must be a dict, got {type(self.layer_config).__name__}"
+        )
         for name, value in self.layer_config.items():
             _require(isinstance(name, str) and name, f"layer_config keys must be layer names, got {name!r}")
             override = layer_override(value)
@@ -188,7 +198,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
     def _validate_formats(self) -> None:
         from .packing.registry import format_packer
 
-        _require(isinstance(self.format, str) and self.format.strip(), f"format must be a non-empty string, got {self.format!r}")
+        _require(
+            isinstance(self.format, str) and self.format.strip(),
+            f"format must be a non-empty string, got {self.format!r}",
+        )
         for name in self.formats():
             format_packer(name, self.default_spec())  # raises on an unknown format, listing the accepted ones
 
@@ -207,7 +220,13 @@ class AutoRoundConfig(QuantizationConfigMixin):
         return [f.strip().lower() for f in self.format.split(",") if f.strip()]
 
     def default_spec_fields(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "data_type": self.data_type, "act_bits": self.act_bits}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "data_type": self.data_type,
+            "act_bits": self.act_bits,
+        }
 
     def default_spec(self) -> LayerSpec | None:
         """The LayerSpec of layers without an override (``None`` for a 16-bit scheme such as BF16)."""
@@ -234,7 +253,11 @@ class AutoRoundConfig(QuantizationConfigMixin):
             out["block_name_to_quantize"] = self.block_name_to_quantize
         for key in _TUNING_KEYS:
             out[key] = getattr(self, key)
-        out["dataset"] = self.dataset if isinstance(self.dataset, str) else f"<{type(self.dataset).__name__} of {len(self.dataset)} samples>"
+        out["dataset"] = (
+            self.dataset
+            if isinstance(self.dataset, str)
+            else f"<{type(self.dataset).__name__} of {len(self.dataset)} samples>"
+        )
         out["quant_lm_head"] = self.quant_lm_head
         out["backend"] = self.backend
         out.update(copy.deepcopy(self.unknown_keys))

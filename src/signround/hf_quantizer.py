@@ -93,10 +93,14 @@ class SignRoundHfQuantizer(HfQuantizer):
         packer = get_packer(description.get("packing_format") or "auto_round:auto_gptq")
         default, overrides = packer.parse_config(description)
         wanted = {name for name, entry in overrides.items() if entry.get("bits", default.bits) < 16}
-        candidates = [c for c in quantizable_layers(model, include_lm_head=True) if c[0] != _head_name(model) or c[0] in wanted]
+        candidates = [
+            c for c in quantizable_layers(model, include_lm_head=True) if c[0] != _head_name(model) or c[0] in wanted
+        ]
         plan = resolve_plan(candidates, default, overrides, packer.can_load)
         dtype = next(iter(model.parameters())).dtype
-        self.installed = install_empty(model, plan.layers, packer.name, _target_device(self.device_map), dtype, config.backend)
+        self.installed = install_empty(
+            model, plan.layers, packer.name, _target_device(self.device_map), dtype, config.backend
+        )
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -112,7 +116,9 @@ class SignRoundHfQuantizer(HfQuantizer):
             if stored is not None:
                 missing = [t for t in layer.expected_buffers() if f"{name}.{t}" not in stored]
                 if missing:
-                    raise ValueError(f"layer {name!r}: tensors {missing} are missing from the checkpoint {model.name_or_path!r}")
+                    raise ValueError(
+                        f"layer {name!r}: tensors {missing} are missing from the checkpoint {model.name_or_path!r}"
+                    )
             layer.check_loaded(name)
             layer.post_init()
 
@@ -171,7 +177,9 @@ def register_with_transformers() -> None:
         replaced.append(f"{current.__module__}.{current.__name__}" if current else "(none)")
     _wrap_merge(auto.AutoHfQuantizer)
     if replaced:
-        logger.info("signround: quant_method %r now loads through signround (replaced %s)", QUANT_METHOD, ", ".join(replaced))
+        logger.info(
+            "signround: quant_method %r now loads through signround (replaced %s)", QUANT_METHOD, ", ".join(replaced)
+        )
     _REGISTERED = True
 
 

@@ -42,7 +42,9 @@ def install_quantized(
             raise TypeError(f"layer {name!r} is a {type(linear).__name__}, expected nn.Linear")
         act_dtype = dtype or linear.weight.dtype
         device = linear.weight.device
-        chosen = select(qt.spec, packing, device, act_dtype, linear.in_features, linear.out_features, _requested(backend))
+        chosen = select(
+            qt.spec, packing, device, act_dtype, linear.in_features, linear.out_features, _requested(backend)
+        )
         bias = None if linear.bias is None else linear.bias.detach()
         qt_dev = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
         layer = chosen.quant_linear.from_quantized(qt_dev, packing, bias, act_dtype)

@@ -30,13 +30,19 @@ class LayerSpec:
         if self.data_type not in SUPPORTED_DATA_TYPES:
             raise ValueError(f"data_type={self.data_type!r} is not supported; accepted: {list(SUPPORTED_DATA_TYPES)}")
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} (16 = keep unquantized)")
+            raise ValueError(
+                f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} (16 = keep unquantized)"
+            )
         if not isinstance(self.sym, bool):
             raise ValueError(f"sym={self.sym!r} is not supported; accepted: True or False")
         if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
-            raise ValueError(f"group_size={self.group_size!r} is not supported; accepted: a positive integer or -1 (per channel)")
+            raise ValueError(
+                f"group_size={self.group_size!r} is not supported; accepted: a positive integer or -1 (per channel)"
+            )
         if self.act_bits != 16:
-            raise ValueError(f"act_bits={self.act_bits!r} is not supported; only weight-only quantization (act_bits=16)")
+            raise ValueError(
+                f"act_bits={self.act_bits!r} is not supported; only weight-only quantization (act_bits=16)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +88,9 @@ def layer_override(value: Any) -> dict[str, Any]:
         raise ValueError(f"unknown layer_config keys {sorted(unknown)}; accepted: {list(LAYER_SPEC_KEYS)}")
     bits = value.get("bits")
     if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
-        raise ValueError(f"layer_config bits={bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} or 16 (keep unquantized)")
+        raise ValueError(
+            f"layer_config bits={bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} or 16 (keep unquantized)"
+        )
     return dict(value)
 
 
@@ -146,10 +154,7 @@ def resolve_plan(
         matched = [p for p in parsed if p == name] or [p for p in parsed if _pattern_matches(p, name)]
         for pattern in matched[:1]:
             override = parsed[pattern]
-            if override.get("bits", 0) >= 16:
-                fields = None
-            else:
-                fields = {**(fields or LayerSpec().to_dict()), **override}
+            fields = None if override.get("bits", 0) >= 16 else {**(fields or LayerSpec().to_dict()), **override}
         if fields is None:
             continue
         spec = LayerSpec(**fields)

@@ -181,7 +181,7 @@ class _GroupQDQ(torch.autograd.Function):
         grad_v = g_in * scale if ctx.needs_input_grad[1] else None
         grad_scale = grad_zero = None
         if ctx.needs_input_grad[2]:
-            grad_scale = ((grad * (codes - zero)).sum(-1, keepdim=True) - (g_in * wg).sum(-1, keepdim=True) / scale)
+            grad_scale = (grad * (codes - zero)).sum(-1, keepdim=True) - (g_in * wg).sum(-1, keepdim=True) / scale
         if ctx.needs_input_grad[3]:
             grad_zero = (g_in.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True)) * scale
         return None, grad_v, grad_scale, grad_zero, None

@@ -140,7 +140,8 @@ def tune_block(
     dequantized value, so the block now computes what the packed model will.
     """
     tunables = {
-        name: TunableLinear(linear, spec, a0, b0, options.scale_dtype) for name, (linear, spec, (a0, b0)) in layers.items()
+        name: TunableLinear(linear, spec, a0, b0, options.scale_dtype)
+        for name, (linear, spec, (a0, b0)) in layers.items()
     }
     for name, tl in tunables.items():
         _set_submodule(block, name, tl)

@@ -82,7 +82,9 @@ class _InputEnergy:
     """Forward hooks accumulating ``E[x_j^2]`` per input feature of some Linear layers."""
 
     def __init__(self, modules: dict[str, nn.Linear]):
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
+        self.sums = {
+            name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()
+        }
         self.counts = dict.fromkeys(modules, 0)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
@@ -202,7 +204,9 @@ def _tune_one_block(
     with torch.enable_grad():
         result = tune_block(block, prepared, q_in, fp_out, options, progress)
     if result.init_loss is not None:
-        logger.debug("block %d: loss %.4g -> %.4g (best iter %s)", index, result.init_loss, result.final_loss, result.best_iter)
+        logger.debug(
+            "block %d: loss %.4g -> %.4g (best iter %s)", index, result.init_loss, result.final_loss, result.best_iter
+        )
     return result
 
 

@@ -9,6 +9,7 @@ stored once; those that differ (padding masks) are stacked per sample and re-bat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,10 +121,8 @@ def capture_block_inputs(
         for i in range(input_ids.shape[0]):
             ids = input_ids[i : i + 1].to(device)
             mask = None if attention_mask is None else attention_mask[i : i + 1].to(device)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     if len(records) != input_ids.shape[0]:
