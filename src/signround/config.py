@@ -125,6 +125,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.packing_format: str | None = kwargs.pop("packing_format", None)
         self.extra_config: dict[str, dict[str, Any]] = dict(kwargs.pop("extra_config", None) or {})
         self.block_name_to_quantize = kwargs.pop("block_name_to_quantize", None)
+        # A config read back from a saved model describes it; its dataset is history, not something to open.
+        self._check_dataset = not kwargs.pop("_from_saved", False)
         self.unknown_keys: dict[str, Any] = dict(kwargs)
         # The exact description of a packed model (a checkpoint's dict, or what packing produced); None
         # while the config only says how to quantize.
@@ -134,7 +136,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """A checkpoint's ``quantization_config``: the config describes that packed model, kept verbatim."""
-        config = cls(**{**config_dict, **kwargs})
+        config = cls(**{**config_dict, **kwargs, "_from_saved": True})
         config.packed = copy.deepcopy(dict(config_dict))
         return (config, {}) if return_unused_kwargs else config
 
@@ -182,7 +184,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         _require(
             self.dataset is not None, "dataset must not be None; pass a local file, a spec string or a list of texts"
         )
-        if isinstance(self.dataset, str) and self.packing_format is None:
+        if isinstance(self.dataset, str) and self._check_dataset:
             _check_dataset_spec(self.dataset)
         _require(
             isinstance(self.layer_config, dict), f"layer_config must be a dict, got {type(self.layer_config).__name__}"
