@@ -29,9 +29,13 @@ test-fast: install
 
 bench: bench-accuracy
 
-bench-accuracy: install
+# Ours (every row), then the reference tool on the same setting, then the combined table.
+bench-accuracy: install venv-ref
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/accuracy.py --all
+	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 50 --out bench/results/reference.jsonl
+	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 0 --out bench/results/reference.jsonl
+	$(BIN)/python bench/accuracy.py --table
 
 # Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).
 # torch is pinned on every pip line so pip never swaps in another build; transformers as in .venv.

@@ -31,6 +31,7 @@ SHARED = ROOT.parent / "shared"
 CALIB = SHARED / "data" / "tinyshakespeare.txt"
 EVAL = SHARED / "data" / "wikitext2_test.txt"
 RESULTS = ROOT / "bench" / "results" / "accuracy.jsonl"
+REFERENCE = ROOT / "bench" / "results" / "reference.jsonl"
 CACHE = Path(os.environ.get("SIGNROUND_BENCH_CACHE", "/tmp/signround-bench"))
 
 CONFIGS: dict[str, dict] = {"fp32": {}}
@@ -129,20 +130,37 @@ def _append(row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _latest(path: Path, key) -> dict:
+    rows: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[key(row)] = row  # the latest run of each row wins
+    return rows
+
+
 def table() -> str:
-    rows = {}
-    for line in RESULTS.read_text().splitlines():
-        row = json.loads(line)
-        rows[row["name"]] = row  # the latest run of each row wins
-    lines = ["| setting | ppl | mean KL vs fp32 | tuning s | peak RSS MB |", "|---|---:|---:|---:|---:|"]
-    for name in ORDER:
-        r = rows.get(name)
-        if r is None:
-            continue
+    """Our rows, then the reference's (bench/reference_autoround.py), with tuning time as a ratio to its W4 row."""
+    ours = _latest(RESULTS, lambda r: r["name"])
+    ref = _latest(REFERENCE, lambda r: (r["bits"], r["iters"], bool(r.get("disable_opt_rtn"))))
+    ref_w4 = ref.get((4, 50, False))
+    lines = [
+        "| setting | ppl | mean KL vs fp32 | tuning s | time / reference W4 tuning | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def line(name: str, r: dict, seconds_key: str, rss_key: str) -> str:
         kl = "" if r.get("kl") is None else f"{r['kl']:.4f}"
-        lines.append(
-            f"| {name} | {r['ppl']:.2f} | {kl} | {r.get('tune_seconds', '')} | {r['peak_rss_mb_after_tuning']:.0f} |"
-        )
+        seconds = r.get(seconds_key)
+        ratio = f"{seconds / ref_w4['tune_seconds']:.2f}x" if seconds and ref_w4 else ""
+        return f"| {name} | {r['ppl']:.2f} | {kl} | {seconds or ''} | {ratio} | {r[rss_key]:.0f} |"
+
+    for name in ORDER:
+        if name in ours:
+            lines.append(line(f"signround {name}", ours[name], "tune_seconds", "peak_rss_mb_after_tuning"))
+    for (bits, iters, plain), r in sorted(ref.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+        kind = "plain RTN" if plain else ("opt RTN" if iters == 0 else f"tuned iters {iters}")
+        lines.append(line(f"{r.get('tool', 'reference')} W{bits} {kind}", r, "tune_seconds", "peak_rss_mb"))
     return "\n".join(lines)
 
 

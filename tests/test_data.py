@@ -148,9 +148,9 @@ class TestSpec:
         else:
             assert "e.g. num=256" in msg
 
-    def test_bare_split_name_gets_hint(self):
-        with pytest.raises(ValueError, match=r"split=train"):
-            parse_dataset_spec("NeelNanda/pile-10k:train")
+    def test_bare_split_name_is_the_split(self):
+        # the reference's shorthand "name:train" selects the split
+        assert parse_dataset_spec("NeelNanda/pile-10k:train")[0].split == ("train",)
 
     def test_bad_spec_fails_before_reading_files(self, tok):
         # the first entry does not exist: the option error in the second must win, before any file is opened

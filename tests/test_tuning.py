@@ -14,7 +14,7 @@ from signround.schemes import LayerSpec, resolve_plan
 from signround.tuning import engine
 from signround.tuning.block import TuneOptions, run_block, tune_block
 from signround.tuning.inputs import BlockInputs, capture_block_inputs
-from signround.tuning.rtn import optimized_rtn_params, plain_rtn_params
+from signround.tuning.rtn import FACTOR_MIN, optimized_rtn_params, plain_rtn_params
 from signround.tuning.signsgd import SignSGD, default_lr, linear_decay
 
 
@@ -92,7 +92,8 @@ def test_optimized_rtn_never_worse_than_plain(bits: int, group_size: int, sym: b
     a0, b0 = plain_rtn_params(w, spec)
     assert torch.equal(a0, torch.ones_like(a0)) and torch.equal(b0, torch.ones_like(b0))
     alpha, beta = optimized_rtn_params(w, spec, importance)
-    assert alpha.shape == a0.shape and bool(((alpha >= 0.5) & (alpha <= 1)).all() & ((beta >= 0.5) & (beta <= 1)).all())
+    low = FACTOR_MIN
+    assert alpha.shape == a0.shape and bool(((alpha >= low) & (alpha <= 1)).all() & ((beta >= low) & (beta <= 1)).all())
     plain = _weighted_error(w, spec, importance, a0, b0)
     opt = _weighted_error(w, spec, importance, alpha, beta)
     assert bool((opt <= plain * (1 + 1e-6)).all()), "optimised RTN made a group worse"

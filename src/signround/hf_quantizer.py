@@ -93,9 +93,8 @@ class SignRoundHfQuantizer(HfQuantizer):
         packer = get_packer(description.get("packing_format") or "auto_round:auto_gptq")
         default, overrides = packer.parse_config(description)
         wanted = {name for name, entry in overrides.items() if entry.get("bits", default.bits) < 16}
-        candidates = [
-            c for c in quantizable_layers(model, include_lm_head=True) if c[0] != _head_name(model) or c[0] in wanted
-        ]
+        head = _head_name(model)
+        candidates = [c for c in quantizable_layers(model, include_lm_head=True) if c[0] != head or c[0] in wanted]
         plan = resolve_plan(candidates, default, overrides, packer.can_load)
         dtype = next(iter(model.parameters())).dtype
         self.installed = install_empty(

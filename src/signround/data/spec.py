@@ -135,9 +135,10 @@ def _parse_option(spec: DatasetSpec, piece: str, entry: str, seen: set[str]) -> 
     value = raw.strip() if sep else None
     if not key:
         raise ValueError(f"empty option in dataset entry {entry!r}; accepted options: {_accepted()}")
+    if key not in OPTIONS and not sep and "+" not in key and key.lower() in _SPLIT_LIKE:
+        key, value = "split", key  # the reference's shorthand: "NeelNanda/pile-10k:train"
     if key not in OPTIONS:
-        hint = f" (to read the {key!r} split write split={key})" if key.lower() in _SPLIT_LIKE else ""
-        raise ValueError(f"unknown option {piece!r} in dataset entry {entry!r}{hint}; accepted options: {_accepted()}")
+        raise ValueError(f"unknown option {piece!r} in dataset entry {entry!r}; accepted options: {_accepted()}")
     if key in seen:
         raise ValueError(f"option {key!r} given twice in dataset entry {entry!r}")
     seen.add(key)
