@@ -98,8 +98,20 @@ def test_optimized_rtn_never_worse_than_plain(bits: int, group_size: int, sym: b
     opt = _weighted_error(w, spec, importance, alpha, beta)
     assert bool((opt <= plain * (1 + 1e-6)).all()), "optimised RTN made a group worse"
     assert opt.sum() < plain.sum()  # and it does find something better somewhere
-    if sym:
-        assert torch.equal(alpha, beta)  # sym shrinks both ends together
+
+
+def test_optimized_rtn_sym_can_flip_which_end_sets_the_scale() -> None:
+    """3-bit full-range sym: [1.0, -0.95 x3] maps 1.0 onto -4 and clips every -0.95 to +3 (error 0.2 each,
+    0.12 total squared); letting the negative end set the scale (0.95/4) clips only 1.0 (4.21 -> 3, error
+    0.2875, 0.083 squared).  Only a one-end sweep (beta < 0.95) can reach that orientation."""
+    w = torch.zeros(1, 32)
+    w[0, :4] = torch.tensor([1.0, -0.95, -0.95, -0.95])
+    spec = LayerSpec(bits=3, group_size=32, sym=True)
+    alpha, beta = optimized_rtn_params(w, spec, None)
+    assert float(beta) < 0.95 <= float(alpha)
+    ones = torch.ones(32)
+    plain = _weighted_error(w, spec, ones, *plain_rtn_params(w, spec))
+    assert float(_weighted_error(w, spec, ones, alpha, beta)) < 0.7 * float(plain)
 
 
 def test_optimized_rtn_uses_importance() -> None:

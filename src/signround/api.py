@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import AutoRoundConfig
+from .data import load_calibration
 from .layers import install_quantized
 from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, resolve_plan
 from .tuning.block import TuneOptions
-from .tuning.engine import TuneReport, find_blocks, quantizable_layers
+from .tuning.engine import TuneReport, find_blocks, quantizable_layers, rtn_only
 from .tuning.engine import run as run_tuning
 
 logger = logging.getLogger(__name__)
@@ -79,24 +79,14 @@ def quantize_model(
     model: nn.Module, tokenizer: Any, config: AutoRoundConfig, show_progress: bool = True
 ) -> QuantizationResult:
     """Calibrate and tune ``model`` in place (its planned Linear weights end up dequantized)."""
-    from .data import load_calibration
-
     plan = plan_model(model, config)
-    needs_data = bool(plan.layers) and (config.iters > 0 or not config.disable_opt_rtn)
-    if needs_data:
-        calib = load_calibration(config.dataset, tokenizer, config.seqlen, config.nsamples, config.seed)
-        input_ids, mask = calib.input_ids, calib.attention_mask
-    else:
-        input_ids = torch.zeros(1, 1, dtype=torch.long)
-        mask = None
     if not plan.layers:
         return QuantizationResult(plan, TuneReport())
-    if not needs_data:
-        from .tuning.engine import rtn_only
-
-        return QuantizationResult(plan, rtn_only(model, plan, tune_options(config, show_progress)))
-    report = run_tuning(model, plan, input_ids, mask, tune_options(config, show_progress))
-    return QuantizationResult(plan, report)
+    options = tune_options(config, show_progress)
+    if config.iters == 0 and config.disable_opt_rtn:  # plain RTN needs no calibration data
+        return QuantizationResult(plan, rtn_only(model, plan, options))
+    calib = load_calibration(config.dataset, tokenizer, config.seqlen, config.nsamples, config.seed)
+    return QuantizationResult(plan, run_tuning(model, plan, calib.input_ids, calib.attention_mask, options))
 
 
 def pack_model(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quant.int import QuantizedTensor
+from ..quant.int import QuantizedTensor, dequantize, quantize
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, TuneOptions, run_block, tune_block
 from .inputs import BlockInputs, capture_block_inputs
@@ -220,8 +220,6 @@ def _quantize_head(
     head_name = next(n for n, m in model.named_modules() if m is head)
     if head_name not in plan.layers:
         return
-    from ..quant.int import dequantize, quantize
-
     spec = plan.layers[head_name]
     importance = None
     norm = _final_norm(model)
@@ -258,8 +256,6 @@ def _is_tied(model: nn.Module) -> bool:
 @torch.no_grad()
 def rtn_only(model: nn.Module, plan: QuantPlan, options: TuneOptions) -> TuneReport:
     """Plain RTN of every planned layer without calibration data (``iters=0, disable_opt_rtn=True``)."""
-    from ..quant.int import dequantize, quantize
-
     report = TuneReport()
     for name, spec in plan.layers.items():
         linear = model.get_submodule(name)

@@ -55,9 +55,8 @@ def optimized_rtn_params(
     """Per-group ``(alpha, beta)`` from a grid search of the activation-weighted error.
 
     ``importance`` is ``E[x^2]`` per input feature ``[in]`` (uniform when ``None``).  The search first
-    shrinks both ends together (coarse grid, then a fine grid around each group's winner), then (asym
-    only, where the two ends are independent) refines ``beta`` with ``alpha`` fixed and ``alpha`` with
-    ``beta`` fixed.  Loops run over candidate factors, never over groups.
+    shrinks both ends together (coarse grid, then a fine grid around each group's winner), then each end
+    alone with the other fixed.  Loops run over candidate factors, never over groups.
     """
     w = w.float()
     gw = GroupedWeight.of(w, spec.group_size)
@@ -94,7 +93,9 @@ def optimized_rtn_params(
 
     sweep(coarse(), True, True)
     sweep(fine(alpha.clone()), True, True)  # alpha == beta after the joint sweeps
-    if not spec.sym:
-        sweep(fine(beta.clone()), False, True)
-        sweep(fine(alpha.clone()), True, False)
+    # One end at a time: for asym the ends are independent; for sym this can also flip which end sets the
+    # scale (the end mapped onto the extra negative code of the full-range grid).
+    for update_alpha in (False, True):
+        sweep(coarse(), update_alpha, not update_alpha)
+        sweep(fine((alpha if update_alpha else beta).clone()), update_alpha, not update_alpha)
     return alpha, beta
