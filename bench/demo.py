@@ -35,7 +35,7 @@ def _generate(model, tokenizer) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval_windows", type=int, default=10)
     p.add_argument("--output_dir", default=None)

@@ -65,6 +65,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         seed=config.seed,
         disable_opt_rtn=config.disable_opt_rtn,
         enable_torch_compile=config.enable_torch_compile,
+        amp=config.amp,
         show_progress=show_progress,
     )
 
@@ -119,6 +120,7 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         "seqlen": config.seqlen,
         "batch_size": config.batch_size,
         "gradient_accumulate_steps": config.gradient_accumulate_steps,
+        "amp": config.amp,
         "dataset": config.dataset if isinstance(config.dataset, str) else "custom",
         "block_name_to_quantize": block_path,
         "quant_lm_head": config.quant_lm_head or None,

@@ -57,6 +57,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant_lm_head", action="store_true")
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
     p.add_argument("--enable_torch_compile", action="store_true")
+    p.add_argument("--disable_amp", action="store_true", help="tune in float32 even where bf16 is native")
     p.add_argument("--format", help="auto_round (default)")
     p.add_argument("--backend", help="kernel backend for evaluation (auto)")
     p.add_argument("--output_dir", default="./tmp_autoround")
@@ -80,6 +81,8 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("quant_lm_head", "disable_opt_rtn", "enable_torch_compile"):
         if getattr(args, flag):
             kwargs[flag] = True
+    if args.disable_amp:
+        kwargs["amp"] = False
     if args.layer_config:
         kwargs["layer_config"] = args.layer_config
     return kwargs

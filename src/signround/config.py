@@ -30,7 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Knobs that only matter while quantizing; the rest describe the packed checkpoint.
 _TUNING_KEYS = (
     "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
-    "seed", "disable_opt_rtn", "enable_torch_compile",
+    "seed", "disable_opt_rtn", "enable_torch_compile", "amp",
 )  # fmt: skip
 
 
@@ -60,7 +60,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
 
     Args mirror the reference tool's API.  ``scheme`` (e.g. ``"W4A16"``) sets bits / group_size / sym;
     explicitly passed ``bits``, ``group_size`` or ``sym`` override it.  ``iters=0`` gives (optimised)
-    RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``layer_config`` maps exact layer names to a scheme
+    RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``amp`` runs the tuning loop's matmuls in bf16 where the
+    device has native bf16 (CUDA, CPUs with AVX512-BF16/AMX), as the reference does; weights, fake quantizer,
+    targets and loss stay float32.  ``layer_config`` maps exact layer names to a scheme
     name or a dict of LayerSpec fields (``{"bits": 16}`` keeps a layer unquantized).
     """
 
@@ -85,6 +87,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         backend: str = "auto",
         enable_torch_compile: bool = False,
         disable_opt_rtn: bool = False,
+        amp: bool = True,
         tokenizer: str | None = None,
         data_type: str = "int",
         act_bits: int = 16,
@@ -120,6 +123,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.backend = backend
         self.enable_torch_compile = enable_torch_compile
         self.disable_opt_rtn = disable_opt_rtn
+        self.amp = amp
         self.tokenizer = tokenizer
         # What a checkpoint says about itself (packing layout, per-layer overrides, block names, ...).
         self.packing_format: str | None = kwargs.pop("packing_format", None)
@@ -173,7 +177,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        for name in ("quant_lm_head", "enable_torch_compile", "disable_opt_rtn"):
+        for name in ("quant_lm_head", "enable_torch_compile", "disable_opt_rtn", "amp"):
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"
             )

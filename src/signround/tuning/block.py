@@ -39,6 +39,7 @@ class TuneOptions:
     enable_torch_compile: bool = False
     scale_dtype: torch.dtype = torch.float16
     show_progress: bool = True
+    amp: bool = True  # bf16 autocast in the tuning loop where the device has fast bf16 (the reference's default)
 
 
 @dataclass
@@ -104,6 +105,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
 def block_output(out: object) -> torch.Tensor:
     """A decoder block returns a tensor (transformers 5) or a tuple whose first item is the hidden state."""
     return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
@@ -117,10 +128,14 @@ def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int) -> torch.T
 
 
 @torch.no_grad()
-def _full_loss(block: nn.Module, inputs: BlockInputs, targets: torch.Tensor, batch_size: int) -> float:
+def _full_loss(
+    block: nn.Module, inputs: BlockInputs, targets: torch.Tensor, batch_size: int, autocast: torch.autocast
+) -> float:
+    """Mean squared error of the block's outputs against ``targets`` over every cached sample."""
     total, count = 0.0, 0
     for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
-        out = block_output(block(h, **kw))
+        with autocast:
+            out = block_output(block(h, **kw))
         total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
         count += out.numel()
     return total / max(count, 1)
@@ -183,12 +198,16 @@ def _signsgd_loop(
     forward = torch.compile(block) if options.enable_torch_compile else block
     n = len(inputs)
     bs = min(options.batch_size, n)
+    device = targets.device if targets.device.type != "cpu" else inputs.hidden.device
+    # Mixed precision for the block's matmuls in the loop and in the candidate selection; the fake quantizer,
+    # the targets and the loss stay float32.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.amp and fast_bf16(device))
 
     def snapshot() -> dict[str, dict[str, torch.Tensor]]:
         return {name: tl.snapshot() for name, tl in tunables.items()}
 
     init_state = snapshot()
-    init_loss = _full_loss(block, inputs, targets, bs)
+    init_loss = _full_loss(block, inputs, targets, bs, autocast)
     best_loss, best_state, best_iter = float("inf"), init_state, -1
     losses: list[float] = []
     for it in range(options.iters):
@@ -196,7 +215,8 @@ def _signsgd_loop(
         for _ in range(options.gradient_accumulate_steps):
             idx = torch.randperm(n, generator=generator)[:bs]
             h, kw = inputs.batch(idx)
-            out = block_output(forward(h, **kw))
+            with autocast:
+                out = block_output(forward(h, **kw))
             loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
             (loss / options.gradient_accumulate_steps).backward()
             total += loss.item() / options.gradient_accumulate_steps
@@ -219,7 +239,7 @@ def _signsgd_loop(
             continue
         for name, tl in tunables.items():
             tl.load(state[name])
-        loss = _full_loss(block, inputs, targets, bs)
+        loss = _full_loss(block, inputs, targets, bs, autocast)
         if loss < final_loss:
             final_loss, final_state, best_iter = loss, state, iteration
     for name, tl in tunables.items():
