@@ -35,6 +35,7 @@ bench-accuracy: install venv-ref
 	$(BIN)/python bench/accuracy.py --all
 	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 50 --out bench/results/reference.jsonl
 	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 0 --out bench/results/reference.jsonl
+	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 50 --no_amp --out bench/results/reference.jsonl
 	$(BIN)/python bench/accuracy.py --table
 
 # Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).

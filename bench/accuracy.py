@@ -39,7 +39,9 @@ for _bits in (4, 3, 2):
     CONFIGS[f"rtn-w{_bits}"] = {"bits": _bits, "iters": 0, "disable_opt_rtn": True}
     CONFIGS[f"optrtn-w{_bits}"] = {"bits": _bits, "iters": 0}
     CONFIGS[f"signround-w{_bits}"] = {"bits": _bits, "iters": 50}
-ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
+# Tuning entirely in float32 (amp off), for a like-for-like time comparison with the reference's --no_amp run.
+CONFIGS["signround-w4-fp32"] = {"bits": 4, "iters": 50, "amp": False}
+ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")] + ["signround-w4-fp32"]
 
 
 def _peak_rss_mb() -> float:
@@ -101,7 +103,7 @@ def run_one(name: str) -> dict:
         cfg = CONFIGS[name]
         ar = signround.AutoRound(
             model, tokenizer, bits=cfg["bits"], group_size=32, sym=True, iters=cfg["iters"],
-            disable_opt_rtn=cfg.get("disable_opt_rtn", False), dataset=_calibration(tokenizer),
+            disable_opt_rtn=cfg.get("disable_opt_rtn", False), amp=cfg.get("amp", True), dataset=_calibration(tokenizer),
             nsamples=32, seqlen=256, batch_size=8, show_progress=False,
         )  # fmt: skip
         start = time.perf_counter()
@@ -142,8 +144,10 @@ def _latest(path: Path, key) -> dict:
 def table() -> str:
     """Our rows, then the reference's (bench/reference_autoround.py), with tuning time as a ratio to its W4 row."""
     ours = _latest(RESULTS, lambda r: r["name"])
-    ref = _latest(REFERENCE, lambda r: (r["bits"], r["iters"], bool(r.get("disable_opt_rtn"))))
-    ref_w4 = ref.get((4, 50, False))
+    ref = _latest(
+        REFERENCE, lambda r: (r["bits"], r["iters"], bool(r.get("disable_opt_rtn")), bool(r.get("amp", True)))
+    )
+    ref_w4 = ref.get((4, 50, False, True))
     lines = [
         "| setting | ppl | mean KL vs fp32 | tuning s | time / reference W4 tuning | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -158,8 +162,9 @@ def table() -> str:
     for name in ORDER:
         if name in ours:
             lines.append(line(f"signround {name}", ours[name], "tune_seconds", "peak_rss_mb_after_tuning"))
-    for (bits, iters, plain), r in sorted(ref.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+    for (bits, iters, plain, amp), r in sorted(ref.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
         kind = "plain RTN" if plain else ("opt RTN" if iters == 0 else f"tuned iters {iters}")
+        kind += "" if amp else " (amp off, fp32)"
         lines.append(line(f"{r.get('tool', 'reference')} W{bits} {kind}", r, "tune_seconds", "peak_rss_mb"))
     return "\n".join(lines)
 
