@@ -28,7 +28,7 @@ from .kernels.base import QuantLinear
 from .layers import install_empty, quant_linears
 from .packing.registry import get_packer
 from .schemes import resolve_plan
-from .tuning.engine import quantizable_layers
+from .tuning.engine import head_name, quantizable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class SignRoundHfQuantizer(HfQuantizer):
         packer = get_packer(description.get("packing_format") or "auto_round:auto_gptq")
         default, overrides = packer.parse_config(description)
         wanted = {name for name, entry in overrides.items() if entry.get("bits", default.bits) < 16}
-        head = _head_name(model)
+        head = head_name(model)
         candidates = [c for c in quantizable_layers(model, include_lm_head=True) if c[0] != head or c[0] in wanted]
         plan = resolve_plan(candidates, default, overrides, packer.can_load)
         dtype = next(iter(model.parameters())).dtype
@@ -140,13 +140,6 @@ class SignRoundHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
-
-
-def _head_name(model: nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
 
 
 _REGISTERED = False

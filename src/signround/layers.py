@@ -17,12 +17,6 @@ from .quant.int import QuantizedTensor
 from .schemes import LayerSpec
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _requested(backend: str | None) -> str | None:
     return None if backend in (None, "auto") else backend
 
@@ -48,7 +42,7 @@ def install_quantized(
         bias = None if linear.bias is None else linear.bias.detach()
         qt_dev = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
         layer = chosen.quant_linear.from_quantized(qt_dev, packing, bias, act_dtype)
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer)
         installed[name] = layer
     return installed
 
@@ -74,7 +68,7 @@ def install_empty(
         layer = chosen.quant_linear(
             linear.in_features, linear.out_features, spec, packing, linear.bias is not None, dtype, device="meta"
         )
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer)
         installed[name] = layer
     return installed
 

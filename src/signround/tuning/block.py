@@ -99,12 +99,6 @@ class TunableLinear(nn.Module):
         return quantize(self.linear.weight, self.spec, self.v, self.alpha, self.beta, self.scale_dtype)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def fast_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
     if device.type == "cuda":
@@ -159,13 +153,13 @@ def tune_block(
         for name, (linear, spec, (a0, b0)) in layers.items()
     }
     for name, tl in tunables.items():
-        _set_submodule(block, name, tl)
+        block.set_submodule(name, tl)
     try:
         result = _signsgd_loop(block, tunables, inputs, targets, options, progress) if options.iters > 0 else None
         quantized = {name: tl.quantized() for name, tl in tunables.items()}
     finally:
         for name, tl in tunables.items():
-            _set_submodule(block, name, tl.linear)
+            block.set_submodule(name, tl.linear)
     for name, (linear, _spec, _init) in layers.items():
         with torch.no_grad():
             linear.weight.copy_(dequantize(quantized[name], torch.float32).to(linear.weight.dtype))

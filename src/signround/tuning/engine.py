@@ -54,6 +54,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def head_name(model: nn.Module) -> str | None:
+    """Name of the output projection (lm_head) when it is an nn.Linear, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
 def quantizable_layers(model: nn.Module, include_lm_head: bool = False) -> list[tuple[str, int, int]]:
     """Candidate layers ``(name, in_features, out_features)``: every nn.Linear inside the blocks (+ lm_head)."""
     path, blocks = find_blocks(model)
@@ -63,10 +71,10 @@ def quantizable_layers(model: nn.Module, include_lm_head: bool = False) -> list[
             if isinstance(module, nn.Linear):
                 out.append((f"{path}.{i}.{name}", module.in_features, module.out_features))
     if include_lm_head:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, nn.Linear):
-            head_name = next(n for n, m in model.named_modules() if m is head)
-            out.append((head_name, head.in_features, head.out_features))
+        name = head_name(model)
+        if name is not None:
+            head = model.get_submodule(name)
+            out.append((name, head.in_features, head.out_features))
     return out
 
 
@@ -214,13 +222,11 @@ def _quantize_head(
     model: nn.Module, plan: QuantPlan, q_inputs: BlockInputs, options: TuneOptions, report: TuneReport
 ) -> None:
     """lm_head (only when planned) gets optimised RTN weighted by the final normalised hidden states."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
+    name = head_name(model)
+    if name is None or name not in plan.layers:
         return
-    head_name = next(n for n, m in model.named_modules() if m is head)
-    if head_name not in plan.layers:
-        return
-    spec = plan.layers[head_name]
+    head = model.get_submodule(name)
+    spec = plan.layers[name]
     importance = None
     norm = _final_norm(model)
     if norm is not None and not options.disable_opt_rtn:
@@ -235,7 +241,7 @@ def _quantize_head(
         model.config.tie_word_embeddings = False
     with torch.no_grad():
         head.weight.copy_(dequantize(qt).to(head.weight.dtype))
-    report.quantized[head_name] = qt
+    report.quantized[name] = qt
 
 
 def _final_norm(model: nn.Module) -> nn.Module | None:
