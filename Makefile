@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy venv-ref lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time venv-ref lint format clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench-accuracy: install venv-ref
 	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 0 --out bench/results/reference.jsonl
 	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 50 --no_amp --out bench/results/reference.jsonl
 	$(BIN)/python bench/accuracy.py --table
+
+# Tuning time against auto-round as adjacent pairs (this VM's speed drifts; see bench/time_pair.py).
+bench-time: install venv-ref
+	$(BIN)/signround fetch-model smollm2-135m
+	$(BIN)/python bench/time_pair.py --rounds 2
 
 # Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).
 # torch is pinned on every pip line so pip never swaps in another build; transformers as in .venv.

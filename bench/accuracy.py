@@ -126,9 +126,9 @@ def run_one(name: str) -> dict:
     return row
 
 
-def _append(row: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
+def _append(row: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -175,10 +175,11 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="run every row, each in its own process")
     parser.add_argument("--only", nargs="*", help="with --all: just these rows")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="with --run: append the row here")
     args = parser.parse_args()
     if args.run:
         row = run_one(args.run)
-        _append(row)
+        _append(row, args.results)
         print(json.dumps(row), flush=True)
     elif args.all:
         for name in args.only or ORDER:

@@ -199,8 +199,10 @@ def test_fake_quant_gradients_reach_v_alpha_beta(bits: int, group_size: int, sym
         assert g is not None and bool(torch.isfinite(g).all()), name
         assert int((g != 0).sum()) > g.numel() // 4, f"gradient of {name} is mostly zero"
     torch.testing.assert_close(gv, rv, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-6)
+    # The per-group scale gradient is a difference of two group sums; summation order differs from the
+    # composed ops, so compare against the gradient's own magnitude.
+    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-4 * float(ra.abs().max()))
+    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-4 * float(rb.abs().max()))
 
 
 def test_fake_quant_keeps_dtype_and_shape() -> None:

@@ -60,9 +60,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
 
     Args mirror the reference tool's API.  ``scheme`` (e.g. ``"W4A16"``) sets bits / group_size / sym;
     explicitly passed ``bits``, ``group_size`` or ``sym`` override it.  ``iters=0`` gives (optimised)
-    RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``amp`` runs the tuning loop's matmuls in bf16 where the
-    device has native bf16 (CUDA, CPUs with AVX512-BF16/AMX), as the reference does; weights, fake quantizer,
-    targets and loss stay float32.  ``layer_config`` maps exact layer names to a scheme
+    RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``amp`` runs the tuning loop's block in bf16 where the
+    device has native bf16 (CUDA, CPUs with AVX512-BF16/AMX), as the reference does; the fake quantizer's
+    float32 weights, the targets and the loss stay float32.  ``layer_config`` maps exact layer names to a scheme
     name or a dict of LayerSpec fields (``{"bits": 16}`` keeps a layer unquantized).
     """
 

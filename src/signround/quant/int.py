@@ -150,41 +150,59 @@ class GroupedWeight:
         alpha: torch.Tensor | None = None,
         beta: torch.Tensor | None = None,
         scale_dtype: torch.dtype = torch.float16,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
+        """The dequantized weight ``[out, in]`` in ``out_dtype`` (default: the weight's dtype).
+
+        Asking for the matmul's dtype here (bf16 in mixed precision) saves a separate cast of the
+        full weight, forward and backward.
+        """
         scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
         v = torch.zeros_like(self.wg) if v is None else v.reshape(self.wg.shape)
-        qdq = _GroupQDQ.apply(self.wg, v, scale.unsqueeze(-1), zero.unsqueeze(-1), 2**spec.bits - 1)
-        return qdq.reshape(self.shape).to(self.wg.dtype)
+        out_dtype = self.wg.dtype if out_dtype is None else out_dtype
+        qdq = _GroupQDQ.apply(self.wg, v, scale.unsqueeze(-1), zero.unsqueeze(-1), 2**spec.bits - 1, out_dtype)
+        return qdq.reshape(self.shape)
+
+
+def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1, keepdim=True)`` for ``[out, G, gs]`` tensors in one pass, without the product tensor."""
+    return torch.einsum("ogk,ogk->og", a, b).unsqueeze(-1)
 
 
 class _GroupQDQ(torch.autograd.Function):
-    """``(clamp(round(w/s + v) + z, 0, maxq) - z) * s`` with its straight-through gradient, fused.
+    """``clamp(round(w/s + v), -z, maxq - z) * s`` with its straight-through gradient, fused.
 
-    Autograd through the elementwise chain costs a dozen full-size passes per call; tuning calls it for
-    every layer at every step, so forward and backward are written out here (same values and gradients
-    as the composed ops: round passes gradients straight through, clamp stops them outside the range).
-      d/dv = s * m        d/ds = sum_group g * ((c - z) - m * w / s)        d/dz = sum_group g * s * (m - 1)
+    This equals ``(clamp(round(w/s + v) + z, 0, maxq) - z) * s`` because ``z`` holds an integer value.
+    Autograd through the composed elementwise chain costs a dozen full-size passes per call; tuning calls
+    it for every layer at every step, so forward and backward are written out here (same values and
+    gradients as the composed ops: round passes gradients straight through, clamp stops them outside
+    the range).  With ``q`` the clamped integer and ``m`` the not-clipped mask:
+      d/dv = s * m        d/ds = sum_group g * (q - m * w / s)        d/dz = sum_group g * (m - 1) * s
     """
 
     @staticmethod
-    def forward(ctx, wg, v, scale, zero, maxq):  # type: ignore[override]
-        pre = torch.round(torch.addcdiv(v, wg, scale)).add_(zero)
-        codes = pre.clamp(0, maxq)
-        inside = codes == pre  # not clipped: one comparison instead of two and a logical and
-        ctx.save_for_backward(wg, scale, zero, codes, inside)
-        return (codes - zero).mul_(scale)
+    def forward(ctx, wg, v, scale, zero, maxq, out_dtype):  # type: ignore[override]
+        # Clamping against scalar bounds runs ~10x faster on CPU than against per-group tensor bounds.
+        pre = torch.addcdiv(v, wg, scale).round_().add_(zero)
+        q = pre.clamp(0, maxq)
+        inside = q == pre  # not clipped
+        q.sub_(zero)
+        ctx.save_for_backward(wg, scale, q, inside)
+        out = torch.empty(wg.shape, dtype=out_dtype, device=wg.device)
+        return torch.mul(q, scale, out=out)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        wg, scale, zero, codes, inside = ctx.saved_tensors
+        wg, scale, q, inside = ctx.saved_tensors
+        grad = grad.to(q.dtype)
         g_in = grad * inside
         grad_v = g_in * scale if ctx.needs_input_grad[1] else None
         grad_scale = grad_zero = None
         if ctx.needs_input_grad[2]:
-            grad_scale = (grad * (codes - zero)).sum(-1, keepdim=True) - (g_in * wg).sum(-1, keepdim=True) / scale
+            grad_scale = _group_dot(grad, q) - _group_dot(g_in, wg) / scale
         if ctx.needs_input_grad[3]:
             grad_zero = (g_in.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True)) * scale
-        return None, grad_v, grad_scale, grad_zero, None
+        return None, grad_v, grad_scale, grad_zero, None, None
 
 
 @torch.no_grad()

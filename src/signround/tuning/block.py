@@ -9,8 +9,10 @@ calibration set at the end, so tuning never returns something worse than its ini
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +41,7 @@ class TuneOptions:
     enable_torch_compile: bool = False
     scale_dtype: torch.dtype = torch.float16
     show_progress: bool = True
-    amp: bool = True  # bf16 autocast in the tuning loop where the device has fast bf16 (the reference's default)
+    amp: bool = True  # tuning loop in bf16 where the device has fast bf16 (the reference's default)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class BlockResult:
     final_loss: float | None = None
     best_iter: int | None = None
     losses: list[float] = field(default_factory=list)
+    # the tuned block's outputs on the calibration inputs, when the candidate selection computed them
+    outputs: torch.Tensor | None = None
 
 
 class TunableLinear(nn.Module):
@@ -71,13 +75,29 @@ class TunableLinear(nn.Module):
         self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
         self.alpha = nn.Parameter(alpha.float().clone())
         self.beta = nn.Parameter(beta.float().clone())
+        self._frozen: dict[torch.dtype, torch.Tensor] | None = None
 
-    def qdq_weight(self) -> torch.Tensor:
-        return self.grouped.fake_quant(self.spec, self.v, self.alpha, self.beta, self.scale_dtype)
+    def qdq_weight(self, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.grouped.fake_quant(self.spec, self.v, self.alpha, self.beta, self.scale_dtype, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qdq_weight().to(x.dtype)
-        return F.linear(x, w, self.linear.bias)
+        if self._frozen is None:
+            w = self.qdq_weight(x.dtype)
+        else:  # parameters fixed: one fake-quant for all batches
+            w = self._frozen.get(x.dtype)
+            if w is None:
+                w = self._frozen[x.dtype] = self.qdq_weight(x.dtype).detach()
+        bias = self.linear.bias
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Within this context the parameters do not change, so the quantized weight is computed once."""
+        self._frozen = {}
+        try:
+            yield
+        finally:
+            self._frozen = None
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -121,18 +141,64 @@ def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int) -> torch.T
     return torch.cat(outs, dim=0)
 
 
+def cast_floats(obj: object, dtype: torch.dtype | None) -> object:
+    """``obj`` with every floating tensor in it (also inside tuples, lists, dicts) cast to ``dtype``."""
+    if dtype is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: cast_floats(o, dtype) for k, o in obj.items()}
+    return obj
+
+
+@contextmanager
+def block_in_dtype(block: nn.Module, keep: Iterable[str], dtype: torch.dtype | None) -> Iterator[None]:
+    """Hold the block's floating parameters and buffers in ``dtype``, except under the ``keep`` submodules.
+
+    Mixed precision for the loop: running the whole block in bf16 (as the reference does) instead of
+    under autocast avoids casting the residual stream back and forth around every op; the tunable
+    layers keep their float32 masters and only hand bf16 weights to the matmul.  Restored on exit.
+    """
+    if dtype is None:
+        yield
+        return
+    prefixes = tuple(f"{name}." for name in keep)
+    saved = []
+    for name, tensor in itertools.chain(block.named_parameters(), block.named_buffers()):
+        if name.startswith(prefixes) or not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        saved.append((tensor, tensor.data))
+        tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
+
+
 @torch.no_grad()
 def _full_loss(
-    block: nn.Module, inputs: BlockInputs, targets: torch.Tensor, batch_size: int, autocast: torch.autocast
-) -> float:
-    """Mean squared error of the block's outputs against ``targets`` over every cached sample."""
-    total, count = 0.0, 0
-    for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
-        with autocast:
-            out = block_output(block(h, **kw))
-        total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
-        count += out.numel()
-    return total / max(count, 1)
+    block: nn.Module,
+    tunables: dict[str, TunableLinear],
+    inputs: BlockInputs,
+    targets: torch.Tensor,
+    batch_size: int,
+    dtype: torch.dtype | None,
+) -> tuple[float, torch.Tensor]:
+    """Mean squared error of the block's outputs against ``targets`` over every cached sample, and the outputs."""
+    total, count, outs = 0.0, 0, []
+    with ExitStack() as stack:
+        for tl in tunables.values():
+            stack.enter_context(tl.frozen())
+        for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
+            out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
+            total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
+            count += out.numel()
+            outs.append(out)
+    return total / max(count, 1), torch.cat(outs, dim=0)
 
 
 def tune_block(
@@ -155,7 +221,11 @@ def tune_block(
     for name, tl in tunables.items():
         block.set_submodule(name, tl)
     try:
-        result = _signsgd_loop(block, tunables, inputs, targets, options, progress) if options.iters > 0 else None
+        result = None
+        if options.iters > 0:
+            dtype = _loop_dtype(options, inputs, targets)
+            with block_in_dtype(block, tunables, dtype):
+                result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype)
         quantized = {name: tl.quantized() for name, tl in tunables.items()}
     finally:
         for name, tl in tunables.items():
@@ -169,6 +239,13 @@ def tune_block(
     return result
 
 
+def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor) -> torch.dtype | None:
+    """bf16 for the loop and the candidate selection where the device runs it natively (``amp``), else None
+    (the block's own dtype).  The fake quantizer's masters, the targets and the loss stay float32."""
+    device = targets.device if targets.device.type != "cpu" else inputs.hidden.device
+    return torch.bfloat16 if options.amp and fast_bf16(device) else None
+
+
 def _signsgd_loop(
     block: nn.Module,
     tunables: dict[str, TunableLinear],
@@ -176,6 +253,7 @@ def _signsgd_loop(
     targets: torch.Tensor,
     options: TuneOptions,
     progress: Callable[[int, float], None] | None,
+    dtype: torch.dtype | None,
 ) -> BlockResult:
     min_bits = min(tl.spec.bits for tl in tunables.values())
     lr = options.lr if options.lr is not None else default_lr(options.iters, min_bits)
@@ -188,20 +266,15 @@ def _signsgd_loop(
         lr=lr,
     )
     scheduler = linear_decay(optimizer, options.iters)
-    generator = torch.Generator().manual_seed(options.seed)
     forward = torch.compile(block) if options.enable_torch_compile else block
+    generator = torch.Generator().manual_seed(options.seed)
     n = len(inputs)
     bs = min(options.batch_size, n)
-    device = targets.device if targets.device.type != "cpu" else inputs.hidden.device
-    # Mixed precision for the block's matmuls in the loop and in the candidate selection; the fake quantizer,
-    # the targets and the loss stay float32.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.amp and fast_bf16(device))
 
     def snapshot() -> dict[str, dict[str, torch.Tensor]]:
         return {name: tl.snapshot() for name, tl in tunables.items()}
 
     init_state = snapshot()
-    init_loss = _full_loss(block, inputs, targets, bs, autocast)
     best_loss, best_state, best_iter = float("inf"), init_state, -1
     losses: list[float] = []
     for it in range(options.iters):
@@ -209,8 +282,7 @@ def _signsgd_loop(
         for _ in range(options.gradient_accumulate_steps):
             idx = torch.randperm(n, generator=generator)[:bs]
             h, kw = inputs.batch(idx)
-            with autocast:
-                out = block_output(forward(h, **kw))
+            out = block_output(forward(cast_floats(h, dtype), **cast_floats(kw, dtype)))
             loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
             (loss / options.gradient_accumulate_steps).backward()
             total += loss.item() / options.gradient_accumulate_steps
@@ -225,17 +297,31 @@ def _signsgd_loop(
         if progress is not None:
             progress(it, total)
     # Minibatch losses come from different random batches, so the "best" one is a noisy pick: judge the
-    # minibatch winner, the last iterate and the starting point on the whole calibration set, keep the lowest.
-    candidates = {"best": (best_state, best_iter), "last": (snapshot(), options.iters)}
-    final_loss, final_state, best_iter = init_loss, init_state, -1
-    for state, iteration in candidates.values():
+    # last iterate, the minibatch winner and the starting point on the whole calibration set, keep the lowest.
+    # The winner's outputs on that pass are the block's quantized-stream outputs (no separate pass).
+    candidates = [(snapshot(), options.iters), (best_state, best_iter), (init_state, -1)]
+    final: tuple[float, dict, int, torch.Tensor] | None = None
+    init_loss = float("nan")
+    for state, iteration in candidates:
         if iteration == 0:  # the minibatch winner is the starting point itself
             continue
         for name, tl in tunables.items():
             tl.load(state[name])
-        loss = _full_loss(block, inputs, targets, bs, autocast)
-        if loss < final_loss:
-            final_loss, final_state, best_iter = loss, state, iteration
+        loss, outputs = _full_loss(block, tunables, inputs, targets, bs, dtype)
+        if iteration == -1:
+            init_loss = loss
+        if final is None or loss < final[0]:
+            final = (loss, state, iteration, outputs)
+        del outputs
+    assert final is not None
+    final_loss, final_state, best_iter, outputs = final
     for name, tl in tunables.items():
         tl.load(final_state[name])
-    return BlockResult(quantized={}, init_loss=init_loss, final_loss=final_loss, best_iter=best_iter, losses=losses)
+    return BlockResult(
+        quantized={},
+        init_loss=init_loss,
+        final_loss=final_loss,
+        best_iter=best_iter,
+        losses=losses,
+        outputs=outputs.to(inputs.hidden.dtype),
+    )

@@ -159,16 +159,22 @@ def run(
             }
             device = _block_device(block)
             fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
-            fp_out = run_block(block, fp_in, bs)
+            # The optimised-RTN init weighs each input feature by its energy on the fp stream, measured in the
+            # pass that computes the targets anyway (no extra pass over the calibration set).
+            energy = _InputEnergy(layers) if layers and not options.disable_opt_rtn else None
+            try:
+                fp_out = run_block(block, fp_in, bs)
+            finally:
+                importance = energy.close() if energy is not None else {}
             if not layers:
                 q_out = fp_out if q_in is fp_in else run_block(block, q_in, bs)
                 report.block_losses.append((None, None))
             else:
-                result = _tune_one_block(block, layers, prefix, plan, q_in, fp_out, options, bar, i)
+                result = _tune_one_block(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i)
                 for name, qt in result.quantized.items():
                     report.quantized[prefix + name] = qt
                 report.block_losses.append((result.init_loss, result.final_loss))
-                q_out = run_block(block, q_in, bs)
+                q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
             fp_inputs = fp_in.with_hidden(fp_out)
             q_inputs = q_in.with_hidden(q_out)
             bar.update(1)
@@ -184,6 +190,7 @@ def run(
 def _tune_one_block(
     block: nn.Module,
     layers: dict[str, nn.Linear],
+    importance: dict[str, torch.Tensor],
     prefix: str,
     plan: QuantPlan,
     q_in: BlockInputs,
@@ -192,13 +199,6 @@ def _tune_one_block(
     bar: tqdm,
     index: int,
 ) -> BlockResult:
-    importance: dict[str, torch.Tensor] = {}
-    if not options.disable_opt_rtn:
-        energy = _InputEnergy(layers)
-        try:
-            run_block(block, q_in, min(options.batch_size, len(q_in)))
-        finally:
-            importance = energy.close()
     specs = {name: plan.layers[prefix + name] for name in layers}
     prepared = {
         name: (linear, specs[name], _init_params(linear, specs[name], importance.get(name), options))

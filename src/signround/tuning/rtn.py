@@ -36,12 +36,19 @@ def _weighted_group_error(
     weights: torch.Tensor,
     scale_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Sum over each group of ``weight_j * (w_j - q(w_j))^2`` -> ``[out, G]``."""
+    """Sum over each group of ``weight_j * (w_j - q(w_j))^2`` -> ``[out, G]``.
+
+    The search calls this ~90 times per layer, so it works in place on one temporary.
+    """
     scale, zero = scale_and_zero(gw.wmin, gw.wmax, spec, alpha, beta, scale_dtype)
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    codes = (torch.round(gw.wg / scale) + zero).clamp(0, 2**spec.bits - 1)
-    err = (codes - zero) * scale - gw.wg
-    return (err.square() * weights).sum(-1)
+    err = torch.div(gw.wg, scale).round_()
+    if spec.sym:  # the zero point is the constant 2^(b-1): clamp the signed code directly
+        half = 2 ** (spec.bits - 1)
+        err.clamp_(-half, half - 1)
+    else:  # scalar clamp bounds (much faster on CPU than per-group tensor bounds)
+        err.add_(zero).clamp_(0, 2**spec.bits - 1).sub_(zero)
+    return err.mul_(scale).sub_(gw.wg).square_().mul_(weights).sum(-1)
 
 
 @torch.no_grad()
@@ -61,11 +68,11 @@ def optimized_rtn_params(
     w = w.float()
     gw = GroupedWeight.of(w, spec.group_size)
     if importance is None:
-        weights = torch.ones_like(gw.wg[:1])
+        weights = torch.ones_like(gw.wg[0])
     else:
         imp = importance.float().to(w.device)
         imp = imp + 1e-6 * imp.mean().clamp(min=1e-12)  # dead inputs still count a little
-        weights = imp.reshape(1, gw.wg.shape[1], gw.wg.shape[2])
+        weights = imp.reshape(gw.wg.shape[1], gw.wg.shape[2])
 
     alpha = torch.ones_like(gw.wmin)
     beta = torch.ones_like(gw.wmin)

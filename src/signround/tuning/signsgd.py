@@ -22,9 +22,13 @@ class SignSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # In place on the gradients (they are consumed here): one multi-tensor op per step, no temporaries.
+            grads = [p.grad for p in params]
+            torch._foreach_sign_(grads)
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
         return None
 
 
