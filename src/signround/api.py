@@ -223,35 +223,45 @@ class AutoRound:
         return self.model, dict(self.result.plan.layers)
 
     def save_quantized(self, output_dir: str | os.PathLike, format: str | None = None, inplace: bool = True) -> Path:
-        """Pack (once) and write the model, its config and tokenizer to ``output_dir`` atomically."""
+        """Pack and write the model, its config and tokenizer to ``output_dir`` atomically.
+
+        Several formats (``"auto_round,auto_gptq"``) are written from the same tuned tensors, one sub-directory
+        per format (``output_dir/auto_round``, ...); the model in memory ends up packed in the last one.
+        """
         if self.result is None:
             raise RuntimeError("call quantize() before save_quantized()")
         if not inplace:
             raise NotImplementedError("inplace=False is not supported yet; the model is packed in place")
-        formats = [f.strip() for f in (format or self.config.format).split(",") if f.strip()]
-        if len(formats) != 1:
-            raise NotImplementedError(f"exporting several formats at once ({formats}) is not supported yet")
-        self.config.format = formats[0]
-        if not getattr(self, "_packed", False):
-            pack_model(self.model, self.result, self.config, formats[0])
-            _attach_quantizer(self.model, self.config)
-            self._packed = True
+        formats = [f.strip().lower() for f in (format or self.config.format).split(",") if f.strip()]
+        if not formats:
+            raise ValueError(f"format must name at least one format, got {format!r}")
+        for name in formats:
+            format_packer(name, self.config.default_spec())  # unknown format: fail before writing anything
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp)
-            # The reference also writes the quantization config on its own (vLLM looks for this file).
-            (tmp / "quantization_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(tmp)
+            for name in formats:
+                target = tmp / name if len(formats) > 1 else tmp
+                target.mkdir(parents=True, exist_ok=True)
+                self._write_format(target, name)
 
         return atomic_save(output_dir, write)
+
+    def _write_format(self, target: Path, format_name: str) -> None:
+        self.config.format = format_name
+        pack_model(self.model, self.result, self.config, format_name)
+        _attach_quantizer(self.model, self.config)
+        self.model.save_pretrained(target)
+        # The reference also writes the quantization config on its own (vLLM looks for this file).
+        (target / "quantization_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(target)
 
     def quantize_and_save(
         self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True
     ) -> Path:
         check_output_dir(output_dir)
-        for name in format.split(","):
-            format_packer(name.strip(), self.config.default_spec())  # unknown format: fail before tuning
+        self.config.format = format
+        self.config.validate()  # unknown format, or a scheme a format cannot hold: fail before tuning
         self.quantize()
         return self.save_quantized(output_dir, format, inplace)
 

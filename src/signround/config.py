@@ -144,6 +144,21 @@ class AutoRoundConfig(QuantizationConfigMixin):
         config.packed = copy.deepcopy(dict(config_dict))
         return (config, {}) if return_unused_kwargs else config
 
+    @classmethod
+    def from_checkpoint(cls, description: Mapping[str, Any]) -> AutoRoundConfig:
+        """A config describing any checkpoint signround loads (auto-round, gptq, awq, compressed-tensors).
+
+        The description is kept verbatim, so re-saving writes the checkpoint's own quantization_config.
+        """
+        if description.get("quant_method") in (QUANT_METHOD, "intel/auto-round"):
+            return cls.from_dict(dict(description))
+        from .convert import read_checkpoint_config
+
+        default = read_checkpoint_config(description).default  # raises naming what is not loadable
+        config = cls(bits=default.bits, group_size=default.group_size, sym=default.sym, _from_saved=True)
+        config.packed = copy.deepcopy(dict(description))
+        return config
+
     def set_packed(self, description: dict[str, Any]) -> None:
         """Record what the packed model is (the format's config body); ``to_dict`` then returns exactly that."""
         self.packed = copy.deepcopy(description)
@@ -208,8 +223,25 @@ class AutoRoundConfig(QuantizationConfigMixin):
             isinstance(self.format, str) and self.format.strip(),
             f"format must be a non-empty string, got {self.format!r}",
         )
+        default = self.default_spec()
+        specs = {}
+        for layer, value in self.layer_config.items():
+            override = layer_override(value)
+            if override.get("bits", 0) < 16:
+                specs[layer] = LayerSpec(**{**self.default_spec_fields(), **override})
         for name in self.formats():
-            format_packer(name, self.default_spec())  # raises on an unknown format, listing the accepted ones
+            packer = format_packer(name, default)  # raises on an unknown format, listing the accepted ones
+            # A scheme the format cannot hold fails here, before any model is loaded or tuned.
+            if default is not None and (reason := packer.can_hold_spec(default)):
+                raise ValueError(f"format {name!r} cannot hold the scheme {default}: {reason}")
+            for layer, spec in specs.items():
+                if reason := packer.can_hold_spec(spec):
+                    raise ValueError(f"format {name!r} cannot hold layer_config[{layer!r}] = {spec}: {reason}")
+                if spec != default and not packer.per_layer_specs:
+                    raise ValueError(
+                        f"format {name!r} stores one spec per model; layer_config[{layer!r}] = {spec} differs from "
+                        f"{default} (only {{'bits': 16}}, i.e. unquantized, is accepted per layer)"
+                    )
 
     def _validate_backend(self) -> None:
         from .kernels.registry import backend_names

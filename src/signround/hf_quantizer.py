@@ -24,15 +24,13 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from .config import QUANT_METHOD, AutoRoundConfig
+from .convert import CHECKPOINT_METHODS, read_checkpoint_config
 from .kernels.base import QuantLinear
 from .layers import install_empty, quant_linears
-from .packing.registry import get_packer
 from .schemes import resolve_plan
 from .tuning.engine import head_name, quantizable_layers
 
 logger = logging.getLogger(__name__)
-
-ACCEPTED_CHECKPOINT_METHODS = (QUANT_METHOD, "intel/auto-round")
 
 
 def _target_device(device_map: Any) -> str:
@@ -89,9 +87,8 @@ class SignRoundHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model  # quantize-on-load: keep plain Linear layers until the weights are in
         config: AutoRoundConfig = self.quantization_config
-        description = config.to_dict()
-        packer = get_packer(description.get("packing_format") or "auto_round:auto_gptq")
-        default, overrides = packer.parse_config(description)
+        checkpoint = read_checkpoint_config(config.to_dict())
+        packer, default, overrides = checkpoint.packer, checkpoint.default, checkpoint.overrides
         wanted = {name for name, entry in overrides.items() if entry.get("bits", default.bits) < 16}
         head = head_name(model)
         candidates = [c for c in quantizable_layers(model, include_lm_head=True) if c[0] != head or c[0] in wanted]
@@ -185,11 +182,11 @@ def _wrap_merge(auto_hf_quantizer: type) -> None:
             return original(quantization_config, quantization_config_from_args)
         description = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
         method = description.get("quant_method")
-        if method not in ACCEPTED_CHECKPOINT_METHODS:
+        if method not in CHECKPOINT_METHODS:
             raise ValueError(
-                f"signround cannot load checkpoints with quant_method={method!r} yet; accepted: {list(ACCEPTED_CHECKPOINT_METHODS)}"
+                f"signround cannot load checkpoints with quant_method={method!r}; accepted: {sorted(CHECKPOINT_METHODS)}"
             )
-        merged = AutoRoundConfig.from_dict(description)
+        merged = AutoRoundConfig.from_checkpoint(description)
         for key, value in quantization_config_from_args.get_loading_attributes().items():
             setattr(merged, key, value)
         return merged

@@ -28,14 +28,17 @@ def install_quantized(
     backend: str | None = "auto",
     dtype: torch.dtype | None = None,
 ) -> dict[str, QuantLinear]:
-    """Replace each named Linear by a ready QuantLinear holding its packed tensors."""
+    """Replace each named Linear (or the QuantLinear of another packing) by a ready QuantLinear holding its
+    packed tensors."""
     installed = {}
     for name, qt in quantized.items():
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
+        if isinstance(linear, nn.Linear):
+            act_dtype, device = dtype or linear.weight.dtype, linear.weight.device
+        elif isinstance(linear, QuantLinear):  # re-packing into another format
+            act_dtype, device = dtype or linear.dtype, next(iter(linear.buffers())).device
+        else:
             raise TypeError(f"layer {name!r} is a {type(linear).__name__}, expected nn.Linear")
-        act_dtype = dtype or linear.weight.dtype
-        device = linear.weight.device
         chosen = select(
             qt.spec, packing, device, act_dtype, linear.in_features, linear.out_features, _requested(backend)
         )

@@ -95,7 +95,8 @@ class QuantLinear(nn.Module):
 
     def quantized_tensor(self) -> QuantizedTensor:
         """The layer's codes, scales and zeros, unpacked from the checkpoint-format buffers."""
-        tensors = {name: getattr(self, name) for name in self.packer.tensor_names}
+        layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
+        tensors = {name: getattr(self, name) for name in layout}
         return self.packer.unpack(tensors, self.spec, self.in_features, self.out_features)
 
     def post_init(self) -> None:

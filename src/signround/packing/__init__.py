@@ -3,7 +3,12 @@
 Importing this package registers every built-in format.
 """
 
-from . import auto_round  # noqa: F401  (registers "auto_round", "auto_round:auto_gptq")
+from . import (
+    auto_round,  # noqa: F401  (registers "auto_round", "auto_round:auto_gptq")
+    awq,  # noqa: F401  (registers "awq_gemm")
+    compressed_tensors,  # noqa: F401  (registers "pack-quantized")
+    gptq,  # noqa: F401  (registers "gptq", "gptq_v2")
+)
 from .registry import Packer, TensorLayout, get_packer, packer_names, register_packer
 
 __all__ = ["Packer", "TensorLayout", "get_packer", "packer_names", "register_packer"]

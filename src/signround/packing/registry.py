@@ -41,6 +41,7 @@ class Packer(ABC):
 
     name: ClassVar[str] = ""
     tensor_names: ClassVar[tuple[str, ...]] = ()
+    per_layer_specs: ClassVar[bool] = True  # False: one spec per model (layers may only be kept unquantized)
 
     @abstractmethod
     def can_hold(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
@@ -143,7 +144,12 @@ def get_packer(name: str) -> Packer:
 
 # User-facing export format (``format="auto_round"``) -> the packer family that writes it.  A family's
 # ``resolve(default)`` picks the concrete on-disk variant for the model's default spec.
-EXPORT_FORMATS: dict[str, str] = {"auto_round": "auto_round"}
+EXPORT_FORMATS: dict[str, str] = {
+    "auto_round": "auto_round",
+    "auto_gptq": "gptq",
+    "auto_awq": "awq_gemm",
+    "llm_compressor": "pack-quantized",
+}
 
 
 def format_packer(format_name: str, default: LayerSpec | None = None) -> Packer:

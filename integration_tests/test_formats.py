@@ -1,0 +1,82 @@
+"""Every export format, end to end: one tuning run -> several formats -> each loads back with identical logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import signround
+from signround import AutoRoundConfig
+from signround.layers import quant_linears
+
+SYM_FORMATS = ["auto_round", "auto_gptq", "llm_compressor"]
+ASYM_FORMATS = ["auto_round", "auto_gptq", "auto_awq", "llm_compressor"]
+QUANT_METHODS = {
+    "auto_round": "auto-round",
+    "auto_gptq": "gptq",
+    "auto_awq": "awq",
+    "llm_compressor": "compressed-tensors",
+}
+
+
+def _logits(model, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym", "formats"),
+    [
+        (4, 32, True, SYM_FORMATS),
+        (4, 64, False, ASYM_FORMATS),
+        (3, 32, True, ["auto_gptq", "llm_compressor"]),
+        (2, -1, False, ["auto_gptq", "llm_compressor"]),
+        (8, 32, True, ["auto_gptq", "llm_compressor"]),
+    ],
+)
+def test_multi_format_export_loads_back_identically(tmp_path, tiny_llama_dir, bits, group_size, sym, formats) -> None:
+    ar = signround.AutoRound(
+        str(tiny_llama_dir), bits=bits, group_size=group_size, sym=sym, iters=0, disable_opt_rtn=True,
+        show_progress=False,
+    )  # fmt: skip
+    ar.quantize()
+    expected = _logits(ar.model)  # the tuned model in memory (dequantized Linear weights)
+    out = ar.save_quantized(tmp_path / "out", format=",".join(formats))
+    assert sorted(p.name for p in out.iterdir()) == sorted(formats)  # one sub-directory per format
+    for fmt in formats:
+        qc = json.loads((out / fmt / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == QUANT_METHODS[fmt], fmt
+        reloaded = AutoModelForCausalLM.from_pretrained(out / fmt, quantization_config=AutoRoundConfig())
+        assert len(quant_linears(reloaded)) == 14, fmt
+        assert torch.equal(_logits(reloaded), expected), fmt
+
+
+def test_gptq_checkpoint_config_keys(tmp_path, tiny_llama_dir) -> None:
+    ar = signround.AutoRound(str(tiny_llama_dir), iters=0, disable_opt_rtn=True, group_size=32, show_progress=False)
+    out = ar.quantize_and_save(tmp_path / "g", format="auto_gptq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: qc[k] for k in ("bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
+        "bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq",
+    }  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        g_idx = f.get_tensor("model.layers.0.self_attn.q_proj.g_idx")
+        qzeros = f.get_tensor("model.layers.0.self_attn.q_proj.qzeros")
+    assert torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // 32)
+    # v1 stores the symmetric zero point 8 minus one: every nibble 7
+    assert bool((qzeros == 0x77777777).all())
+
+
+def test_format_that_cannot_hold_the_scheme_fails_before_tuning(tmp_path, tiny_llama_dir, monkeypatch) -> None:
+    from signround.tuning import engine
+
+    monkeypatch.setattr(engine, "run", lambda *a, **k: pytest.fail("tuning must not start"))
+    ar = signround.AutoRound(str(tiny_llama_dir), iters=5, sym=True, show_progress=False)
+    with pytest.raises(ValueError, match="format 'auto_awq' cannot hold the scheme.*sym=False"):
+        ar.quantize_and_save(tmp_path / "x", format="auto_round,auto_awq")
+    assert not (tmp_path / "x").exists()
