@@ -77,6 +77,6 @@ def test_format_that_cannot_hold_the_scheme_fails_before_tuning(tmp_path, tiny_l
 
     monkeypatch.setattr(engine, "run", lambda *a, **k: pytest.fail("tuning must not start"))
     ar = signround.AutoRound(str(tiny_llama_dir), iters=5, sym=True, show_progress=False)
-    with pytest.raises(ValueError, match="format 'auto_awq' cannot hold the scheme.*sym=False"):
+    with pytest.raises(ValueError, match=r"format 'auto_awq' cannot hold the scheme.*sym=False"):
         ar.quantize_and_save(tmp_path / "x", format="auto_round,auto_awq")
     assert not (tmp_path / "x").exists()
