@@ -80,3 +80,21 @@ def test_format_that_cannot_hold_the_scheme_fails_before_tuning(tmp_path, tiny_l
     with pytest.raises(ValueError, match=r"format 'auto_awq' cannot hold the scheme.*sym=False"):
         ar.quantize_and_save(tmp_path / "x", format="auto_round,auto_awq")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "targets"), [("auto_awq", ["auto_gptq", "auto_round"]), ("auto_gptq", ["llm_compressor"])]
+)
+def test_loaded_checkpoint_resaves_in_other_formats_without_tuning(tmp_path, tiny_llama_dir, source, targets) -> None:
+    ar = signround.AutoRound(
+        str(tiny_llama_dir), bits=4, group_size=32, sym=False, iters=0, disable_opt_rtn=True, show_progress=False
+    )
+    src = ar.quantize_and_save(tmp_path / "src", format=source)
+    loaded = AutoModelForCausalLM.from_pretrained(src, quantization_config=AutoRoundConfig())
+    expected = _logits(loaded)
+    out = signround.AutoRound.from_quantized(src).save_quantized(tmp_path / "out", format=",".join(targets))
+    for fmt in targets:
+        target = out / fmt if len(targets) > 1 else out
+        again = AutoModelForCausalLM.from_pretrained(target, quantization_config=AutoRoundConfig())
+        assert len(quant_linears(again)) == 14, fmt
+        assert torch.equal(_logits(again), expected), fmt

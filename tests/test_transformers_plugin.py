@@ -98,10 +98,23 @@ def test_user_backend_overrides_the_checkpoint(rtn_checkpoint) -> None:
     assert isinstance(plain, AutoRoundConfig) and plain.to_dict() == ckpt
 
 
-def test_user_config_with_foreign_checkpoint_method_is_refused() -> None:
+def test_user_config_with_unloadable_checkpoint_method_is_refused() -> None:
     merge = auto.AutoHfQuantizer.merge_quantization_configs
-    with pytest.raises(ValueError, match=r"quant_method='awq'.*accepted: \['auto-round', 'intel/auto-round'\]"):
-        merge({"quant_method": "awq", "bits": 4}, AutoRoundConfig())
+    with pytest.raises(ValueError, match=r"quant_method='bitsandbytes'.*accepted: \['auto-round', 'awq', "):
+        merge({"quant_method": "bitsandbytes", "load_in_4bit": True}, AutoRoundConfig())
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+        {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False},
+    ],
+)
+def test_user_config_routes_foreign_checkpoints_to_signround(description) -> None:
+    merged = auto.AutoHfQuantizer.merge_quantization_configs(description, AutoRoundConfig(backend="torch"))
+    assert isinstance(merged, AutoRoundConfig) and merged.backend == "torch"
+    assert merged.to_dict() == description  # re-saving writes the checkpoint's own config
 
 
 def test_from_pretrained_with_user_config_loads_through_signround(rtn_checkpoint) -> None:

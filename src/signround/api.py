@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .config import AutoRoundConfig
 from .data import load_calibration
 from .layers import install_quantized
 from .packing.registry import Packer, format_packer
-from .schemes import LayerSpec, QuantPlan, resolve_plan
+from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
 from .tuning.block import TuneOptions
 from .tuning.engine import TuneReport, find_blocks, quantizable_layers, rtn_only
 from .tuning.engine import run as run_tuning
@@ -216,6 +217,27 @@ class AutoRound:
         self.tokenizer = tokenizer
         self.show_progress = show_progress
         self.result: QuantizationResult | None = None
+        # Figures measured on the quantized model (e.g. {"wikitext ppl": 12.3}); written into the model card.
+        self.metrics: dict[str, float] = {}
+
+    @classmethod
+    def from_quantized(cls, model: nn.Module | str, tokenizer: Any = None, **kwargs: Any) -> AutoRound:
+        """Wrap an already-quantized model (any checkpoint signround loads: auto-round, GPTQ, AWQ,
+        compressed-tensors) so ``save_quantized(out, format=...)`` re-packs it into other formats, no re-tuning.
+
+        ``model`` is a loaded model holding QuantLinear layers, or a checkpoint directory.
+        """
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = str(model)
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=AutoRoundConfig())
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        result = _result_from_layers(model)
+        default = _most_common(list(result.plan.layers.values()))
+        ar = cls(model, tokenizer, bits=default.bits, group_size=default.group_size, sym=default.sym, iters=0, **kwargs)
+        ar.result = result
+        return ar
 
     def quantize(self) -> tuple[nn.Module, dict[str, LayerSpec]]:
         """Tune the model in place; returns it and the per-layer specs (the reference returns model, layer_config)."""
@@ -255,15 +277,74 @@ class AutoRound:
         (target / "quantization_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(target)
+        self._model_card(format_name).save(target / "README.md")
+
+    def _model_card(self, format_name: str) -> Any:
+        from .hub import model_card
+
+        c = self.config
+        dataset = c.dataset if isinstance(c.dataset, str) else "custom"
+        tuning = {
+            "scheme": c.scheme, "bits": c.bits, "group_size": c.group_size, "sym": c.sym, "iters": c.iters,
+            "lr": c.lr if c.lr is not None else ("auto (1/iters)" if c.iters else None), "nsamples": c.nsamples,
+            "seqlen": c.seqlen, "batch_size": c.batch_size, "calibration dataset": dataset, "format": format_name,
+            "quantized layers": len(self.result.report.quantized) if self.result else None,
+        }  # fmt: skip
+        base = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
+        return model_card(base, c.to_dict(), format_name, tuning, self.metrics)
 
     def quantize_and_save(
-        self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True
+        self,
+        output_dir: str | os.PathLike = "tmp_autoround",
+        format: str = "auto_round",
+        inplace: bool = True,
+        push_to_hub: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
     ) -> Path:
+        """Tune, then write ``output_dir`` (one sub-directory per format when several are given); with
+        ``push_to_hub="user/repo"`` also upload it (several formats: ``user/repo-<format>`` each).
+
+        The folder is complete on disk before any upload starts, so a failed upload loses nothing locally.
+        """
         check_output_dir(output_dir)
         self.config.format = format
         self.config.validate()  # unknown format, or a scheme a format cannot hold: fail before tuning
         self.quantize()
-        return self.save_quantized(output_dir, format, inplace)
+        out = self.save_quantized(output_dir, format, inplace)
+        if push_to_hub:
+            self.push_to_hub(out, push_to_hub, private=private, token=token)
+        return out
+
+    def push_to_hub(
+        self, saved_dir: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None
+    ) -> list[str]:
+        """Upload what :meth:`save_quantized` wrote; returns the commit URLs."""
+        from .hub import push_folder
+
+        formats = self.config.formats()
+        if len(formats) == 1:
+            return [push_folder(saved_dir, repo_id, private=private, token=token)]
+        return [push_folder(Path(saved_dir) / f, f"{repo_id}-{f}", private=private, token=token) for f in formats]
+
+
+def _result_from_layers(model: nn.Module) -> QuantizationResult:
+    """The quantized tensors and plan of a model that already holds QuantLinear layers."""
+    from .layers import quant_linears
+
+    layers = quant_linears(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no quantized layer; quantize it first (AutoRound(...))")
+    report = TuneReport(quantized={name: layer.quantized_tensor() for name, layer in layers.items()})
+    specs = {name: qt.spec for name, qt in report.quantized.items()}
+    plan = QuantPlan(layers=specs, default=_most_common(list(specs.values())))
+    # Linear layers of the blocks that the source left in 16 bit stay so (formats must name them).
+    plan.skipped = [SkippedLayer(name, "unquantized in the source") for name, _i, _o in quantizable_layers(model)]
+    return QuantizationResult(plan, report)
+
+
+def _most_common(specs: list[LayerSpec]) -> LayerSpec:
+    return Counter(specs).most_common(1)[0][0]
 
 
 def _attach_quantizer(model: nn.Module, config: AutoRoundConfig) -> None:

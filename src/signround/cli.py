@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_DATASET, RECIPES
@@ -61,6 +62,8 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="auto_round (default)")
     p.add_argument("--backend", help="kernel backend for evaluation (auto)")
     p.add_argument("--output_dir", default="./tmp_autoround")
+    p.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the saved output to this Hub repo")
+    p.add_argument("--private", action="store_true", default=None, help="with --push_to_hub: create a private repo")
     p.add_argument("--eval_ppl", metavar="FILE", help="perplexity of the fp and quantized model on this text file")
     p.add_argument("--eval_seqlen", type=int, default=512)
     p.add_argument("--eval_windows", type=int, default=40)
@@ -102,10 +105,16 @@ def quantize_main(argv: Sequence[str]) -> int:
     start = time.perf_counter()
     ar.quantize()
     logger.info("quantized in %.1f s", time.perf_counter() - start)
+    q_ppl = None
+    if args.eval_ppl:  # the tuned model in memory computes what the packed one will
+        q_ppl = _ppl(ar, args)
+        ar.metrics[f"ppl ({Path(args.eval_ppl).name})"] = q_ppl
     out = ar.save_quantized(args.output_dir, ar.config.format)
     logger.info("saved %s", out)
+    if args.push_to_hub:
+        for url in ar.push_to_hub(out, args.push_to_hub, private=args.private):
+            logger.info("uploaded %s", url)
     if args.eval_ppl:
-        q_ppl = _ppl(ar, args)
         print(json.dumps({"eval_file": args.eval_ppl, "fp_ppl": round(fp_ppl, 3), "quantized_ppl": round(q_ppl, 3)}))
     return 0
 

@@ -8,8 +8,9 @@ How it is wired (facts of transformers 5, see DESIGN.md "The Transformers plugin
   ``quant_method`` (readable by Intel's loaders, vLLM, SGLang) and, after ``import signround``, load through us.
   Without ``import signround`` transformers' own loader is used, which fails loudly without auto-round.
 * A checkpoint's quantization_config always wins over the user's in ``merge_quantization_configs``; a small,
-  idempotent wrapper makes a user-passed :class:`AutoRoundConfig` build our config from the checkpoint and carry
-  over the loading attributes (``backend``).  Every other call goes to the original.
+  idempotent wrapper makes a user-passed :class:`AutoRoundConfig` build our config from the checkpoint — any
+  quant_method :mod:`signround.convert` reads (auto-round, gptq, awq, compressed-tensors) — and carry over the
+  loading attributes (``backend``).  Every other call goes to the original.
 """
 
 from __future__ import annotations
