@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-time venv-ref lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time venv-ref venv-interop lint format clean
 
 install: $(STAMP)
 
@@ -21,7 +21,8 @@ demo: install
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/demo.py
 
-test: install
+# The interop tests run GPTQModel and Intel's auto-round from their own venvs (never signround dependencies).
+test: install venv-ref venv-interop
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests integration_tests
 
 test-fast: install
@@ -42,6 +43,18 @@ bench-accuracy: install venv-ref
 bench-time: install venv-ref
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/time_pair.py --rounds 2
+
+# GPTQModel 7.6.0 (the last release that installs with torch 2.13) + optimum for transformers' GPTQ path, in its
+# own venv, for integration_tests/test_interop.py.
+venv-interop: .venv-interop/.installed
+
+.venv-interop/.installed: Makefile
+	test -x .venv-interop/bin/python || $(PY) -m venv .venv-interop
+	.venv-interop/bin/python -m pip install -q --upgrade pip
+	.venv-interop/bin/python -m pip install -q "$(TORCH_PIN)"
+	.venv-interop/bin/python -m pip install -q "$(TORCH_PIN)" gptqmodel==7.6.0 optimum==2.3.0 transformers==5.24.0
+	.venv-interop/bin/python -c "import torch, gptqmodel, optimum; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
 
 # Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).
 # torch is pinned on every pip line so pip never swaps in another build; transformers as in .venv.
