@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-time venv-ref venv-interop lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats venv-ref venv-interop lint format clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ bench-accuracy: install venv-ref
 	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 0 --out bench/results/reference.jsonl
 	.venv-ref/bin/python bench/reference_autoround.py --bits 4 --iters 50 --no_amp --out bench/results/reference.jsonl
 	$(BIN)/python bench/accuracy.py --table
+
+# One tuned SmolLM2 W4G32 asym model in every export format, reloaded and evaluated (bench/formats.py).
+bench-formats: install
+	$(BIN)/signround fetch-model smollm2-135m
+	$(BIN)/python bench/accuracy.py --run fp32 --results /tmp/signround-bench/fp32.jsonl
+	$(BIN)/python bench/formats.py
 
 # Tuning time against auto-round as adjacent pairs (this VM's speed drifts; see bench/time_pair.py).
 bench-time: install venv-ref
