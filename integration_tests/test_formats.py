@@ -98,3 +98,55 @@ def test_loaded_checkpoint_resaves_in_other_formats_without_tuning(tmp_path, tin
         again = AutoModelForCausalLM.from_pretrained(target, quantization_config=AutoRoundConfig())
         assert len(quant_linears(again)) == 14, fmt
         assert torch.equal(_logits(again), expected), fmt
+
+
+# -- broken foreign checkpoints: an error naming the layer and the reason, never silently wrong logits --------------
+def _export(tmp_path, tiny_llama_dir, fmt: str, sym: bool):
+    ar = signround.AutoRound(
+        str(tiny_llama_dir), bits=4, group_size=32, sym=sym, iters=0, disable_opt_rtn=True, show_progress=False
+    )
+    return ar.quantize_and_save(tmp_path / fmt, format=fmt)
+
+
+def _edit(path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+LAYER = "model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "sym", "tensor"),
+    [("auto_gptq", True, "g_idx"), ("auto_awq", False, "qzeros"), ("llm_compressor", False, "weight_zero_point")],
+)
+def test_missing_tensor_in_foreign_format_names_the_layer(tmp_path, tiny_llama_dir, fmt, sym, tensor) -> None:
+    path = _export(tmp_path, tiny_llama_dir, fmt, sym)
+    _edit(path, lambda t: t.pop(f"{LAYER}.{tensor}"))
+    with pytest.raises(ValueError, match=rf"layer '{LAYER}'.*{tensor}.*missing"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=AutoRoundConfig())
+
+
+def test_act_order_gptq_checkpoint_is_refused(tmp_path, tiny_llama_dir) -> None:
+    path = _export(tmp_path, tiny_llama_dir, "auto_gptq", True)
+
+    def permute(tensors):
+        tensors[f"{LAYER}.g_idx"] = tensors[f"{LAYER}.g_idx"].flip(0).contiguous()
+
+    _edit(path, permute)
+    with pytest.raises(ValueError, match="act-order"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=AutoRoundConfig())
+
+
+def test_weight_shape_mismatch_is_refused(tmp_path, tiny_llama_dir) -> None:
+    path = _export(tmp_path, tiny_llama_dir, "llm_compressor", True)
+
+    def reshape(tensors):
+        tensors[f"{LAYER}.weight_shape"] = torch.tensor([64, 64], dtype=torch.int64)
+
+    _edit(path, reshape)
+    with pytest.raises(ValueError, match=r"weight_shape \[64, 64\] does not match"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=AutoRoundConfig())

@@ -105,7 +105,7 @@ class QuantLinear(nn.Module):
     # -- validation ---------------------------------------------------------------------------------------------
     def check_loaded(self, layer_name: str) -> None:
         """Raise ``ValueError`` naming the layer and buffer if a buffer is missing, still on meta, of the wrong
-        dtype or shape, or (floating point) holds non-finite values.
+        dtype or shape, or (floating point) holds non-finite values; or if the packer cannot unpack the layer.
 
         Transformers only warns about a missing checkpoint tensor and leaves the buffer uninitialised, so loaders
         call this for every layer before the model is used.
@@ -123,6 +123,10 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{where} has shape {tuple(buf.shape)}, expected {shape}")
             if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
                 raise ValueError(f"{where} holds non-finite values (NaN or inf)")
+        try:  # what only the packer can judge (g_idx order, stored shapes, value ranges)
+            self.quantized_tensor()
+        except ValueError as err:
+            raise ValueError(f"layer {layer_name!r}: {err}") from err
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
