@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import signround
 from signround import AutoRoundConfig
 from signround.cli import main as cli_main
-from signround.kernels.torch import TorchQuantLinear
+from signround.kernels.torch_int4 import TorchInt4QuantLinear
 from signround.layers import quant_linears
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,9 +56,9 @@ def test_tuned_model_layers_and_reload(tuned) -> None:
     for m in (model, reloaded):
         layers = quant_linears(m)
         assert len(layers) == 5 * 4  # every attention projection of the 5 blocks, nothing else
-        assert all(isinstance(layer, TorchQuantLinear) for layer in layers.values())
+        assert all(isinstance(layer, TorchInt4QuantLinear) for layer in layers.values())  # the CPU default
         for i, block in enumerate(m.model.layers):
-            assert all(isinstance(getattr(block.self_attn, n), TorchQuantLinear) for n in ATTN), i
+            assert all(isinstance(getattr(block.self_attn, n), TorchInt4QuantLinear) for n in ATTN), i
             assert all(type(getattr(block.mlp, n)) is nn.Linear for n in MLP), i
     saved, loaded = model.state_dict(), reloaded.state_dict()
     assert set(saved) == set(loaded)

@@ -28,11 +28,26 @@ def _fake(name: str, **fields) -> Backend:
     return Backend(name=name, **spec)
 
 
-def test_torch_is_registered_and_chosen_on_cpu() -> None:
+def test_torch_is_registered_and_is_the_fallback_on_cpu() -> None:
     assert "torch" in backend_names()
-    backend = select(W4, PACKING, "cpu", torch.bfloat16, 256, 512)
+    backend = select(LayerSpec(bits=3, group_size=128), PACKING, "cpu", torch.bfloat16, 256, 512)
     assert backend.name == "torch" and backend.quant_linear is TorchQuantLinear
     assert select(W4, "auto_round", torch.device("cpu"), torch.float32, 256, 512, requested="torch").name == "torch"
+
+
+def test_torch_int4_is_chosen_for_4bit_cpu_layers_it_can_run() -> None:
+    assert select(W4, PACKING, "cpu", torch.bfloat16, 256, 512).name == "torch_int4"
+    assert select(W4, PACKING, "cpu", torch.float32, 256, 512).name == "torch_int4"
+    reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.float32, 256, 520))
+    assert reasons["torch_int4"] == "out_features=520 is not a multiple of 16"
+    reasons = dict(
+        (b.name, r) for b, r in candidates(LayerSpec(bits=4, group_size=-1), PACKING, "cpu", torch.float32, 256, 512)
+    )
+    assert reasons["torch_int4"] == "group_size=-1 not in [32, 64, 128, 256]"
+    assert (
+        "device 'cuda' not in ['cpu']"
+        in dict((b.name, r) for b, r in candidates(W4, PACKING, "cuda", torch.float16, 256, 512))["torch_int4"]
+    )
 
 
 def test_unknown_requested_backend_lists_registered() -> None:
@@ -65,11 +80,11 @@ def test_unknown_packing_is_a_rejection_reason() -> None:
 
 def test_priority_missing_package_and_hint(monkeypatch, caplog) -> None:
     monkeypatch.setitem(
-        registry._BACKENDS, "fast", _fake("fast", priority=10, requires=("signround-no-such-package>=1.0",))
+        registry._BACKENDS, "fast", _fake("fast", priority=30, requires=("signround-no-such-package>=1.0",))
     )
-    monkeypatch.setitem(registry._BACKENDS, "medium", _fake("medium", priority=5))
+    monkeypatch.setitem(registry._BACKENDS, "medium", _fake("medium", priority=20))
     ranked = candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
-    assert [b.name for b, _ in ranked][:3] == ["fast", "medium", "torch"]
+    assert [b.name for b, _ in ranked][:4] == ["fast", "medium", "torch_int4", "torch"]
     assert "pip install 'signround-no-such-package>=1.0'" in ranked[0][1]
     with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
         chosen = select(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
@@ -84,7 +99,7 @@ def test_custom_check_and_divisibility(monkeypatch) -> None:
         registry._BACKENDS,
         "picky",
         _fake(
-            "picky", priority=9, out_features_multiple=64, check=lambda s, i, o: "needs i >= 512" if i < 512 else None
+            "picky", priority=19, out_features_multiple=64, check=lambda s, i, o: "needs i >= 512" if i < 512 else None
         ),
     )
     reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 96))

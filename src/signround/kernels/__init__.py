@@ -1,9 +1,10 @@
 """Inference kernels: the QuantLinear contract, backend descriptors, and ``select()``.
 
-Importing this package registers every built-in backend (only the pure-PyTorch one so far).
+Importing this package registers every built-in backend.
 """
 
 from . import torch as _torch_backend  # noqa: F401  (registers the "torch" backend)
+from . import torch_int4 as _torch_int4_backend  # noqa: F401  (registers "torch_int4")
 from .base import QuantLinear
 from .registry import Backend, backend_names, candidates, get_backend, register_backend, select
 

@@ -1,0 +1,73 @@
+"""torch_int4 (aten._weight_int4pack_mm_for_cpu) against the torch reference backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from signround.kernels.torch import TorchQuantLinear
+from signround.kernels.torch_int4 import TorchInt4QuantLinear, kernel_available
+from signround.quant.int import quantize
+from signround.schemes import LayerSpec
+from signround.tuning.block import fast_bf16
+
+pytestmark = pytest.mark.skipif(kernel_available() is not None, reason=str(kernel_available()))
+
+# bf16 activations (the kernel's fast path) carry ~3 significant digits: outputs agree with the float32
+# reference to within 1 % of the output's magnitude; fp32-in-fp32 (no native bf16) is far tighter.
+BF16_TOL = 1e-2
+
+
+def _layers(spec: LayerSpec, packing: str, dtype: torch.dtype, out_features: int = 96, in_features: int = 256):
+    g = torch.Generator().manual_seed(spec.bits * 100 + spec.group_size)
+    w = torch.randn(out_features, in_features, generator=g) * 0.05
+    qt = quantize(w, spec)
+    bias = torch.randn(out_features, generator=g) * 0.1
+    ref = TorchQuantLinear.from_quantized(qt, packing, bias, dtype)
+    fast = TorchInt4QuantLinear.from_quantized(qt, packing, bias, dtype)
+    return ref, fast
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+CASES = [
+    (gs, sym, packing)
+    for gs in (32, 64, 128, 256)
+    for sym in (True, False)
+    for packing in ("auto_round", "auto_round:auto_gptq", "gptq_v2", "awq_gemm", "pack-quantized")
+    if not (packing == "auto_round:auto_gptq" and not sym) and not (packing == "awq_gemm" and sym)
+]
+
+
+@pytest.mark.parametrize(("group_size", "sym", "packing"), CASES)
+def test_matches_torch_reference_fp32(group_size: int, sym: bool, packing: str) -> None:
+    ref, fast = _layers(LayerSpec(bits=4, group_size=group_size, sym=sym), packing, torch.float32)
+    x = torch.randn(3, 7, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref(x), fast(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert _rel_err(got, expected) <= (BF16_TOL if fast_bf16(torch.device("cpu")) else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_torch_reference_half(dtype: torch.dtype) -> None:
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "auto_round", dtype)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        expected, got = ref(x), fast(x)
+    assert got.dtype == dtype
+    assert _rel_err(got, expected) <= BF16_TOL
+
+
+def test_fp32_inputs_use_bf16_only_where_native() -> None:
+    _ref, fast = _layers(LayerSpec(bits=4, group_size=32), "auto_round", torch.float32)
+    assert fast.compute_dtype == (torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32)
+    assert fast.scales_offsets.dtype == fast.compute_dtype
+
+
+def test_saving_still_writes_the_checkpoint_layout() -> None:
+    ref, fast = _layers(LayerSpec(bits=4, group_size=64), "auto_round", torch.float32)
+    assert set(fast.state_dict()) == set(ref.state_dict())  # the repacked buffers are not persistent
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
