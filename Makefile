@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats venv-ref venv-interop lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed venv-ref venv-interop lint format clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-formats: install
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/accuracy.py --run fp32 --results /tmp/signround-bench/fp32.jsonl
 	$(BIN)/python bench/formats.py
+
+# CPU inference speed: fp32 vs W4G32 on the torch and torch_int4 backends (bench/speed.py).
+bench-speed: install
+	$(BIN)/signround fetch-model smollm2-135m
+	$(BIN)/python bench/speed.py --threads 2
 
 # Tuning time against auto-round as adjacent pairs (this VM's speed drifts; see bench/time_pair.py).
 bench-time: install venv-ref
