@@ -140,8 +140,8 @@ def fetch_main(argv: Sequence[str]) -> int:
 
 def list_main(argv: Sequence[str]) -> int:
     from .kernels.registry import backend_names, get_backend, missing_requirement
-    from .packing.registry import packer_names
-    from .schemes import SCHEMES
+    from .packing.registry import EXPORT_FORMATS, format_packer, packer_names
+    from .schemes import SCHEMES, LayerSpec
 
     def backends() -> str:
         rows = []
@@ -152,13 +152,24 @@ def list_main(argv: Sequence[str]) -> int:
             rows.append(f"{name}\tdevices={','.join(b.devices)}\tbits={list(b.bits)}\tpriority={b.priority}\t{status}")
         return "\n".join(rows)
 
+    def formats() -> str:
+        rows = []
+        for fmt in EXPORT_FORMATS:
+            holds = []
+            for bits in (2, 3, 4, 8):
+                kinds = [
+                    kind
+                    for kind, sym in (("sym", True), ("asym", False))
+                    if format_packer(fmt, spec := LayerSpec(bits=bits, sym=sym)).can_hold_spec(spec) is None
+                ]
+                if kinds:
+                    holds.append(f"W{bits} {'/'.join(kinds)}")
+            rows.append(f"{fmt}\t{', '.join(holds)}")
+        return "\n".join(rows) + f"\n(packing layouts read: {', '.join(packer_names())})"
+
     tables: dict[str, Callable[[], str]] = {
         "schemes": lambda: "\n".join(f"{k}\t{v}" for k, v in SCHEMES.items()),
-        "formats": lambda: (
-            "auto_round\tW4A16, W3A16, W2A16, W8A16, W2A16G64, W2A16G32, BF16\n(packing layouts: "
-            + ", ".join(packer_names())
-            + ")"
-        ),
+        "formats": formats,
         "backends": backends,
         "recipes": lambda: "\n".join(f"{k}\t{v}" for k, v in RECIPES.items()),
     }

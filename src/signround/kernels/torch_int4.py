@@ -41,8 +41,7 @@ class TorchInt4QuantLinear(QuantLinear):
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
-        out_features, in_features = qt.codes.shape
-        self.group_size = in_features if qt.spec.group_size == -1 else qt.spec.group_size
+        self.group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
         cpu_bf16 = fast_bf16(torch.device("cpu"))
         self.compute_dtype = torch.bfloat16 if self.dtype == torch.float32 and cpu_bf16 else self.dtype
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32).contiguous(), 2)
