@@ -112,3 +112,13 @@ def test_custom_check_and_divisibility(monkeypatch) -> None:
 def test_register_twice_is_an_error() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_backend(registry.get_backend("torch"))
+
+
+def test_one_info_line_per_distinct_choice(caplog) -> None:
+    registry._log_choice_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
+        for in_f, out_f in ((256, 512), (512, 256), (256, 1024)):
+            select(W4, PACKING, "cpu", torch.float32, in_f, out_f)
+        select(LayerSpec(bits=3, group_size=128), PACKING, "cpu", torch.float32, 256, 512)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernel backend")]
+    assert len(lines) == 2 and "'torch_int4'" in lines[0] and "'torch'" in lines[1]

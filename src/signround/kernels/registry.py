@@ -195,5 +195,7 @@ def select(
     chosen = usable[0]
     better = [f"{b.name} ({r})" for b, r in ranked if b.priority > chosen.priority and r and "pip install" in r]
     hint = f"; faster if installed: {', '.join(better)}" if better else ""
-    _log_choice_once(f"kernel backend {chosen.name!r} for {what}{hint}")
+    # one line per distinct choice (not per layer shape)
+    kind = f"bits={spec.bits} group_size={spec.group_size} sym={spec.sym} packing={packing!r} device={device!s} dtype={dtype}"
+    _log_choice_once(f"kernel backend {chosen.name!r} for {kind}{hint}")
     return chosen
