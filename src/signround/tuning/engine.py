@@ -159,9 +159,11 @@ def run(
             }
             device = _block_device(block)
             fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
-            # The optimised-RTN init weighs each input feature by its energy on the fp stream, measured in the
-            # pass that computes the targets anyway (no extra pass over the calibration set).
-            energy = _InputEnergy(layers) if layers and not options.disable_opt_rtn else None
+            # Before tuning, the optimised-RTN init weighs each input feature by its energy on the fp stream,
+            # measured in the pass that computes the targets anyway (tuning then corrects for the quantized
+            # stream).  Without tuning (iters=0) the quantized stream's energy is measured in its own pass.
+            from_fp = layers and not options.disable_opt_rtn and options.iters > 0
+            energy = _InputEnergy(layers) if from_fp else None
             try:
                 fp_out = run_block(block, fp_in, bs)
             finally:
@@ -199,6 +201,12 @@ def _tune_one_block(
     bar: tqdm,
     index: int,
 ) -> BlockResult:
+    if not importance and not options.disable_opt_rtn:
+        energy = _InputEnergy(layers)
+        try:
+            run_block(block, q_in, min(options.batch_size, len(q_in)))
+        finally:
+            importance = energy.close()
     specs = {name: plan.layers[prefix + name] for name in layers}
     prepared = {
         name: (linear, specs[name], _init_params(linear, specs[name], importance.get(name), options))
