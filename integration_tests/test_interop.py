@@ -1,6 +1,7 @@
 """Cross-tool checks: our checkpoints in GPTQModel / transformers' GPTQ path / Intel's auto-round, and theirs in ours.
 
-The other tools live in their own venvs (``make venv-interop``: gptqmodel 7.6.0 + optimum; ``make venv-ref``:
+Our side uses the exact ``torch`` backend (the CPU default for 4-bit, ``torch_int4``, computes in bf16).  The
+other tools live in their own venvs (``make venv-interop``: gptqmodel 7.6.0 + optimum; ``make venv-ref``:
 auto-round 0.16.1; ``make test`` builds both), and run ``interop_worker.py`` in a subprocess; logits come back
 through a safetensors file.  Without those venvs the tests skip, naming the make target.
 """
@@ -59,7 +60,9 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, rel: float) -> None:
 @pytest.fixture(scope="module")
 def our_gptq(tmp_path_factory, tiny_llama_dir) -> tuple[Path, torch.Tensor]:
     out = tmp_path_factory.mktemp("interop") / "ours_gptq"
-    ar = signround.AutoRound(str(tiny_llama_dir), group_size=32, iters=0, disable_opt_rtn=True, show_progress=False)
+    ar = signround.AutoRound(
+        str(tiny_llama_dir), group_size=32, iters=0, disable_opt_rtn=True, backend="torch", show_progress=False
+    )
     ar.quantize_and_save(out, format="auto_gptq")
     return out, _logits(ar.model)
 
@@ -82,7 +85,9 @@ def test_gptqmodel_checkpoint_loads_through_our_config(tmp_path, tiny_llama_dir)
     ckpt = tmp_path / "gptqmodel_made"
     _worker(GPTQ_PY, "gptq-make", str(tiny_llama_dir), str(ckpt))
     theirs = _their_logits(GPTQ_PY, "gptq-logits", ckpt, tmp_path, "--loader", "transformers")
-    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=AutoRoundConfig(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, quantization_config=AutoRoundConfig(backend="torch"), dtype=torch.float32
+    )
     assert len(quant_linears(model)) == 14
     _close(_logits(model), theirs, rel=1e-3)
 
@@ -92,7 +97,10 @@ def test_intel_autoround_checkpoint_loads_in_ours(tmp_path, tiny_llama_dir) -> N
     ckpt = tmp_path / "intel_made"
     _worker(REF_PY, "autoround-make", str(tiny_llama_dir), str(ckpt))
     theirs = _their_logits(REF_PY, "autoround-logits", ckpt, tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)  # quant_method auto-round -> signround
+    # quant_method auto-round loads through signround; the torch backend is the exact reference
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, quantization_config=AutoRoundConfig(backend="torch")
+    )
     assert len(quant_linears(model)) == 14
     _close(_logits(model), theirs, rel=1e-3)
 
@@ -100,6 +108,8 @@ def test_intel_autoround_checkpoint_loads_in_ours(tmp_path, tiny_llama_dir) -> N
 @needs_autoround
 def test_our_auto_round_checkpoint_loads_in_intel_autoround(tmp_path, tiny_llama_dir) -> None:
     ckpt = tmp_path / "ours_auto_round"
-    ar = signround.AutoRound(str(tiny_llama_dir), group_size=32, iters=0, disable_opt_rtn=True, show_progress=False)
+    ar = signround.AutoRound(
+        str(tiny_llama_dir), group_size=32, iters=0, disable_opt_rtn=True, backend="torch", show_progress=False
+    )
     ar.quantize_and_save(ckpt, format="auto_round")
     _close(_logits(ar.model), _their_logits(REF_PY, "autoround-logits", ckpt, tmp_path), rel=1e-3)
