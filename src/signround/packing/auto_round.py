@@ -218,15 +218,7 @@ class _AutoRoundLayout(Packer):
     def unpack(
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
     ) -> QuantizedTensor:
-        layout = self.tensor_shapes_dtypes(spec, in_features, out_features)
-        for name, (shape, dtype) in layout.items():
-            t = tensors.get(name)
-            if t is None:
-                raise ValueError(f"packing {self.name!r}: tensor {name!r} is missing (have {sorted(tensors)})")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"packing {self.name!r}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
-                )
+        self.check_tensors(tensors, spec, in_features, out_features)
         maxq = 2**spec.bits - 1
         stored_zeros = unpack_int32(tensors["qzeros"], spec.bits, dim=1).to(torch.int32)
         return QuantizedTensor(

@@ -103,14 +103,7 @@ class AwqPacker(Packer):
     def unpack(
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
     ) -> QuantizedTensor:
-        for name, (shape, dtype) in self.tensor_shapes_dtypes(spec, in_features, out_features).items():
-            t = tensors.get(name)
-            if t is None:
-                raise ValueError(f"packing {self.name!r}: tensor {name!r} is missing (have {sorted(tensors)})")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"packing {self.name!r}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
-                )
+        self.check_tensors(tensors, spec, in_features, out_features)
         return QuantizedTensor(
             codes=unpack_awq(tensors["qweight"]).t().contiguous(),
             scales=tensors["scales"].t().contiguous(),

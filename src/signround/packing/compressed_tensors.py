@@ -119,14 +119,7 @@ class CompressedTensorsPacker(Packer):
     def unpack(
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
     ) -> QuantizedTensor:
-        for name, (shape, dtype) in self.tensor_shapes_dtypes(spec, in_features, out_features).items():
-            t = tensors.get(name)
-            if t is None:
-                raise ValueError(f"packing {self.name!r}: tensor {name!r} is missing (have {sorted(tensors)})")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"packing {self.name!r}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
-                )
+        self.check_tensors(tensors, spec, in_features, out_features)
         shape = tensors["weight_shape"]
         if shape.device.type != "meta" and tuple(int(v) for v in shape) != (out_features, in_features):
             raise ValueError(f"weight_shape {shape.tolist()} does not match the layer ({out_features}, {in_features})")

@@ -100,6 +100,20 @@ class Packer(ABC):
         """
         return self
 
+    def check_tensors(
+        self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
+    ) -> None:
+        """Raise ``ValueError`` naming the first tensor of the layout that is missing or of the wrong shape / dtype
+        (unpackers call this first)."""
+        for name, (shape, dtype) in self.tensor_shapes_dtypes(spec, in_features, out_features).items():
+            t = tensors.get(name)
+            if t is None:
+                raise ValueError(f"packing {self.name!r}: tensor {name!r} is missing (have {sorted(tensors)})")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"packing {self.name!r}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
+                )
+
     def check_holds(self, spec: LayerSpec, in_features: int, out_features: int) -> None:
         """Raise ``ValueError`` with :meth:`can_hold`'s reason when the layer does not fit."""
         reason = self.can_hold(spec, in_features, out_features)
