@@ -169,10 +169,7 @@ class _AutoRoundLayout(Packer):
                 f"out_features={out_features} is not a multiple of {RUN}: qzeros packs {RUN} output columns into "
                 f"bits={spec.bits} int32 words (the reference keeps such layers in 16 bit)"
             )
-        gs = effective_group_size(spec.group_size, in_features)
-        if in_features % gs:
-            return f"in_features={in_features} is not divisible by group_size={spec.group_size}"
-        return None
+        return self.group_reason(spec, in_features)
 
     def can_hold_spec(self, spec: LayerSpec) -> str | None:
         return self._spec_layout_reason(spec)
@@ -184,10 +181,7 @@ class _AutoRoundLayout(Packer):
         return self.layout_reason(spec, in_features, out_features)
 
     def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
-        reason = self.layout_reason(spec, in_features, out_features)
-        if reason is not None:
-            raise ValueError(f"packing {self.name!r} cannot describe this layer: {reason}")
-        groups = in_features // effective_group_size(spec.group_size, in_features)
+        groups = self.described_groups(self.layout_reason(spec, in_features, out_features), spec, in_features)
         return {
             "qweight": ((in_features // RUN * spec.bits, out_features), torch.int32),
             "qzeros": ((groups, out_features // RUN * spec.bits), torch.int32),

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..quant.int import QuantizedTensor, effective_group_size
+from ..quant.int import QuantizedTensor
 from ..schemes import LayerSpec
 from .auto_round import _check_range, _fp16_scales
 from .registry import Packer, TensorLayout, register_packer
@@ -74,15 +74,10 @@ class AwqPacker(Packer):
             return reason
         if out_features % _PER_WORD:
             return f"out_features={out_features} is not a multiple of {_PER_WORD}: AWQ packs 8 output columns per word"
-        if in_features % effective_group_size(spec.group_size, in_features):
-            return f"in_features={in_features} is not divisible by group_size={spec.group_size}"
-        return None
+        return self.group_reason(spec, in_features)
 
     def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
-        reason = self.can_hold(spec, in_features, out_features)
-        if reason is not None:
-            raise ValueError(f"packing {self.name!r} cannot describe this layer: {reason}")
-        groups = in_features // effective_group_size(spec.group_size, in_features)
+        groups = self.described_groups(self.can_hold(spec, in_features, out_features), spec, in_features)
         return {
             "qweight": ((in_features, out_features // _PER_WORD), torch.int32),
             "qzeros": ((groups, out_features // _PER_WORD), torch.int32),

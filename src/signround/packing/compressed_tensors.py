@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..quant.int import QuantizedTensor, effective_group_size
+from ..quant.int import QuantizedTensor
 from ..schemes import LayerSpec
 from .auto_round import _check_range, _fp16_scales
 from .bits import RUN, pack_int32, unpack_int32
@@ -80,15 +80,10 @@ class CompressedTensorsPacker(Packer):
             return f"in_features={in_features} is not a multiple of {RUN} (whole int32 words per row)"
         if not spec.sym and out_features % RUN:
             return f"out_features={out_features} is not a multiple of {RUN} (asymmetric zero points packed by column)"
-        if in_features % effective_group_size(spec.group_size, in_features):
-            return f"in_features={in_features} is not divisible by group_size={spec.group_size}"
-        return None
+        return self.group_reason(spec, in_features)
 
     def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
-        reason = self.can_hold(spec, in_features, out_features)
-        if reason is not None:
-            raise ValueError(f"packing {self.name!r} cannot describe this layer: {reason}")
-        groups = in_features // effective_group_size(spec.group_size, in_features)
+        groups = self.described_groups(self.can_hold(spec, in_features, out_features), spec, in_features)
         layout: TensorLayout = {
             "weight_packed": ((out_features, in_features // RUN * spec.bits), torch.int32),
             "weight_scale": ((out_features, groups), torch.float16),

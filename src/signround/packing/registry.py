@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ..quant.int import QuantizedTensor
+from ..quant.int import QuantizedTensor, effective_group_size
 from ..schemes import LayerSpec
 
 __all__ = [
@@ -99,6 +99,20 @@ class Packer(ABC):
         convention per checkpoint (e.g. auto_round's zero-point offset follows the model's symmetry).
         """
         return self
+
+    @staticmethod
+    def group_reason(spec: LayerSpec, in_features: int) -> str | None:
+        """Why ``in_features`` does not split into whole groups of ``spec.group_size``, or None."""
+        if in_features % effective_group_size(spec.group_size, in_features):
+            return f"in_features={in_features} is not divisible by group_size={spec.group_size}"
+        return None
+
+    def described_groups(self, reason: str | None, spec: LayerSpec, in_features: int) -> int:
+        """The layer's group count for :meth:`tensor_shapes_dtypes`; raises with ``reason`` if the layout cannot
+        describe the layer."""
+        if reason is not None:
+            raise ValueError(f"packing {self.name!r} cannot describe this layer: {reason}")
+        return in_features // effective_group_size(spec.group_size, in_features)
 
     def check_tensors(
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
