@@ -91,7 +91,7 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def _unpack_aligned(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """:func:`unpack_int32` for widths that never straddle a word (1, 2, 4, 8 bits): value ``i`` of a word is
-    ``(word >> i * bits) & mask``, one broadcast shift over a new axis next to ``dim`` (about 3x faster than the
+    ``(word >> i * bits) & mask``, one broadcast shift over a new axis next to ``dim`` (faster than the
     per-position loop; the torch backend unpacks on every forward)."""
     per_word = 32 // bits
     view = [1] * (words.dim() + 1)

@@ -182,7 +182,7 @@ class _GroupQDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wg, v, scale, zero, maxq, out_dtype):  # type: ignore[override]
-        # Clamping against scalar bounds runs ~10x faster on CPU than against per-group tensor bounds.
+        # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
         pre = torch.addcdiv(v, wg, scale).round_().add_(zero)
         q = pre.clamp(0, maxq)
         inside = q == pre  # not clipped
