@@ -1,9 +1,14 @@
-"""CPU inference speed: SmolLM2-135M fp32 vs W4G32 on the torch and torch_int4 backends, in one run.
+"""CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch and torch_int4 backends, in one run.
+
+Variants: the dense model in fp32 (the baseline every ratio is against) and in bf16; the W4G32 checkpoint on the
+torch and torch_int4 backends with the rest of the model (embeddings, tied lm_head, norms) in fp32; and on
+torch_int4 with the rest in bf16 (``dtype=torch.bfloat16`` at load, SmolLM2's own dtype), where the tied
+lm_head, a fifth of the weights, reads half the bytes.
 
 * decode: greedy, batch 1, a 64-token prompt, then 128 new tokens one at a time with the KV cache; tokens/s of
   those 128 steps (the prompt's prefill is not timed);
 * prefill: one forward of 4 x 512 tokens (no cache), tokens/s;
-* weight bytes: bytes of every buffer of the quantized layers (checkpoint tensors + any repacked copy), as a
+* weight bytes: bytes of every resident buffer of the quantized layers (whatever the backend keeps), as a
   fraction of the same layers in fp16;
 * agreement: max |logits - torch backend's| / max |logits| and the share of equal argmax on 4 x 512 tokens.
 
@@ -11,6 +16,7 @@ Quantization is plain RTN (speed does not depend on how the codes were chosen). 
 ``--repeats`` times, best kept; rows go to bench/results/speed.jsonl.
 
     python bench/speed.py [--threads 2] [--repeats 3]
+    python bench/speed.py --crossover      # torch_int4 per-call paths (int4 kernel vs dequantize + dense) by rows
 """
 
 from __future__ import annotations
@@ -60,11 +66,47 @@ def _weight_bytes(model) -> tuple[int, int]:
     return used, fp16
 
 
+@torch.inference_mode()
+def crossover(threads: int) -> None:
+    """Time one torch_int4 layer of each SmolLM2 shape on both per-call paths, by input rows (bf16 activations):
+    the evidence for ``torch_int4.DENSE_MIN_ROWS``."""
+    from signround.kernels.torch_int4 import DENSE_MIN_ROWS, TorchInt4QuantLinear
+    from signround.quant.int import quantize
+    from signround.schemes import LayerSpec
+
+    torch.set_num_threads(threads)
+    print(f"DENSE_MIN_ROWS = {DENSE_MIN_ROWS}; microseconds per call, best of 3 timings")
+    print(f"{'out x in':>10} {'rows':>5} {'int4 kernel':>12} {'dense':>9} {'dense/kernel':>13}")
+    for out_f, in_f in ((1536, 576), (576, 1536), (576, 576)):
+        qt = quantize(torch.randn(out_f, in_f) * 0.05, LayerSpec(bits=4, group_size=32, sym=True))
+        layer = TorchInt4QuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.bfloat16)
+        for rows in (1, 8, 32, 64, 128, 256, 512, 2048):
+            x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+            times = {}
+            for path, threshold in (("kernel", 1 << 30), ("dense", 0)):
+                layer.dense_min_rows = threshold
+                layer(x)
+                calls = max(3, 2000 // rows)
+                best = float("inf")
+                for _ in range(3):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        layer(x)
+                    best = min(best, (time.perf_counter() - start) / calls * 1e6)
+                times[path] = best
+            ratio = times["dense"] / times["kernel"]
+            print(f"{out_f:>5}x{in_f:<4} {rows:>5} {times['kernel']:>12.0f} {times['dense']:>9.0f} {ratio:>13.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--crossover", action="store_true", help="only the torch_int4 per-call path table")
     args = parser.parse_args()
+    if args.crossover:
+        crossover(args.threads)
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import signround
@@ -82,10 +124,14 @@ def main() -> None:
                                  disable_opt_rtn=True, show_progress=False)  # fmt: skip
         ckpt = ar.quantize_and_save(Path(tmp) / "w4g32", format="auto_round")
         del ar
-        variants = {"fp32": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)}
-        for backend in ("torch", "torch_int4"):
-            variants[f"W4G32 {backend}"] = lambda b=backend: AutoModelForCausalLM.from_pretrained(
-                ckpt, quantization_config=signround.AutoRoundConfig(backend=b)
+        variants = {
+            "fp32": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32),
+            "bf16": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16),
+        }
+        for backend, dtype in (("torch", torch.float32), ("torch_int4", torch.float32), ("torch_int4", torch.bfloat16)):
+            name = f"W4G32 {backend}" + (" (bf16 rest)" if dtype == torch.bfloat16 else "")
+            variants[name] = lambda b=backend, d=dtype: AutoModelForCausalLM.from_pretrained(
+                ckpt, dtype=d, quantization_config=signround.AutoRoundConfig(backend=b)
             )
         reference_logits = None
         for name, load in variants.items():

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from signround.kernels.torch import TorchQuantLinear
-from signround.kernels.torch_int4 import TorchInt4QuantLinear, kernel_available
-from signround.quant.int import quantize
+from signround.kernels.torch_int4 import (
+    DENSE_MIN_ROWS,
+    TorchInt4QuantLinear,
+    decode_int4pack,
+    kernel_available,
+    layout_mismatch,
+)
+from signround.quant.int import dequantize, quantize
 from signround.schemes import LayerSpec
 from signround.tuning.block import fast_bf16
 
@@ -71,3 +77,42 @@ def test_saving_still_writes_the_checkpoint_layout() -> None:
     ref, fast = _layers(LayerSpec(bits=4, group_size=64), "auto_round", torch.float32)
     assert set(fast.state_dict()) == set(ref.state_dict())  # the repacked buffers are not persistent
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 32), (48, 64), (64, 256), (80, 64), (192, 576)])
+def test_decode_int4pack_inverts_torchs_packing(out_features: int, in_features: int) -> None:
+    """Full 64-row blocks and every tail size the backend accepts (out % 16 == 0)."""
+    codes = torch.randint(0, 16, (out_features, in_features), generator=torch.Generator().manual_seed(out_features))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    assert torch.equal(decode_int4pack(packed, out_features, in_features).long(), codes)
+    assert layout_mismatch() is None
+
+
+def test_only_one_copy_of_the_codes_stays_resident() -> None:
+    """After post_init the checkpoint-format tensors are gone; saving rebuilds them bit-exactly."""
+    ref, fast = _layers(
+        LayerSpec(bits=4, group_size=32, sym=False), "gptq_v2", torch.float32
+    )  # 96 rows: a 64-block + a tail
+    assert fast.qweight is None and fast.qzeros is None and fast.scales is None
+    resident = sum(b.numel() * b.element_size() for b in fast.buffers())
+    checkpoint = sum(v.numel() * v.element_size() for v in ref.state_dict().values())
+    assert resident < 1.25 * checkpoint  # codes once (0.5 B/weight) + the kernel's table + exact scales/zeros
+    fast_state = fast.state_dict()
+    assert set(fast_state) == set(ref.state_dict())
+    assert all(torch.equal(fast_state[k], v) for k, v in ref.state_dict().items())
+    qt_ref, qt_fast = ref.quantized_tensor(), fast.quantized_tensor()
+    assert torch.equal(qt_fast.codes.long(), qt_ref.codes.long()) and torch.equal(qt_fast.scales, qt_ref.scales)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_inputs_take_the_dense_path_and_agree(dtype: torch.dtype) -> None:
+    """From DENSE_MIN_ROWS rows on, the layer dequantizes to dense (bf16) and matmuls; same numbers as the kernel."""
+    ref, fast = _layers(LayerSpec(bits=4, group_size=64, sym=True), "auto_round:auto_gptq", dtype)
+    x = torch.randn(DENSE_MIN_ROWS + 9, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        dense, expected = fast(x), ref(x)
+        kernel = torch.cat([fast(x[i : i + 1]) for i in range(x.shape[0])])  # one row at a time: the int4 kernel
+    assert _rel_err(dense, expected) <= BF16_TOL
+    assert _rel_err(kernel, dense) <= BF16_TOL
+    weight = fast.dense_weight().float()
+    assert _rel_err(weight, dequantize(ref.quantized_tensor(), torch.float32)) <= BF16_TOL

@@ -3,6 +3,8 @@
 Importing this package registers every built-in backend.
 """
 
+from . import hpu as _hpu_backend  # noqa: F401  (registers "hpu")
+from . import ipex as _ipex_backend  # noqa: F401  (registers "ipex")
 from . import torch as _torch_backend  # noqa: F401  (registers the "torch" backend)
 from . import torch_int4 as _torch_int4_backend  # noqa: F401  (registers "torch_int4")
 from .base import QuantLinear

@@ -163,6 +163,17 @@ def _layer_description(spec: LayerSpec, packing: str, device, dtype, in_features
     )
 
 
+def _install_hint(ranked: list[tuple[Backend, str | None]], chosen: Backend) -> str:
+    """Name the best backend above ``chosen`` that only lacks a package (requirements are checked last, so a
+    "pip install" reason means every other check passed), with its pip line; empty if there is none."""
+    for backend, reason in ranked:
+        if backend.priority <= chosen.priority:
+            break
+        if reason and "pip install" in reason:
+            return f"; faster if installed: {backend.name} ({reason})"
+    return ""
+
+
 @cache
 def _log_choice_once(message: str) -> None:
     logger.info(message)
@@ -193,8 +204,7 @@ def select(
         lines = "\n".join(f"  {b.name}: {reason}" for b, reason in ranked) or "  (no backend registered)"
         raise ValueError(f"no kernel backend can run the layer ({what}); rejected:\n{lines}")
     chosen = usable[0]
-    better = [f"{b.name} ({r})" for b, r in ranked if b.priority > chosen.priority and r and "pip install" in r]
-    hint = f"; faster if installed: {', '.join(better)}" if better else ""
+    hint = _install_hint(ranked, chosen)
     # one line per distinct choice (not per layer shape)
     kind = f"bits={spec.bits} group_size={spec.group_size} sym={spec.sym} packing={packing!r} device={device!s} dtype={dtype}"
     _log_choice_once(f"kernel backend {chosen.name!r} for {kind}{hint}")

@@ -20,7 +20,7 @@ __all__ = ["TORCH_BACKEND", "TorchQuantLinear"]
 
 
 class TorchQuantLinear(QuantLinear):
-    """Dequantize-then-matmul in the activation dtype; bits 2/3/4/8, CPU and CUDA."""
+    """Dequantize-then-matmul in the activation dtype; bits 2/3/4/8, CPU, CUDA and Intel GPU."""
 
     backend_name = "torch"
 
@@ -34,7 +34,7 @@ TORCH_BACKEND = register_backend(
     Backend(
         name="torch",
         quant_linear=TorchQuantLinear,
-        devices=("cpu", "cuda"),
+        devices=("cpu", "cuda", "xpu"),
         bits=(2, 3, 4, 8),
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         packings=None,  # any registered packer: the layer unpacks through it

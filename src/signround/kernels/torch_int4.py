@@ -7,6 +7,16 @@ reads the 4-bit codes directly (half a byte per weight) instead of dequantizing 
 ``[groups, out, 2]`` table, where the kernel dequantizes ``(q - 8) * scale + offset``; ours is
 ``(q - zero) * scale``, so ``offset = (8 - zero) * scale``.
 
+One copy of the codes stays resident: the checkpoint-format tensors are dropped after the repack and rebuilt,
+bit-exact, when the layer is saved (codes decoded from the kernel layout, scales and zero points kept in their
+checkpoint precision, which the kernel's bf16 table cannot reproduce).  The decoding relies on the kernel's
+layout, which torch does not document, so :func:`layout_mismatch` checks it once per process and the backend
+steps aside (the torch reference takes the layer) if a torch release changes it.
+
+Per call shape: the kernel is a GEMV-style loop, fast for a few rows (decode) and slow for long inputs; from
+``DENSE_MIN_ROWS`` rows on (prefill), the layer dequantizes its weight into a dense bf16 matrix for that call and
+uses the ordinary matmul, whose cost the many rows amortise.
+
 The kernel is fast with bf16 (or fp16) activations and slow with float32 ones, so float32 inputs are computed in
 bf16 where the CPU has native bf16 and the result cast back; the tolerance against the torch reference is
 therefore that of bf16 activations (see ``tests/test_kernels_torch_int4.py``).  Kernel limits: 4-bit, groups of
@@ -15,15 +25,30 @@ therefore that of bf16 activations (see ``tests/test_kernels_torch_int4.py``).  
 
 from __future__ import annotations
 
-import torch
+from functools import cache
 
+import torch
+import torch.nn.functional as F
+
+from ..quant.int import QuantizedTensor
 from ..tuning.block import fast_bf16
 from .base import QuantLinear
 from .registry import Backend, register_backend
 
-__all__ = ["TORCH_INT4_BACKEND", "TorchInt4QuantLinear", "kernel_available"]
+__all__ = [
+    "DENSE_MIN_ROWS",
+    "TORCH_INT4_BACKEND",
+    "TorchInt4QuantLinear",
+    "decode_int4pack",
+    "kernel_available",
+    "layout_mismatch",
+]
 
 GROUP_SIZES = (32, 64, 128, 256)
+# Rows (tokens) from which dequantize + dense matmul beats the int4 kernel on CPU; measured with
+# bench/speed.py --crossover on SmolLM2 shapes (see docs/backends.md).
+DENSE_MIN_ROWS = 128
+_BLOCK_N = 64  # the kernel's layout: blocks of 64 output rows, rows n and n + 32 share a byte
 
 
 def kernel_available() -> str | None:
@@ -34,34 +59,103 @@ def kernel_available() -> str | None:
     return None
 
 
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+def decode_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """uint8 codes ``[out, in]`` from the kernel's packed weight (inverse of ``_convert_weight_to_int4pack_for_cpu``).
+
+    Layout (torch 2.6 - 2.13): full blocks of 64 output rows, each ``[in, 32]`` bytes whose low nibble holds row
+    ``n`` and high nibble row ``n + 32``; a remaining ``r < 64`` rows form one ``[in, r / 2]`` block whose bytes
+    hold rows ``2j`` (low) and ``2j + 1`` (high).
+    """
+    flat = packed.reshape(-1)
+    full = out_features // _BLOCK_N * _BLOCK_N
+    parts = []
+    if full:
+        blocks = flat[: full * in_features // 2].reshape(full // _BLOCK_N, in_features, _BLOCK_N // 2)
+        nibbles = torch.cat([blocks & 0xF, blocks >> 4], dim=2)  # [blocks, in, 64]
+        parts.append(nibbles.permute(0, 2, 1).reshape(full, in_features))
+    if rest := out_features - full:
+        tail = flat[full * in_features // 2 :].reshape(in_features, rest // 2)
+        parts.append(torch.stack([tail & 0xF, tail >> 4], dim=2).reshape(in_features, rest).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+@cache
+def layout_mismatch() -> str | None:
+    """``None`` if :func:`decode_int4pack` inverts this torch's packing (checked on a probe with a tail block)."""
+    if reason := kernel_available():
+        return reason
+    probe = torch.randint(0, 16, (80, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    if not torch.equal(decode_int4pack(_pack(probe), 80, 64).to(torch.int32), probe):
+        return f"torch {torch.__version__} packs int4 CPU weights in a layout this backend cannot decode"
+    return None
+
+
 class TorchInt4QuantLinear(QuantLinear):
     """4-bit layers through ``aten._weight_int4pack_mm_for_cpu``; repacked once at load."""
 
     backend_name = "torch_int4"
+    dense_min_rows: int = DENSE_MIN_ROWS  # per-call path switch (bench/speed.py --crossover varies it)
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
         self.group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
         cpu_bf16 = fast_bf16(torch.device("cpu"))
         self.compute_dtype = torch.bfloat16 if self.dtype == torch.float32 and cpu_bf16 else self.dtype
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32).contiguous(), 2)
         scales = qt.scales.float()
         offsets = (8 - qt.zeros.float()) * scales
         table = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
-        self.register_buffer("int4_weight", packed, persistent=False)
+        self.register_buffer("int4_weight", _pack(qt.codes), persistent=False)
         self.register_buffer("scales_offsets", table.to(self.compute_dtype), persistent=False)
+        # exact checkpoint values for saving; the codes come back from int4_weight
+        self.register_buffer("saved_scales", qt.scales.clone(), persistent=False)
+        self.register_buffer("saved_zeros", qt.zeros.to(torch.uint8), persistent=False)
+        self._saved_spec = qt.spec
+        for name in self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features):
+            setattr(self, name, None)  # drop the checkpoint-format copy: one copy of the codes stays resident
+
+    @property
+    def repacked(self) -> bool:
+        return "int4_weight" in self._buffers
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        if not self.repacked:
+            return super().quantized_tensor()
+        codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features)
+        return QuantizedTensor(codes, self.saved_scales, self.saved_zeros.to(torch.int32), self._saved_spec)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Write the checkpoint-format tensors, rebuilt from the repacked ones after ``post_init``."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.repacked:
+            for name, tensor in self.packer.pack(self.quantized_tensor()).items():
+                destination[prefix + name] = tensor
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight in the compute dtype, as the kernel dequantizes it: ``(q - 8) * s + offset``."""
+        codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features)
+        groups = self.in_features // self.group_size
+        q = codes.view(self.out_features, groups, self.group_size).to(self.compute_dtype) - 8
+        table = self.scales_offsets.transpose(0, 1).unsqueeze(2)  # [out, groups, 1, 2]
+        return (q * table[..., 0] + table[..., 1]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_weight, self.group_size, self.scales_offsets)
+        if flat.shape[0] >= self.dense_min_rows:
+            y = F.linear(flat, self.dense_weight())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_weight, self.group_size, self.scales_offsets)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
 def _check(spec, in_features: int, out_features: int) -> str | None:
-    return kernel_available()
+    return layout_mismatch()
 
 
 TORCH_INT4_BACKEND = register_backend(
