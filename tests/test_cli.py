@@ -50,6 +50,19 @@ def test_list(capsys, what: str, expected: str) -> None:
     assert expected in capsys.readouterr().out
 
 
+def test_list_backends_says_what_runs_here_and_why_not(capsys, monkeypatch) -> None:
+    from signround.kernels import registry
+
+    monkeypatch.setattr(registry, "device_present", lambda device: device == "cpu")  # a CPU-only machine
+    main(["list", "backends"])
+    rows = {line.split("\t")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["torch"].endswith("usable here on cpu")
+    assert "priority=10" in rows["torch_int4"] and "usable here on cpu" in rows["torch_int4"]
+    assert "Habana" in rows["hpu"] or "no hpu device here" in rows["hpu"]
+    assert ("pip install" in rows["marlin"]) or rows["marlin"].endswith("no cuda device here")
+    assert set(rows) >= {"exllamav2", "hpu", "ipex", "marlin", "torch", "torch_int4", "triton"}
+
+
 def test_list_recipes_prints_their_values(capsys) -> None:
     main(["list", "recipes"])
     out = capsys.readouterr().out

@@ -51,8 +51,8 @@ def test_torch_int4_is_chosen_for_4bit_cpu_layers_it_can_run() -> None:
 
 
 def test_unknown_requested_backend_lists_registered() -> None:
-    with pytest.raises(ValueError, match=r"unknown backend 'marlin'; registered: .*torch"):
-        select(W4, PACKING, "cpu", torch.bfloat16, 256, 512, requested="marlin")
+    with pytest.raises(ValueError, match=r"unknown backend 'machete'; registered: .*torch"):
+        select(W4, PACKING, "cpu", torch.bfloat16, 256, 512, requested="machete")
 
 
 def test_requested_backend_that_cannot_run_gives_reason() -> None:

@@ -139,7 +139,7 @@ def fetch_main(argv: Sequence[str]) -> int:
 
 
 def list_main(argv: Sequence[str]) -> int:
-    from .kernels.registry import backend_names, get_backend, missing_requirement
+    from .kernels.registry import backend_names, get_backend
     from .packing.registry import EXPORT_FORMATS, format_packer, packer_names
     from .schemes import SCHEMES, LayerSpec
 
@@ -147,8 +147,10 @@ def list_main(argv: Sequence[str]) -> int:
         rows = []
         for name in backend_names():
             b = get_backend(name)
-            missing = [m for m in (missing_requirement(r) for r in b.requires) if m]
-            status = "usable" if not missing else "; ".join(missing)
+            here = b.devices_here()
+            status = b.availability() or (
+                f"usable here on {', '.join(here)}" if here else f"installed; no {'/'.join(b.devices)} device here"
+            )
             rows.append(f"{name}\tdevices={','.join(b.devices)}\tbits={list(b.bits)}\tpriority={b.priority}\t{status}")
         return "\n".join(rows)
 

@@ -72,6 +72,6 @@ HPU_BACKEND = register_backend(
         packings=None,  # any registered packer: post_init unpacks through it
         priority=5,  # the only quantized kernel on HPU besides the torch reference
         out_features_multiple=32,  # codes packed 8 per word along out, whole 32-column runs
-        check=lambda spec, in_features, out_features: habana_missing(),
+        environment=habana_missing,
     )
 )

@@ -26,6 +26,7 @@ __all__ = [
     "Backend",
     "backend_names",
     "candidates",
+    "device_present",
     "get_backend",
     "missing_requirement",
     "register_backend",
@@ -67,7 +68,21 @@ class Backend:
     requires: tuple[str, ...] = ()  # pip requirement strings, checked lazily
     in_features_multiple: int = 1
     out_features_multiple: int = 1
-    check: Callable[[LayerSpec, int, int], str | None] | None = None  # anything the fields cannot say
+    check: Callable[[LayerSpec, int, int], str | None] | None = None  # per-layer limits the fields cannot say
+    # whether this machine's software can run the kernel at all (a vendor stack that fails to import, an op this
+    # torch lacks); checked after ``requires``, so it may import the required package
+    environment: Callable[[], str | None] | None = None
+
+    def availability(self) -> str | None:
+        """``None`` if the packages and software stack are there, else why not (layer-independent)."""
+        for requirement in self.requires:
+            if reason := missing_requirement(requirement):
+                return reason
+        return self.environment() if self.environment is not None else None
+
+    def devices_here(self) -> list[str]:
+        """The backend's device types that this machine has."""
+        return [d for d in self.devices if device_present(d)]
 
     def reject_reason(
         self,
@@ -110,10 +125,19 @@ class Backend:
             return reason
         if self.check is not None and (reason := self.check(spec, in_features, out_features)):
             return reason
-        for requirement in self.requires:
-            if reason := missing_requirement(requirement):
-                return reason
-        return None
+        return self.availability()
+
+
+def device_present(device_type: str) -> bool:
+    """Whether this machine has a ``device_type`` device that torch can use."""
+    if device_type == "cpu":
+        return True
+    module = getattr(torch, device_type, None)
+    is_available = getattr(module, "is_available", None)
+    try:
+        return bool(is_available()) if callable(is_available) else False
+    except Exception:  # vendor stacks raise instead of returning False when their driver is absent
+        return False
 
 
 def _packing_reason(spec: LayerSpec, packing: str, in_features: int, out_features: int) -> str | None:

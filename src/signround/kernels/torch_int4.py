@@ -154,10 +154,6 @@ class TorchInt4QuantLinear(QuantLinear):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-def _check(spec, in_features: int, out_features: int) -> str | None:
-    return layout_mismatch()
-
-
 TORCH_INT4_BACKEND = register_backend(
     Backend(
         name="torch_int4",
@@ -169,6 +165,6 @@ TORCH_INT4_BACKEND = register_backend(
         group_sizes=GROUP_SIZES,
         priority=10,  # above the dequantize-then-matmul reference
         out_features_multiple=16,
-        check=_check,
+        environment=layout_mismatch,
     )
 )
