@@ -21,6 +21,14 @@ def _requested(backend: str | None) -> str | None:
     return None if backend in (None, "auto") else backend
 
 
+def _select_for(name: str, spec: LayerSpec, packing: str, device, dtype: torch.dtype, linear, backend: str | None):
+    """``select`` for one named layer; its errors name the layer, so a forced backend says which layer it cannot run."""
+    try:
+        return select(spec, packing, device, dtype, linear.in_features, linear.out_features, _requested(backend))
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from err
+
+
 def install_quantized(
     model: nn.Module,
     quantized: Mapping[str, QuantizedTensor],
@@ -39,9 +47,7 @@ def install_quantized(
             act_dtype, device = dtype or linear.dtype, next(iter(linear.buffers())).device
         else:
             raise TypeError(f"layer {name!r} is a {type(linear).__name__}, expected nn.Linear")
-        chosen = select(
-            qt.spec, packing, device, act_dtype, linear.in_features, linear.out_features, _requested(backend)
-        )
+        chosen = _select_for(name, qt.spec, packing, device, act_dtype, linear, backend)
         bias = None if linear.bias is None else linear.bias.detach()
         qt_dev = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
         layer = chosen.quant_linear.from_quantized(qt_dev, packing, bias, act_dtype)
@@ -67,7 +73,7 @@ def install_empty(
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"checkpoint layer {name!r} is a {type(linear).__name__} in this model, expected nn.Linear")
-        chosen = select(spec, packing, device, dtype, linear.in_features, linear.out_features, _requested(backend))
+        chosen = _select_for(name, spec, packing, device, dtype, linear, backend)
         layer = chosen.quant_linear(
             linear.in_features, linear.out_features, spec, packing, linear.bias is not None, dtype, device="meta"
         )

@@ -1,0 +1,63 @@
+"""A model whose layers run on different kernels: 4-bit layers on ``torch_int4``, 3- and 8-bit ones (which it
+cannot run) on the ``torch`` reference, chosen per layer at load; outputs, saving and forcing a backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import signround
+from signround import AutoRoundConfig
+from signround.layers import quant_linears
+
+MIXED = {"mlp.down_proj": {"bits": 3}, "self_attn.v_proj": {"bits": 8}}
+
+
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def mixed_checkpoint(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("mixed") / "model"
+    layer_config = {f"model.layers.{i}.{name}": spec for i in range(2) for name, spec in MIXED.items()}
+    ar = signround.AutoRound(
+        str(tiny_llama_dir), bits=4, group_size=32, sym=True, iters=0, disable_opt_rtn=True,
+        layer_config=layer_config, show_progress=False,
+    )  # fmt: skip
+    ar.quantize_and_save(out, format="auto_round")
+    return out
+
+
+def test_each_layer_gets_the_best_backend_that_can_run_it(mixed_checkpoint, tmp_path) -> None:
+    auto = AutoModelForCausalLM.from_pretrained(mixed_checkpoint, dtype=torch.float32)
+    chosen = {name: layer.backend_name for name, layer in quant_linears(auto).items()}
+    assert len(chosen) == 2 * 7
+    for name, backend in chosen.items():
+        expected = "torch" if name.endswith(("down_proj", "v_proj")) else "torch_int4"
+        assert backend == expected, (name, backend)
+    exact = AutoModelForCausalLM.from_pretrained(
+        mixed_checkpoint, dtype=torch.float32, quantization_config=AutoRoundConfig(backend="torch")
+    )
+    assert {layer.backend_name for layer in quant_linears(exact).values()} == {"torch"}
+    got, expected = _logits(auto), _logits(exact)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-2  # torch_int4 computes in bf16
+    # saving the mixed model writes the checkpoint it was loaded from
+    auto.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "again", dtype=torch.float32, quantization_config=AutoRoundConfig(backend="torch")
+    )
+    assert torch.equal(_logits(again), expected)
+
+
+def test_forcing_a_backend_that_cannot_run_a_layer_names_it(mixed_checkpoint) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'model.layers.0.self_attn.v_proj': backend 'torch_int4' cannot run .*bits=8 not in \[4\]",
+    ):
+        AutoModelForCausalLM.from_pretrained(
+            mixed_checkpoint, quantization_config=AutoRoundConfig(backend="torch_int4")
+        )
