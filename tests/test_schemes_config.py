@@ -50,7 +50,7 @@ BAD_VALUES = [
     ({"layer_config": {LAYER: "W9A16"}}, ValueError, ["'W9A16'", "W4A16"]),
     ({"format": "gguf"}, ValueError, ["'gguf'", "auto_round"]),
     ({"format": "auto_round,gguf"}, ValueError, ["'gguf'", "auto_round"]),
-    ({"backend": "marlin"}, ValueError, ["'marlin'", "'auto'", "'torch'"]),
+    ({"backend": "machete"}, ValueError, ["'machete'", "'auto'", "'torch'", "'marlin'"]),
     ({"data_type": "fp8"}, ValueError, ["'fp8'", "'int'"]),
     ({"act_bits": 8}, ValueError, ["act_bits=8", "16"]),
 ]

@@ -1,0 +1,113 @@
+"""The selection matrix: which backend each kind of layer gets on each device, with every package installed and
+with none, and why the better ones were passed over.  Written as a table of expected choices (the reference's
+priority marlin > exllamav2 > triton > torch on CUDA; torch_int4 > ipex > torch on CPU; ipex on XPU; hpu on
+Gaudi), so a descriptor change that alters a choice fails here by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from signround.kernels import Backend, candidates, select
+from signround.schemes import LayerSpec
+
+ALL = "all installed"
+NONE = "none installed"
+PACKING = "auto_round:auto_gptq"
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Set which optional stacks are present: ``ALL`` (every requirement met, every vendor stack imports) or
+    ``NONE`` (no optional package: only torch and torch_int4 remain)."""
+
+    def setup(which: str) -> None:
+        def availability(self: Backend) -> str | None:
+            if which == ALL or (not self.requires and self.environment is None) or self.name == "torch_int4":
+                return None
+            return f"needs {self.requires or 'its vendor stack'} (pip install ...)"
+
+        monkeypatch.setattr(Backend, "availability", availability)
+
+    return setup
+
+
+# (device, bits, group, sym, dtype, in, out, installed) -> expected backend
+MATRIX = [
+    # CUDA
+    ("cuda", 4, 128, True, F16, 4096, 4096, ALL, "marlin"),
+    ("cuda", 4, 128, True, BF16, 4096, 11008, ALL, "marlin"),
+    ("cuda", 8, 128, True, F16, 4096, 4096, ALL, "marlin"),
+    ("cuda", 4, 128, False, F16, 4096, 4096, ALL, "exllamav2"),  # Marlin is symmetric-only
+    ("cuda", 4, 128, True, F16, 4096, 4128, ALL, "exllamav2"),  # out % 64 != 0: not on Marlin's tile
+    ("cuda", 4, 256, True, F16, 4096, 4096, ALL, "triton"),  # group 256: neither GPTQModel kernel
+    ("cuda", 8, 128, False, F16, 4096, 4096, ALL, "triton"),  # ExLlamaV2 is 4-bit only
+    ("cuda", 2, 32, True, BF16, 4096, 4096, ALL, "triton"),
+    ("cuda", 4, 128, True, F32, 4096, 4096, ALL, "triton"),  # fp32 activations: only Triton and torch
+    ("cuda", 3, 128, True, F16, 4096, 4096, ALL, "torch"),  # 3-bit codes straddle words: torch only
+    ("cuda", 4, 128, True, F16, 4096, 4096, NONE, "torch"),
+    # CPU
+    ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "torch_int4"),
+    ("cpu", 4, 32, False, F32, 576, 1536, NONE, "torch_int4"),
+    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "ipex"),  # per-channel: not a torch_int4 group size
+    ("cpu", 4, -1, True, BF16, 4096, 4096, NONE, "torch"),
+    ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "torch"),  # IPEX takes bf16 / fp16 activations
+    ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "torch"),
+    ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch"),
+    # Intel GPU
+    ("xpu", 4, 128, True, F16, 4096, 4096, ALL, "ipex"),
+    ("xpu", 8, 128, True, F16, 4096, 4096, ALL, "triton"),
+    ("xpu", 3, 128, True, F16, 4096, 4096, ALL, "torch"),
+    ("xpu", 4, 128, True, F16, 4096, 4096, NONE, "torch"),
+    # Gaudi
+    ("hpu", 4, 128, True, BF16, 4096, 4096, ALL, "hpu"),
+]
+
+
+@pytest.mark.parametrize(
+    ("device", "bits", "group", "sym", "dtype", "in_f", "out_f", "which", "expected"),
+    MATRIX,
+    ids=[f"{r[0]}-w{r[1]}g{r[2]}{'s' if r[3] else 'a'}-{str(r[4])[6:]}-{r[5]}x{r[6]}-{r[7][:4]}" for r in MATRIX],
+)
+def test_selection_matrix(installed, device, bits, group, sym, dtype, in_f, out_f, which, expected) -> None:
+    installed(which)
+    spec = LayerSpec(bits=bits, group_size=group, sym=sym)
+    ranked = candidates(spec, PACKING, device, dtype, in_f, out_f)
+    chosen = select(spec, PACKING, device, dtype, in_f, out_f)
+    assert chosen.name == expected
+    for backend, reason in ranked:  # everything ranked above the choice says why it was passed over
+        if backend.name == expected:
+            break
+        assert reason, backend.name
+
+
+REASONS = [
+    # (device, bits, group, sym, dtype, in, out, which, backend, fragment of its rejection reason)
+    ("cuda", 4, 128, False, F16, 4096, 4096, ALL, "marlin", "sym=False not supported"),
+    ("cuda", 4, 128, True, F16, 4096, 4128, ALL, "marlin", "not a multiple of 64"),
+    ("cuda", 4, 256, True, F16, 4096, 4096, ALL, "exllamav2", "group_size=256 not in [-1, 32, 64, 128]"),
+    ("cuda", 3, 128, True, F16, 4096, 4096, ALL, "triton", "bits=3 not in [2, 4, 8]"),
+    ("cuda", 4, 128, True, F16, 4096, 4096, NONE, "marlin", "pip install"),
+    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "torch_int4", "group_size=-1 not in [32, 64, 128, 256]"),
+    ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "marlin", "device 'cpu' not in ['cuda']"),
+    ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "ipex", "activation dtype torch.float32 not in"),
+    ("hpu", 8, 128, True, BF16, 4096, 4096, ALL, "hpu", "bits=8 not in [4]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("device", "bits", "group", "sym", "dtype", "in_f", "out_f", "which", "backend", "fragment"), REASONS
+)
+def test_rejection_reasons(installed, device, bits, group, sym, dtype, in_f, out_f, which, backend, fragment) -> None:
+    installed(which)
+    spec = LayerSpec(bits=bits, group_size=group, sym=sym)
+    reasons = {b.name: r for b, r in candidates(spec, PACKING, device, dtype, in_f, out_f)}
+    assert fragment in (reasons[backend] or ""), reasons[backend]
+
+
+def test_hpu_8bit_has_no_backend_and_lists_why(installed) -> None:
+    installed(ALL)
+    with pytest.raises(ValueError, match="no kernel backend can run the layer") as err:
+        select(LayerSpec(bits=8, group_size=128), PACKING, "hpu", BF16, 4096, 4096)
+    assert "hpu: bits=8 not in [4]" in str(err.value) and "torch: device 'hpu'" in str(err.value)
