@@ -1,0 +1,110 @@
+"""CUDA kernel check and timing: marlin / exllamav2 / triton / torch backends on random W4G128 layers vs fp16.
+
+For each layer shape (``in x out``) a random weight is quantized (4-bit, group 128, symmetric, RTN) and built as a
+QuantLinear of every backend that can run it; each is compared with the ``torch`` reference backend (max |diff| /
+max |ref| over M=1 and M=512 inputs) and timed with CUDA events at M=1 (decode) and M=512 (prefill) against
+``F.linear`` with the dense fp16 weight.  A backend that cannot run (package missing, kernel build failure) gets
+a row saying why.  Needs a CUDA GPU, plus ``gptqmodel>=7.6,<7.7`` for marlin / exllamav2 (GPTQModel compiles
+their CUDA extensions on first use, which can take minutes: the build time is printed) and ``triton`` for triton.
+
+Caveat: at M=1 a 4096 x 4096 4-bit layer (8 MiB) stays in an H100's L2 cache across iterations, so decode times
+are best-case; compare backends with each other rather than with DRAM bandwidth.
+
+    python bench/gpu_kernels.py [--shapes 4096x4096,4096x11008,11008x4096] [--dtype float16] [--iters 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("marlin", "exllamav2", "triton", "torch")
+
+
+def cuda_us(fn: Callable[[], object], iters: int, warmup: int = 10) -> float:
+    """Mean microseconds per call, timed with CUDA events around ``iters`` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000.0 / iters
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int) -> list[str]:
+    from signround.kernels import get_backend
+    from signround.kernels.torch import TorchQuantLinear
+    from signround.quant.int import dequantize, quantize
+    from signround.schemes import LayerSpec
+
+    spec, packing, device = LayerSpec(bits=4, group_size=128, sym=True), "gptq", torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    qt = quantize(torch.randn(out_f, in_f, device=device, generator=g) * 0.02, spec)
+    xs = {m: torch.randn(m, in_f, device=device, dtype=dtype, generator=g) for m in (1, 512)}
+    dense = dequantize(qt, dtype)
+    ref = TorchQuantLinear.from_quantized(qt, packing, None, dtype)
+    with torch.no_grad():
+        expected = {m: ref(x) for m, x in xs.items()}
+        base = {m: cuda_us(lambda x=x: F.linear(x, dense), iters) for m, x in xs.items()}
+    rows = [f"{in_f}x{out_f}\tfp16 F.linear\t-\t{base[1]:.1f}\t1.00\t{base[512]:.1f}\t1.00\t"]
+    for name in BACKENDS:
+        try:
+            backend = get_backend(name)
+        except ValueError as err:
+            rows.append(f"{in_f}x{out_f}\t{name}\t-\t-\t-\t-\t-\t{err}")
+            continue
+        if reason := backend.reject_reason(spec, packing, device, dtype, in_f, out_f):
+            rows.append(f"{in_f}x{out_f}\t{name}\t-\t-\t-\t-\t-\t{reason}")
+            continue
+        try:
+            t0 = time.perf_counter()
+            layer = backend.quant_linear.from_quantized(qt, packing, None, dtype)
+            torch.cuda.synchronize()
+            built = time.perf_counter() - t0
+            with torch.no_grad():
+                err = max(rel_err(layer(x), expected[m]) for m, x in xs.items())
+                us = {m: cuda_us(lambda x=x, f=layer: f(x), iters) for m, x in xs.items()}
+        except Exception as exc:  # a kernel that fails to build or run gets a row, not a crash
+            rows.append(f"{in_f}x{out_f}\t{name}\t-\t-\t-\t-\t-\t{type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        rows.append(
+            f"{in_f}x{out_f}\t{name}\t{err:.2e}\t{us[1]:.1f}\t{base[1] / us[1]:.2f}\t{us[512]:.1f}\t"
+            f"{base[512] / us[512]:.2f}\tbuilt in {built:.1f}s"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="in x out, comma separated")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--iters", type=int, default=200)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"bench/gpu_kernels.py needs a CUDA GPU; torch {torch.__version__} sees none. Nothing to do.")
+        return 0
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | W4G128 sym | {args.dtype}")
+    print("shape\tbackend\tmax rel err vs torch\tM=1 us\tspeedup\tM=512 us\tspeedup\tnote")
+    for shape in args.shapes.split(","):
+        in_f, out_f = (int(v) for v in shape.lower().split("x"))
+        for row in bench_shape(in_f, out_f, dtype, args.iters):
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Shared plumbing for the backends that run GPTQModel's CUDA kernels (``marlin``, ``exllamav2``) on our layers.
+
+Why a bridge instead of our own kernels: GPTQModel ships tuned Marlin and ExLlamaV2 GEMMs.  Its layers are built
+from GPTQ tensors (``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``) and repack them for the kernel in their
+``post_init``.  So at load we unpack our checkpoint buffers (any of our packings), write the GPTQ tensors GPTQModel
+expects, let its ``post_init`` repack them, and delegate ``forward`` to its layer.  Our persistent checkpoint
+buffers stay as they are, so ``state_dict()`` still saves our format.
+
+Facts about GPTQModel 7.6.x that this module relies on (paths are in the ``gptqmodel`` package):
+
+* Before ``post_init`` every GPTQ layer holds ``qweight`` int32 ``[in * bits / 32, out]``, ``qzeros`` int32
+  ``[G, out * bits / 32]``, ``scales`` ``[G, out]`` and ``g_idx`` int32 ``[in]``: the layout of our ``gptq``
+  packer (``nn_modules/qlinear/__init__.py``, ``_register_gptq_buffers``; ``marlin.py``, ``MarlinLinear.__init__``).
+* Kernels with ``REQUIRES_FORMAT_V2 = True`` (ExLlamaV2, the pure-torch ``TorchLinear``) read zero points as-is
+  ("v2"): GPTQModel adds one to every v1 zero point before their ``post_init`` (``utils/model.py``,
+  ``convert_gptq_v1_to_v2_format_module``), and their dequantization is ``scale * (q - zero)``
+  (``nn_modules/qlinear/__init__.py``, ``_dequantize_from_codes``).  Marlin (``REQUIRES_FORMAT_V2 = False``)
+  ignores ``qzeros``: it is symmetric-only with the zero point fixed at ``2^(bits-1)``.  So one set of tensors,
+  :func:`gptqmodel_tensors` (v2 zero points), feeds all three.
+* ``nn_modules/qlinear/torch.py`` (``TorchLinear``) takes the same tensors and runs on CPU, which is how the
+  conversion is proven without a GPU (``integration_tests/gptqmodel_kernel_worker.py``).
+
+This module imports without gptqmodel installed; gptqmodel itself is imported in ``post_init`` only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..packing.bits import pack_int32
+from ..quant.int import QuantizedTensor, effective_group_size
+from .base import QuantLinear
+from .registry import missing_requirement
+
+__all__ = [
+    "GPTQMODEL_REQUIREMENT",
+    "GptqModelQuantLinear",
+    "build_gptq_layer",
+    "cuda_capabilities",
+    "gptqmodel_tensors",
+    "import_gptqmodel",
+    "platform_reason",
+]
+
+# 7.6.x is the last gptqmodel series that installs next to torch 2.13, and the one whose layer contract we follow.
+GPTQMODEL_REQUIREMENT = "gptqmodel>=7.6,<7.7"
+
+GPTQ_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def gptqmodel_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors a GPTQModel layer holds before its ``post_init``, from our codes / scales / zeros.
+
+    ``qweight`` int32 ``[in * bits / 32, out]`` and ``qzeros`` int32 ``[G, out * bits / 32]`` (one little-endian
+    bit stream per 32 values, see :mod:`signround.packing.bits`), ``scales`` ``[G, out]`` in ``qt``'s scale dtype
+    (copying into the kernel's buffer casts it to the kernel's dtype), ``g_idx`` ``[in]`` = ``i // group_size``.
+    Zero points are stored as-is (GPTQ "v2", GPTQModel's internal format), not minus one as in v1 checkpoints.
+    Pure torch, on ``qt``'s device; needs ``in`` and ``out`` to be multiples of 32.
+    """
+    in_features = qt.codes.shape[1]
+    bits = qt.spec.bits
+    group_size = effective_group_size(qt.spec.group_size, in_features)
+    g_idx = torch.arange(in_features, dtype=torch.int32, device=qt.codes.device) // group_size
+    return {
+        "qweight": pack_int32(qt.codes.t(), bits, dim=0).contiguous(),
+        "qzeros": pack_int32(qt.zeros.t().to(torch.int32), bits, dim=1).contiguous(),
+        "scales": qt.scales.t().contiguous(),
+        "g_idx": g_idx,
+    }
+
+
+def import_gptqmodel(module: str) -> ModuleType:
+    """Import a gptqmodel module, or raise ImportError with the pip line when the required version is missing."""
+    if reason := missing_requirement(GPTQMODEL_REQUIREMENT):
+        raise ImportError(reason)
+    return importlib.import_module(module)
+
+
+def build_gptq_layer(cls: type[nn.Module], qt: QuantizedTensor, compute_dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+    """A GPTQModel GPTQ layer of class ``cls`` on ``qt``'s device, its buffers filled from ``qt`` (no ``post_init``).
+
+    Built without bias (our wrapper adds its own, in the activation dtype) and without act-order (our packers refuse
+    permuted ``g_idx``).  A shape mismatch between GPTQModel's buffers and ours raises, naming the buffer: that
+    would mean GPTQModel changed its layout.
+    """
+    out_features, in_features = qt.codes.shape
+    spec = qt.spec
+    with torch.device(qt.codes.device):  # GPTQModel allocates its buffers with the default device
+        layer = cls(
+            bits=spec.bits,
+            group_size=spec.group_size,
+            desc_act=False,
+            sym=spec.sym,
+            in_features=in_features,
+            out_features=out_features,
+            bias=False,
+            pack_dtype=torch.int32,
+            dtype=compute_dtype,
+            **kwargs,
+        )
+    with torch.no_grad():
+        for name, tensor in gptqmodel_tensors(qt).items():
+            target = getattr(layer, name)
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{cls.__name__}.{name} has shape {tuple(target.shape)}, expected {tuple(tensor.shape)}: "
+                    f"this gptqmodel's layer layout differs from the one signround supports ({GPTQMODEL_REQUIREMENT})"
+                )
+            target.data.copy_(tensor)
+    return layer
+
+
+@cache
+def cuda_capabilities() -> tuple[tuple[int, int], ...]:
+    """Compute capability of every visible CUDA device (empty without CUDA); cached, selection runs per layer."""
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+
+
+def platform_reason(kernel: str, platforms: tuple[str, ...]) -> str | None:
+    """Why GPTQModel's ``kernel`` cannot run on this OS or on ROCm (both kernels are NVIDIA-only), or None."""
+    if sys.platform not in platforms:
+        return f"GPTQModel's {kernel} kernel runs on {list(platforms)}, not {sys.platform!r}"
+    if torch.version.hip:
+        return f"GPTQModel's {kernel} kernel does not support ROCm"
+    return None
+
+
+class GptqModelQuantLinear(QuantLinear):
+    """A QuantLinear whose ``forward`` runs a GPTQModel layer built in ``post_init`` by :meth:`_build_kernel`.
+
+    The GPTQModel layer is kept out of the module tree (stored in ``__dict__``, not registered as a submodule):
+    its repacked tensors must not reach ``state_dict()`` (the checkpoint holds only our buffers), nor
+    ``parameters()`` or transformers' weight handling.  The cost is that ``.to()`` does not move it; a move of our
+    buffers to another device drops it instead, and the next ``forward`` rebuilds it there.
+    """
+
+    compute_dtype: torch.dtype = torch.float16  # the dtype the kernel computes in; set by post_init
+
+    def _build_kernel(self, qt: QuantizedTensor) -> nn.Module:
+        """Build the GPTQModel layer for ``qt`` (already ``post_init``-ed); set ``self.compute_dtype``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _build_kernel()")
+
+    @property
+    def kernel(self) -> nn.Module | None:
+        """The GPTQModel layer ``forward`` delegates to (None before ``post_init``, or after a device move)."""
+        return self.__dict__.get("_gptqmodel_layer")
+
+    def _buffer_device(self) -> torch.device:
+        layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
+        return getattr(self, next(iter(layout))).device
+
+    def post_init(self) -> None:
+        qt = self.quantized_tensor()
+        self.__dict__["_gptqmodel_layer"] = self._build_kernel(qt)
+        self.__dict__["_gptqmodel_device"] = qt.codes.device
+
+    def _apply(self, fn, recurse: bool = True):
+        """After ``.to()`` / ``.cuda()`` etc. moved our buffers, drop the kernel built on the old device."""
+        result = super()._apply(fn, recurse)
+        built_on = self.__dict__.get("_gptqmodel_device")
+        if built_on is not None and self._buffer_device() != built_on:
+            self.__dict__["_gptqmodel_layer"] = None
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        if kernel is None:
+            if self.__dict__.get("_gptqmodel_device") is None:
+                raise RuntimeError(f"{type(self).__name__}: call post_init() after loading the weights")
+            self.post_init()  # the buffers moved to another device since the kernel was built
+            kernel = self.kernel
+        y = kernel(x.to(self.compute_dtype).contiguous()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
