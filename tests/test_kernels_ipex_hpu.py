@@ -124,3 +124,39 @@ def test_hpu_layer_matches_torch_reference_through_the_op_contract(sym: bool, pa
         _reference_convert_from_uint4(**hpu_tensors(qt, torch.float32), dtype=torch.float32).t(),
         dequantize(qt, torch.float32),
     )
+
+
+# -- the vendor kernels themselves: run where their stack exists, skip with the reason elsewhere --------------------
+def _unavailable(name: str) -> str | None:
+    return get_backend(name).availability()
+
+
+@pytest.mark.skipif(_unavailable("ipex") is not None, reason=f"ipex kernel cannot run here: {_unavailable('ipex')}")
+def test_ipex_kernel_matches_torch_reference() -> None:
+    from signround.kernels.ipex import IpexQuantLinear
+
+    g = torch.Generator().manual_seed(6)
+    qt = quantize(torch.randn(128, 256, generator=g) * 0.05, LayerSpec(bits=4, group_size=32, sym=False))
+    bias = torch.randn(128, generator=g) * 0.1
+    fast = IpexQuantLinear.from_quantized(qt, "auto_round", bias, torch.bfloat16)
+    ref = TorchQuantLinear.from_quantized(qt, "auto_round", bias, torch.bfloat16)
+    x = torch.randn(5, 256, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        got, expected = fast(x).float(), ref(x).float()
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 2e-2
+
+
+@pytest.mark.skipif(
+    _unavailable("hpu") is not None or not registry.device_present("hpu"),
+    reason=f"hpu kernel cannot run here: {_unavailable('hpu') or 'no HPU device'}",
+)
+def test_hpu_kernel_matches_torch_reference() -> None:
+    g = torch.Generator().manual_seed(7)
+    qt = quantize(torch.randn(128, 256, generator=g) * 0.05, LayerSpec(bits=4, group_size=32, sym=True))
+    qt_hpu = type(qt)(qt.codes.to("hpu"), qt.scales.to("hpu"), qt.zeros.to("hpu"), qt.spec)
+    fast = HpuQuantLinear.from_quantized(qt_hpu, PACKING, None, torch.bfloat16)
+    ref = TorchQuantLinear.from_quantized(qt, PACKING, None, torch.bfloat16)
+    x = torch.randn(5, 256, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        got, expected = fast(x.to("hpu")).cpu().float(), ref(x).float()
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 2e-2

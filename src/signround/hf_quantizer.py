@@ -34,6 +34,16 @@ from .tuning.engine import head_name, quantizable_layers
 logger = logging.getLogger(__name__)
 
 
+def _untie_quantized_head(model: nn.Module, head: str) -> None:
+    """A quantized lm_head has its own tensors: stop transformers tying it to the embedding table (it would look
+    for ``lm_head.weight``, which a QuantLinear does not have).  Checkpoints whose config still says tied (written
+    by tools that quantize a tied head without untying the config) load too."""
+    model.config.tie_word_embeddings = False
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        model.all_tied_weights_keys = {k: v for k, v in tied.items() if not k.startswith(f"{head}.")}
+
+
 def _target_device(device_map: Any) -> str:
     """Where the layers will run, from from_pretrained's ``device_map`` (decides the kernel backend)."""
     if device_map is None:
@@ -98,6 +108,8 @@ class SignRoundHfQuantizer(HfQuantizer):
         self.installed = install_empty(
             model, plan.layers, packer.name, _target_device(self.device_map), dtype, config.backend
         )
+        if head is not None and head in self.installed:
+            _untie_quantized_head(model, head)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

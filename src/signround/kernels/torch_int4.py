@@ -143,15 +143,21 @@ class TorchInt4QuantLinear(QuantLinear):
         return (q * table[..., 0] + table[..., 1]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if flat.shape[0] >= self.dense_min_rows:
-            y = F.linear(flat, self.dense_weight())
+        # decode calls this ~200 times per token with one row: no work beyond the kernel when dtypes already match
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != self.compute_dtype:
+            flat = flat.to(self.compute_dtype)
+        if flat.shape[0] < self.dense_min_rows:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
+                flat, self.int4_weight, self.group_size, self.scales_offsets
+            )
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_weight, self.group_size, self.scales_offsets)
+            y = F.linear(flat, self.dense_weight())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 TORCH_INT4_BACKEND = register_backend(

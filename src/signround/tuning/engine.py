@@ -243,10 +243,7 @@ def _quantize_head(
             importance = x.reshape(-1, x.shape[-1]).square().mean(0)
     alpha, beta = _init_params(head, spec, importance, options)
     qt = quantize(head.weight, spec, None, alpha, beta, options.scale_dtype)
-    if _is_tied(model):
-        # The embedding keeps its full-precision table; the head gets its own (quantized) weight.
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
+    untie_head(model)
     with torch.no_grad():
         head.weight.copy_(dequantize(qt).to(head.weight.dtype))
     report.quantized[name] = qt
@@ -261,6 +258,15 @@ def _final_norm(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def untie_head(model: nn.Module) -> None:
+    """Before the head is quantized: the embedding keeps its full-precision table, the head gets its own weight,
+    and the config says untied (so the saved checkpoint reloads with a quantized head)."""
+    if _is_tied(model):
+        head = model.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+
+
 def _is_tied(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -271,6 +277,8 @@ def _is_tied(model: nn.Module) -> bool:
 def rtn_only(model: nn.Module, plan: QuantPlan, options: TuneOptions) -> TuneReport:
     """Plain RTN of every planned layer without calibration data (``iters=0, disable_opt_rtn=True``)."""
     report = TuneReport()
+    if head_name(model) in plan.layers:
+        untie_head(model)  # else writing the dequantized head would overwrite the tied embedding table
     for name, spec in plan.layers.items():
         linear = model.get_submodule(name)
         qt = quantize(linear.weight, spec, scale_dtype=options.scale_dtype)
