@@ -18,6 +18,7 @@ Quantization is plain RTN (speed does not depend on how the codes were chosen). 
 
     python bench/speed.py [--threads 2] [--repeats 3]
     python bench/speed.py --crossover      # torch_int4 per-call paths (int4 kernel vs dequantize + dense) by rows
+    python bench/speed.py --profile        # where a decode step of the bf16-rest torch_int4 model spends its op time
 """
 
 from __future__ import annotations
@@ -99,14 +100,48 @@ def crossover(threads: int) -> None:
             print(f"{out_f:>5}x{in_f:<4} {rows:>5} {times['kernel']:>12.0f} {times['dense']:>9.0f} {ratio:>13.2f}")
 
 
+@torch.inference_mode()
+def profile_decode(threads: int, steps: int = 20) -> None:
+    """Op-time shares of ``steps`` decode steps (torch.profiler) of W4G32 on torch_int4 with the rest in bf16."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    import signround
+    from signround.fetch import fetch_model
+
+    torch.set_num_threads(threads)
+    fp_dir = fetch_model("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        ar = signround.AutoRound(str(fp_dir), None, bits=4, group_size=32, sym=True, iters=0,
+                                 disable_opt_rtn=True, show_progress=False)  # fmt: skip
+        ckpt = ar.quantize_and_save(Path(tmp) / "w4g32", format="auto_round")
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    out = model(torch.arange(3, 67).unsqueeze(0), use_cache=True)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            out = model(token, cache=cache, use_cache=True)
+            cache = out.cache
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{steps} decode steps, {total / steps / 1e3:.2f} ms of op time per step; top ops by self time:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        share = e.self_cpu_time_total / total
+        print(f"  {e.key:<45} {share:6.1%}  {e.count // steps:>4} calls/step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crossover", action="store_true", help="only the torch_int4 per-call path table")
+    parser.add_argument("--profile", action="store_true", help="only the decode-step op profile")
     args = parser.parse_args()
     if args.crossover:
         crossover(args.threads)
+        return
+    if args.profile:
+        profile_decode(args.threads)
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
