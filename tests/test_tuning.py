@@ -274,8 +274,10 @@ def test_capture_block_inputs_keeps_padding_masks_per_sample(tiny_llama) -> None
     torch.testing.assert_close(replay[keep], expected[keep], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="BUG: a padded and an unpadded sample give a 4D mask and None")
-def test_capture_block_inputs_mixed_padded_and_unpadded(tiny_llama) -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_capture_block_inputs_mixed_padded_and_unpadded(tiny_llama, attn: str) -> None:
+    """sdpa gives an unpadded sample no mask (None) and a padded one a 4D bool mask; eager gives float masks."""
+    tiny_llama.set_attn_implementation(attn)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, :4] = 0  # sample 0 unpadded (sdpa: mask None), sample 1 padded (4D mask)

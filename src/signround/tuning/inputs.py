@@ -32,6 +32,31 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or a == b
 
 
+def _causal_like(template: torch.Tensor) -> torch.Tensor:
+    """The explicit form of "no mask" (plain causal attention, what transformers means by a ``None`` mask) in the
+    format of ``template``, a 4D ``[1, 1, T, S]`` mask of another sample: bool (True = attend) or additive float."""
+    if template.dim() != 4 or template.shape[0] != 1:
+        raise TypeError(f"cannot mix a None attention mask with a mask of shape {tuple(template.shape)}")
+    rows, cols = template.shape[-2:]
+    allowed = torch.ones(rows, cols, dtype=torch.bool, device=template.device).tril(cols - rows)
+    if template.dtype == torch.bool:
+        causal = allowed
+    else:
+        causal = torch.zeros(rows, cols, dtype=template.dtype, device=template.device)
+        causal.masked_fill_(~allowed, torch.finfo(template.dtype).min)
+    return causal.expand(template.shape).contiguous()
+
+
+def _fill_missing_masks(values: list[Any]) -> list[Any]:
+    """Samples without padding get no mask (None) under sdpa, padded ones a 4D mask: give the unpadded samples the
+    explicit causal mask, so the samples batch together."""
+    template = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if template is None or all(isinstance(v, torch.Tensor) for v in values):
+        return values
+    causal = _causal_like(template)
+    return [causal if v is None else v for v in values]
+
+
 def _stack(values: list[Any]) -> Any:
     """Per-sample values (batch dim 1) -> one batched value, tuple structure kept."""
     first = values[0]
@@ -140,7 +165,7 @@ def capture_block_inputs(
         if all(_same(values[0], v) for v in values[1:]):
             shared[key] = values[0]
         else:
-            per_sample[key] = _stack(values)
+            per_sample[key] = _stack(_fill_missing_masks(values))
     if any(k.startswith("__arg") for k in keys):
         raise NotImplementedError("blocks called with extra positional arguments are not supported yet")
     return BlockInputs(hidden=hidden, shared=shared, per_sample=per_sample)
