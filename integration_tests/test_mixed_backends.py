@@ -61,3 +61,24 @@ def test_forcing_a_backend_that_cannot_run_a_layer_names_it(mixed_checkpoint) ->
         AutoModelForCausalLM.from_pretrained(
             mixed_checkpoint, quantization_config=AutoRoundConfig(backend="torch_int4")
         )
+
+
+def test_fresh_process_loads_a_4bit_checkpoint_on_torch_int4(rtn_checkpoint) -> None:
+    """The first backend check of a process runs inside from_pretrained's meta-device context (a regression: the
+    torch_int4 layout probe once ran on meta tensors there and failed); only a fresh process sees that."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, signround, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from signround.layers import quant_linears\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(sorted({l.backend_name for l in quant_linears(m).values()}))\n"
+        "print(bool(torch.isfinite(m(torch.tensor([[1, 2, 3]])).logits).all()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(rtn_checkpoint)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['torch_int4']", "True"]

@@ -88,7 +88,9 @@ def layout_mismatch() -> str | None:
     """``None`` if :func:`decode_int4pack` inverts this torch's packing (checked on a probe with a tail block)."""
     if reason := kernel_available():
         return reason
-    probe = torch.randint(0, 16, (80, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    # explicit device: the first call usually comes from inside from_pretrained's meta-device context
+    cpu = torch.device("cpu")
+    probe = torch.randint(0, 16, (80, 64), generator=torch.Generator(cpu).manual_seed(0), dtype=torch.int32, device=cpu)
     if not torch.equal(decode_int4pack(_pack(probe), 80, 64).to(torch.int32), probe):
         return f"torch {torch.__version__} packs int4 CPU weights in a layout this backend cannot decode"
     return None
