@@ -150,6 +150,31 @@ def test_a_device_move_drops_the_kernel_and_forward_rebuilds_it() -> None:
     assert isinstance(bridged.kernel, _DequantKernel) and bridged.kernel is not kernel
 
 
+class _BridgedOffloading(_Bridged):
+    offload_checkpoint_on = ("cpu",)  # what happens on cuda / xpu, observable here
+
+
+def test_on_an_accelerator_the_checkpoint_copy_leaves_the_device() -> None:
+    """Only the kernel's copy of the weights stays where the layer runs; saving and rebuilding read the CPU copy."""
+    qt = _qt(W4)
+    bias = torch.randn(128, generator=torch.Generator().manual_seed(5)) * 0.1
+    ref = TorchQuantLinear.from_quantized(qt, "gptq", bias, torch.float32)
+    layer = _BridgedOffloading.from_quantized(qt, "gptq", bias, torch.float32)
+    assert layer.qweight is None and layer.qzeros is None and layer.scales is None
+    resident = {name for name, b in layer.named_buffers()}
+    assert resident == {"bias", "device_marker"}
+    assert set(layer.state_dict()) == set(ref.state_dict())
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in ref.state_dict().items())
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = layer(x)
+        layer.__dict__["_gptqmodel_device"] = torch.device("meta")  # as if built on another device
+        layer.to(torch.device("cpu"))
+        assert layer.kernel is None
+        torch.testing.assert_close(layer(x), before)  # rebuilt from the CPU copy
+        assert _rel_err(before, ref(x)) <= 5e-3
+
+
 # -- descriptors and selection -------------------------------------------------------------------------------------
 def test_descriptors_mirror_gptqmodel_limits() -> None:
     marlin, exl = get_backend("marlin"), get_backend("exllamav2")
