@@ -94,10 +94,40 @@ class QuantLinear(nn.Module):
         return layer
 
     def quantized_tensor(self) -> QuantizedTensor:
-        """The layer's codes, scales and zeros, unpacked from the checkpoint-format buffers."""
-        layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
-        tensors = {name: getattr(self, name) for name in layout}
-        return self.packer.unpack(tensors, self.spec, self.in_features, self.out_features)
+        """The layer's codes, scales and zeros, unpacked from the checkpoint-format buffers (or their CPU copy,
+        on the layer's device, after :meth:`offload_checkpoint`)."""
+        offloaded = self.__dict__.get("_checkpoint_on_cpu")
+        if offloaded is None:
+            layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
+            tensors = {name: getattr(self, name) for name in layout}
+            return self.packer.unpack(tensors, self.spec, self.in_features, self.out_features)
+        qt = self.packer.unpack(offloaded, self.spec, self.in_features, self.out_features)
+        device = self.device_marker.device
+        return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
+
+    # -- one copy of the weights on an accelerator ------------------------------------------------------------------
+    @property
+    def checkpoint_offloaded(self) -> bool:
+        return "_checkpoint_on_cpu" in self.__dict__
+
+    def offload_checkpoint(self) -> None:
+        """Move the checkpoint-format tensors to CPU memory, for backends whose kernel holds its own repacked copy:
+        two copies of every weight on a GPU would halve the model size that fits.  ``state_dict()`` and
+        :meth:`quantized_tensor` read the CPU copy; the registered buffers stay (holding None) so the names are
+        unchanged.  A ``device_marker`` buffer keeps following ``.to()`` to say where the layer runs."""
+        if self.checkpoint_offloaded:
+            return
+        names = list(self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features))
+        device = getattr(self, names[0]).device
+        self.__dict__["_checkpoint_on_cpu"] = {name: getattr(self, name).detach().to("cpu") for name in names}
+        for name in names:
+            setattr(self, name, None)
+        self.register_buffer("device_marker", torch.empty(0, device=device), persistent=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, tensor in self.__dict__.get("_checkpoint_on_cpu", {}).items():
+            destination[prefix + name] = tensor
 
     def post_init(self) -> None:
         """Called once after the weights are loaded; backends that repack for a faster kernel do it here."""

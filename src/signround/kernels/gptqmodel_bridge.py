@@ -160,42 +160,18 @@ class GptqModelQuantLinear(QuantLinear):
         """The GPTQModel layer ``forward`` delegates to (None before ``post_init``, or after a device move)."""
         return self.__dict__.get("_gptqmodel_layer")
 
-    def _layout_names(self) -> list[str]:
-        return list(self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features))
-
-    def _offloaded(self) -> dict[str, torch.Tensor] | None:
-        return self.__dict__.get("_checkpoint_on_cpu")
-
     def _buffer_device(self) -> torch.device:
-        if self._offloaded() is not None:
+        if self.checkpoint_offloaded:
             return self.device_marker.device
-        return getattr(self, self._layout_names()[0]).device
-
-    def quantized_tensor(self) -> QuantizedTensor:
-        offloaded = self._offloaded()
-        if offloaded is None:
-            return super().quantized_tensor()
-        qt = self.packer.unpack(offloaded, self.spec, self.in_features, self.out_features)
-        device = self.device_marker.device
-        return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
+        layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
+        return getattr(self, next(iter(layout))).device
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
         self.__dict__["_gptqmodel_layer"] = self._build_kernel(qt)
         self.__dict__["_gptqmodel_device"] = qt.codes.device
-        if qt.codes.device.type in self.offload_checkpoint_on and self._offloaded() is None:
-            names = self._layout_names()
-            self.__dict__["_checkpoint_on_cpu"] = {name: getattr(self, name).detach().to("cpu") for name in names}
-            for name in names:
-                setattr(self, name, None)  # the registered buffer stays (for loading) but holds nothing here
-            # moves with .to() like any buffer: where the layer runs once the checkpoint tensors are off it
-            self.register_buffer("device_marker", torch.empty(0, device=qt.codes.device), persistent=False)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        """The checkpoint-format tensors, from their CPU copy when they were moved off the accelerator."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, tensor in (self._offloaded() or {}).items():
-            destination[prefix + name] = tensor
+        if qt.codes.device.type in self.offload_checkpoint_on:
+            self.offload_checkpoint()
 
     def _apply(self, fn, recurse: bool = True):
         """After ``.to()`` / ``.cuda()`` etc. moved our buffers, drop the kernel built on the old device."""

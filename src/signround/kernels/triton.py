@@ -272,6 +272,8 @@ class TritonQuantLinear(QuantLinear):
         same_layout = isinstance(stored, torch.Tensor) and (stored.dtype, stored.shape) == (weight.dtype, weight.shape)
         if same_layout and torch.equal(stored, weight):
             weight = stored  # GPTQ-layout checkpoints already hold these words: share, don't copy
+        if weight is not stored and weight.device.type != "cpu":
+            self.offload_checkpoint()  # the kernel's words are a copy: keep one copy of the codes on the GPU
         self.register_buffer("triton_weight", weight, persistent=False)
         self.register_buffer("triton_scales", qt.scales.t().contiguous(), persistent=False)
         self.register_buffer("triton_zeros", qt.zeros.t().to(torch.uint8).contiguous(), persistent=False)
