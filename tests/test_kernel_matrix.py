@@ -53,7 +53,8 @@ MATRIX = [
     ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "ipex"),  # per-channel: not a torch_int4 group size
     ("cpu", 4, -1, True, BF16, 4096, 4096, NONE, "torch"),
     ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "torch"),  # IPEX takes bf16 / fp16 activations
-    ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "torch"),
+    ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "torch_int4"),  # 2/3-bit codes run as 4-bit ones, exactly
+    ("cpu", 3, 64, False, F32, 4096, 4096, NONE, "torch_int4"),
     ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch"),
     # Intel GPU
     ("xpu", 4, 128, True, F16, 4096, 4096, ALL, "ipex"),

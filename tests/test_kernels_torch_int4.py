@@ -135,3 +135,18 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_dir) -> None:
             fast.dense_min_rows = 2 if rows > 1 else 1 << 30
             got = fast(x[:, :rows])
             assert _rel_err(got, expected[:, :rows]) <= (BF16_TOL if fast_bf16(torch.device("cpu")) else 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("bits", "sym", "packing"), [(2, True, "auto_round:auto_gptq"), (3, False, "auto_round"), (3, True, "gptq")]
+)
+def test_2_and_3_bit_layers_run_as_4_bit_and_save_exactly(bits: int, sym: bool, packing: str) -> None:
+    """Codes below 16 dequantize the same way in the 4-bit kernel; saving rebuilds the 2/3-bit checkpoint."""
+    ref, fast = _layers(LayerSpec(bits=bits, group_size=32, sym=sym), packing, torch.float32)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = ref(x)
+        for threshold in (1 << 30, 1):  # the int4 kernel, then the dense path
+            fast.dense_min_rows = threshold
+            assert _rel_err(fast(x), expected) <= (BF16_TOL if fast_bf16(torch.device("cpu")) else 1e-5)
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())

@@ -1,4 +1,4 @@
-"""CPU 4-bit backend on PyTorch's own packed-int4 matmul (``aten._weight_int4pack_mm_for_cpu``).
+"""CPU backend for 2/3/4-bit layers on PyTorch's own packed-int4 matmul (``aten._weight_int4pack_mm_for_cpu``).
 
 Decode on CPU is memory-bound: every token reads every weight once, so bytes per weight decide.  This kernel
 reads the 4-bit codes directly (half a byte per weight) instead of dequantizing to a dense matrix.  At load
@@ -19,8 +19,13 @@ uses the ordinary matmul, whose cost the many rows amortise.
 
 The kernel is fast with bf16 (or fp16) activations and slow with float32 ones, so float32 inputs are computed in
 bf16 where the CPU has native bf16 and the result cast back; the tolerance against the torch reference is
-therefore that of bf16 activations (see ``tests/test_kernels_torch_int4.py``).  Kernel limits: 4-bit, groups of
+therefore that of bf16 activations (see ``tests/test_kernels_torch_int4.py``).  Kernel limits: groups of
 32 / 64 / 128 / 256 input features, ``out_features`` a multiple of 16.
+
+2- and 3-bit layers run here too, their codes held as 4-bit ones, shifted to centre on the kernel's 8 so that
+``(q - 8) * scale + offset`` cancels no more than at 4 bits: ``(q - zero) * scale`` is the same arithmetic for any
+code below 16, at half a byte per weight instead of 1/4 or 3/8, and at this kernel's speed rather than that of the
+dequantize-every-forward reference, their only other CPU path.
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def layout_mismatch() -> str | None:
 
 
 class TorchInt4QuantLinear(QuantLinear):
-    """4-bit layers through ``aten._weight_int4pack_mm_for_cpu``; repacked once at load."""
+    """2/3/4-bit layers through ``aten._weight_int4pack_mm_for_cpu``; repacked once at load."""
 
     backend_name = "torch_int4"
     dense_min_rows: int = DENSE_MIN_ROWS  # per-call path switch (bench/speed.py --crossover varies it)
@@ -107,10 +112,13 @@ class TorchInt4QuantLinear(QuantLinear):
         self.group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
         cpu_bf16 = fast_bf16(torch.device("cpu"))
         self.compute_dtype = torch.bfloat16 if self.dtype == torch.float32 and cpu_bf16 else self.dtype
+        # 2/3-bit codes are centred on the kernel's 8: (q - 8) * s + offset then cancels no more than at 4 bits
+        # (codes near 0 with offset ~ 8 s would lose bf16 digits); the shift is undone when the codes are read back
+        self.code_shift = 8 - 2 ** (qt.spec.bits - 1)
         scales = qt.scales.float()
-        offsets = (8 - qt.zeros.float()) * scales
+        offsets = (8 - self.code_shift - qt.zeros.float()) * scales
         table = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
-        self.register_buffer("int4_weight", _pack(qt.codes), persistent=False)
+        self.register_buffer("int4_weight", _pack(qt.codes.to(torch.int32) + self.code_shift), persistent=False)
         self.register_buffer("scales_offsets", table.to(self.compute_dtype), persistent=False)
         # exact checkpoint values for saving; the codes come back from int4_weight
         self.register_buffer("saved_scales", qt.scales.clone(), persistent=False)
@@ -126,7 +134,7 @@ class TorchInt4QuantLinear(QuantLinear):
     def quantized_tensor(self) -> QuantizedTensor:
         if not self.repacked:
             return super().quantized_tensor()
-        codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features)
+        codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features) - self.code_shift
         return QuantizedTensor(codes, self.saved_scales, self.saved_zeros.to(torch.int32), self._saved_spec)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -167,7 +175,7 @@ TORCH_INT4_BACKEND = register_backend(
         name="torch_int4",
         quant_linear=TorchInt4QuantLinear,
         devices=("cpu",),
-        bits=(4,),
+        bits=(2, 3, 4),  # 2/3-bit codes fit the 4-bit kernel exactly
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         packings=None,  # any registered packer: post_init unpacks through it
         group_sizes=GROUP_SIZES,
