@@ -16,7 +16,7 @@ as well (``quant_lm_head=True``, untied from the embedding), the reference tool'
 Quantization is plain RTN (speed does not depend on how the codes were chosen).  Each variant is timed
 ``--repeats`` times, best kept; rows go to bench/results/speed.jsonl.
 
-    python bench/speed.py [--threads 2] [--repeats 3]
+    python bench/speed.py [--threads 2] [--repeats 3] [--bits 4]
     python bench/speed.py --crossover      # torch_int4 per-call paths (int4 kernel vs dequantize + dense) by rows
     python bench/speed.py --profile        # where a decode step of the bf16-rest torch_int4 model spends its op time
 """
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crossover", action="store_true", help="only the torch_int4 per-call path table")
     parser.add_argument("--profile", action="store_true", help="only the decode-step op profile")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4), help="weight bits of the quantized rows")
     args = parser.parse_args()
     if args.crossover:
         crossover(args.threads)
@@ -155,27 +156,29 @@ def main() -> None:
     ids = tokenizer(EVAL.read_text()[:20000], return_tensors="pt").input_ids[0]
     prompt, batch = ids[:64].unsqueeze(0), ids[: 4 * 512].reshape(4, 512)
     rows = []
+    w = f"W{args.bits}G32"
     with tempfile.TemporaryDirectory() as tmp:
-        ar = signround.AutoRound(str(fp_dir), tokenizer, bits=4, group_size=32, sym=True, iters=0,
+        ar = signround.AutoRound(str(fp_dir), tokenizer, bits=args.bits, group_size=32, sym=True, iters=0,
                                  disable_opt_rtn=True, show_progress=False)  # fmt: skip
-        ckpt = ar.quantize_and_save(Path(tmp) / "w4g32", format="auto_round")
-        ar = signround.AutoRound(str(fp_dir), tokenizer, bits=4, group_size=32, sym=True, iters=0,
-                                 disable_opt_rtn=True, quant_lm_head=True, show_progress=False)  # fmt: skip
-        ckpt_head = ar.quantize_and_save(Path(tmp) / "w4g32-head", format="auto_round")
+        ckpt = ar.quantize_and_save(Path(tmp) / "quantized", format="auto_round")
         del ar
         variants = {
             "fp32": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32),
             "bf16": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16),
         }
         for backend, dtype in (("torch", torch.float32), ("torch_int4", torch.float32), ("torch_int4", torch.bfloat16)):
-            name = f"W4G32 {backend}" + (" (bf16 rest)" if dtype == torch.bfloat16 else "")
+            name = f"{w} {backend}" + (" (bf16 rest)" if dtype == torch.bfloat16 else "")
             variants[name] = lambda b=backend, d=dtype: AutoModelForCausalLM.from_pretrained(
                 ckpt, dtype=d, quantization_config=signround.AutoRoundConfig(backend=b)
             )
-        # another model: lm_head quantized too (untied from the embedding), so no 16-bit matrix is read per token
-        variants["W4G32 + lm_head W4 torch_int4 (bf16 rest)"] = lambda: AutoModelForCausalLM.from_pretrained(
-            ckpt_head, dtype=torch.bfloat16
-        )
+        if args.bits == 4:  # another model: lm_head quantized too (untied from the embedding)
+            ar = signround.AutoRound(str(fp_dir), tokenizer, bits=4, group_size=32, sym=True, iters=0,
+                                     disable_opt_rtn=True, quant_lm_head=True, show_progress=False)  # fmt: skip
+            ckpt_head = ar.quantize_and_save(Path(tmp) / "with-head", format="auto_round")
+            del ar
+            variants["W4G32 + lm_head W4 torch_int4 (bf16 rest)"] = lambda: AutoModelForCausalLM.from_pretrained(
+                ckpt_head, dtype=torch.bfloat16
+            )
         reference_logits = None
         for name, load in variants.items():
             model = load().eval()
@@ -187,7 +190,7 @@ def main() -> None:
             if quant_linears(model):
                 used, fp16 = _weight_bytes(model)
                 row.update(quant_layer_bytes=used, fraction_of_fp16=round(used / fp16, 3))
-            if name == "W4G32 torch":
+            if name == f"{w} torch":
                 reference_logits = logits
             elif reference_logits is not None and "lm_head" not in name:  # same model as the reference only
                 row["max_rel_logit_diff_vs_torch"] = round(
