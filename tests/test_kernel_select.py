@@ -123,3 +123,17 @@ def test_one_info_line_per_distinct_choice(caplog) -> None:
         select(LayerSpec(bits=8, group_size=128), PACKING, "cpu", torch.float32, 256, 512)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernel backend")]
     assert len(lines) == 2 and "'torch_int4'" in lines[0] and "'torch'" in lines[1]
+
+
+def test_environment_probes_run_on_real_memory_inside_a_meta_context() -> None:
+    """from_pretrained builds the model (and selects kernels) under torch.device("meta"); a probe that computes on
+    tensors must still see real ones."""
+    seen = []
+
+    def probe() -> str | None:
+        seen.append(torch.empty(1).device.type)
+        return None
+
+    with torch.device("meta"):
+        assert _fake("probing", environment=probe).availability() is None
+    assert seen == ["cpu"]

@@ -78,7 +78,10 @@ class Backend:
         for requirement in self.requires:
             if reason := missing_requirement(requirement):
                 return reason
-        return self.environment() if self.environment is not None else None
+        if self.environment is None:
+            return None
+        with torch.device("cpu"):  # selection runs inside from_pretrained's meta-device context: probe on real memory
+            return self.environment()
 
     def devices_here(self) -> list[str]:
         """The backend's device types that this machine has."""
