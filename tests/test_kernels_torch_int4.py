@@ -150,3 +150,22 @@ def test_2_and_3_bit_layers_run_as_4_bit_and_save_exactly(bits: int, sym: bool, 
             fast.dense_min_rows = threshold
             assert _rel_err(fast(x), expected) <= (BF16_TOL if fast_bf16(torch.device("cpu")) else 1e-5)
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("layer_cls", [TorchQuantLinear, TorchInt4QuantLinear])
+def test_dtype_casts_leave_quantization_state_alone(layer_cls) -> None:
+    """``model.to(torch.bfloat16)`` (which transformers allows on quantized models) casts bias only: checkpoint
+    scales keep their precision for saving, kernel tables keep the dtype the kernel reads."""
+    qt = quantize(torch.randn(96, 256, generator=torch.Generator().manual_seed(9)) * 0.05, LayerSpec(bits=4))
+    layer = layer_cls.from_quantized(qt, "auto_round", torch.zeros(96), torch.float32)
+    before = {name: buf.clone() for name, buf in layer.state_dict().items() if name != "bias"}
+    dtypes = {name: buf.dtype for name, buf in layer.named_buffers() if name != "bias"}
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        expected = layer(x)
+        layer.to(torch.bfloat16)
+        got = layer(x.bfloat16())
+    assert {name: buf.dtype for name, buf in layer.named_buffers() if name != "bias"} == dtypes
+    assert layer.bias.dtype == torch.bfloat16
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+    assert got.dtype == torch.bfloat16 and _rel_err(got, expected) <= BF16_TOL

@@ -132,6 +132,21 @@ class QuantLinear(nn.Module):
     def post_init(self) -> None:
         """Called once after the weights are loaded; backends that repack for a faster kernel do it here."""
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)`` must not cast quantization state: fp16 checkpoint scales rounded to bf16 would be
+        saved that way, and a kernel's table must keep the dtype its kernel reads.  Every buffer but ``bias``
+        follows device moves only; ``bias`` (cast in ``forward`` anyway) follows dtype casts as well."""
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None and name != "bias"}
+        for name in kept:
+            self._buffers[name] = None
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                target = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device  # where fn sends this dtype
+                self._buffers[name] = buf if buf.device == target else buf.to(target)
+        return result
+
     # -- validation ---------------------------------------------------------------------------------------------
     def check_loaded(self, layer_name: str) -> None:
         """Raise ``ValueError`` naming the layer and buffer if a buffer is missing, still on meta, of the wrong
