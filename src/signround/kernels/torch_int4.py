@@ -145,12 +145,13 @@ class TorchInt4QuantLinear(QuantLinear):
                 destination[prefix + name] = tensor
 
     def dense_weight(self) -> torch.Tensor:
-        """The ``[out, in]`` weight in the compute dtype, as the kernel dequantizes it: ``(q - 8) * s + offset``."""
-        codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features)
+        """The ``[out, in]`` weight in the compute dtype: ``(q - zero) * scale`` from the exact checkpoint values,
+        computed in float32 and rounded once (the kernel's bf16 ``(q - 8) * s + offset`` would round three times)."""
+        qt = self.quantized_tensor()
         groups = self.in_features // self.group_size
-        q = codes.view(self.out_features, groups, self.group_size).to(self.compute_dtype) - 8
-        table = self.scales_offsets.transpose(0, 1).unsqueeze(2)  # [out, groups, 1, 2]
-        return (q * table[..., 0] + table[..., 1]).view(self.out_features, self.in_features)
+        q = qt.codes.view(self.out_features, groups, self.group_size).float()
+        weight = (q - qt.zeros.unsqueeze(-1).float()).mul_(qt.scales.unsqueeze(-1).float())
+        return weight.view(self.out_features, self.in_features).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode calls this ~200 times per token with one row: no work beyond the kernel when dtypes already match
