@@ -19,6 +19,7 @@ Quantization is plain RTN (speed does not depend on how the codes were chosen). 
     python bench/speed.py [--threads 2] [--repeats 3] [--bits 4]
     python bench/speed.py --crossover      # torch_int4 per-call paths (int4 kernel vs dequantize + dense) by rows
     python bench/speed.py --profile        # where a decode step of the bf16-rest torch_int4 model spends its op time
+    python bench/speed.py --dtypes         # the int4 kernel's time per call in bf16 / fp16 / fp32
 """
 
 from __future__ import annotations
@@ -101,6 +102,30 @@ def crossover(threads: int) -> None:
 
 
 @torch.inference_mode()
+def kernel_dtypes(threads: int) -> None:
+    """One decode-sized call (1 row, a 1536x576 SmolLM2 layer) of ``aten._weight_int4pack_mm_for_cpu`` per
+    activation dtype: the evidence for torch_int4 computing fp32 and fp16 inputs in bf16."""
+    from signround.kernels.torch_int4 import TorchInt4QuantLinear
+    from signround.quant.int import quantize
+    from signround.schemes import LayerSpec
+
+    torch.set_num_threads(threads)
+    qt = quantize(torch.randn(1536, 576) * 0.05, LayerSpec(bits=4, group_size=32, sym=True))
+    layer = TorchInt4QuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.bfloat16)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, table = torch.randn(1, 576, dtype=dtype), layer.scales_offsets.to(dtype)
+        kernel(x, layer.int4_weight, 32, table)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(200):
+                kernel(x, layer.int4_weight, 32, table)
+            best = min(best, (time.perf_counter() - start) / 200 * 1e6)
+        print(f"{dtype!s:>16}: {best:8.1f} µs per call")
+
+
+@torch.inference_mode()
 def profile_decode(threads: int, steps: int = 20) -> None:
     """Op-time shares of ``steps`` decode steps (torch.profiler) of W4G32 on torch_int4 with the rest in bf16."""
     from torch.profiler import ProfilerActivity, profile
@@ -136,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crossover", action="store_true", help="only the torch_int4 per-call path table")
     parser.add_argument("--profile", action="store_true", help="only the decode-step op profile")
+    parser.add_argument("--dtypes", action="store_true", help="only the int4 kernel's time per activation dtype")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4), help="weight bits of the quantized rows")
     args = parser.parse_args()
     if args.crossover:
@@ -143,6 +169,9 @@ def main() -> None:
         return
     if args.profile:
         profile_decode(args.threads)
+        return
+    if args.dtypes:
+        kernel_dtypes(args.threads)
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

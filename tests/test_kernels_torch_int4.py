@@ -67,9 +67,10 @@ def test_matches_torch_reference_half(dtype: torch.dtype) -> None:
     assert _rel_err(got, expected) <= BF16_TOL
 
 
-def test_fp32_inputs_use_bf16_only_where_native() -> None:
-    _ref, fast = _layers(LayerSpec(bits=4, group_size=32), "auto_round", torch.float32)
-    assert fast.compute_dtype == (torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp32_and_fp16_inputs_use_bf16_only_where_native(dtype: torch.dtype) -> None:
+    _ref, fast = _layers(LayerSpec(bits=4, group_size=32), "auto_round", dtype)
+    assert fast.compute_dtype == (torch.bfloat16 if fast_bf16(torch.device("cpu")) else dtype)
     assert fast.scales_offsets.dtype == fast.compute_dtype
 
 

@@ -17,8 +17,8 @@ Per call shape: the kernel is a GEMV-style loop, fast for a few rows (decode) an
 ``DENSE_MIN_ROWS`` rows on (prefill), the layer dequantizes its weight into a dense bf16 matrix for that call and
 uses the ordinary matmul, whose cost the many rows amortise.
 
-The kernel is fast with bf16 (or fp16) activations and slow with float32 ones, so float32 inputs are computed in
-bf16 where the CPU has native bf16 and the result cast back; the tolerance against the torch reference is
+The kernel is fast with bf16 activations and many times slower with float32 or float16 ones, so such inputs are
+computed in bf16 where the CPU has native bf16 and the result cast back; the tolerance against the torch reference is
 therefore that of bf16 activations (see ``tests/test_kernels_torch_int4.py``).  Kernel limits: groups of
 32 / 64 / 128 / 256 input features, ``out_features`` a multiple of 16.
 
@@ -111,7 +111,8 @@ class TorchInt4QuantLinear(QuantLinear):
         qt = self.quantized_tensor()
         self.group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
         cpu_bf16 = fast_bf16(torch.device("cpu"))
-        self.compute_dtype = torch.bfloat16 if self.dtype == torch.float32 and cpu_bf16 else self.dtype
+        # the kernel is fast in bf16 only: fp16 and fp32 inputs are 24-40x slower per call (bench/speed.py --dtypes)
+        self.compute_dtype = torch.bfloat16 if cpu_bf16 else self.dtype
         # 2/3-bit codes are centred on the kernel's 8: (q - 8) * s + offset then cancels no more than at 4 bits
         # (codes near 0 with offset ~ 8 s would lose bf16 digits); the shift is undone when the codes are read back
         self.code_shift = 8 - 2 ** (qt.spec.bits - 1)
