@@ -17,9 +17,10 @@ Per call shape: the kernel is a GEMV-style loop, fast for a few rows (decode) an
 ``DENSE_MIN_ROWS`` rows on (prefill), the layer dequantizes its weight into a dense bf16 matrix for that call and
 uses the ordinary matmul, whose cost the many rows amortise.
 
-The kernel is fast with bf16 activations and many times slower with float32 or float16 ones, so such inputs are
-computed in bf16 where the CPU has native bf16 and the result cast back; the tolerance against the torch reference is
-therefore that of bf16 activations (see ``tests/test_kernels_torch_int4.py``).  Kernel limits: groups of
+The kernel is fast with bf16 activations and many times slower with float32 or float16 ones, so its inputs are
+cast to bf16 and the result cast back; the tolerance against the torch reference is therefore that of bf16
+activations (see ``tests/test_kernels_torch_int4.py``).  The dense path computes in bf16 where the CPU has native
+bf16, else in float32.  Kernel limits: groups of
 32 / 64 / 128 / 256 input features, ``out_features`` a multiple of 16.
 
 2- and 3-bit layers run here too, their codes held as 4-bit ones, shifted to centre on the kernel's 8 so that
@@ -110,9 +111,12 @@ class TorchInt4QuantLinear(QuantLinear):
     def post_init(self) -> None:
         qt = self.quantized_tensor()
         self.group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
-        cpu_bf16 = fast_bf16(torch.device("cpu"))
-        # the kernel is fast in bf16 only: fp16 and fp32 inputs are 24-40x slower per call (bench/speed.py --dtypes)
-        self.compute_dtype = torch.bfloat16 if cpu_bf16 else self.dtype
+        # The kernel is fast with bf16 activations only, on every x86 CPU: here (AMX) fp16 and fp32 inputs are 24-40x
+        # slower per call (bench/speed.py --dtypes); issue 5 measured 148 µs (bf16) against 2047 µs (fp32) for a
+        # 576x1536 layer on an AVX2 CPU without native bf16.  The dense path (long inputs) is an ordinary matmul,
+        # fast in bf16 only where the CPU has native bf16, else in fp32.
+        self.compute_dtype = torch.bfloat16
+        self.dense_dtype = torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32
         # 2/3-bit codes are centred on the kernel's 8: (q - 8) * s + offset then cancels no more than at 4 bits
         # (codes near 0 with offset ~ 8 s would lose bf16 digits); the shift is undone when the codes are read back
         self.code_shift = 8 - 2 ** (qt.spec.bits - 1)
@@ -146,25 +150,25 @@ class TorchInt4QuantLinear(QuantLinear):
                 destination[prefix + name] = tensor
 
     def dense_weight(self) -> torch.Tensor:
-        """The ``[out, in]`` weight in the compute dtype: ``(q - zero) * scale`` from the exact checkpoint values,
-        computed in float32 and rounded once (the kernel's bf16 ``(q - 8) * s + offset`` would round three times)."""
+        """The ``[out, in]`` weight in the dense path's dtype: ``(q - zero) * scale`` from the exact checkpoint
+        values, computed in float32 and rounded once (the kernel's bf16 ``(q - 8) * s + offset`` rounds three times)."""
         qt = self.quantized_tensor()
         groups = self.in_features // self.group_size
         q = qt.codes.view(self.out_features, groups, self.group_size).float()
         weight = (q - qt.zeros.unsqueeze(-1).float()).mul_(qt.scales.unsqueeze(-1).float())
-        return weight.view(self.out_features, self.in_features).to(self.compute_dtype)
+        return weight.view(self.out_features, self.in_features).to(self.dense_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode calls this ~200 times per token with one row: no work beyond the kernel when dtypes already match
         flat = x.reshape(-1, self.in_features)
-        if flat.dtype != self.compute_dtype:
-            flat = flat.to(self.compute_dtype)
         if flat.shape[0] < self.dense_min_rows:
+            if flat.dtype != self.compute_dtype:
+                flat = flat.to(self.compute_dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
                 flat, self.int4_weight, self.group_size, self.scales_offsets
             )
         else:
-            y = F.linear(flat, self.dense_weight())
+            y = F.linear(flat.to(self.dense_dtype), self.dense_weight())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if y.dtype != x.dtype:
