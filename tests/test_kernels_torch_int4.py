@@ -185,3 +185,11 @@ def test_without_native_bf16_the_dense_path_computes_in_fp32(monkeypatch) -> Non
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
         assert _rel_err(fast(x[:3]), ref(x[:3])) <= BF16_TOL
+
+
+def test_symmetric_layers_keep_no_zero_points_and_still_save_exactly() -> None:
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=True), "auto_round:auto_gptq", torch.float32)
+    assert fast.saved_zeros is None
+    _ref_a, asym = _layers(LayerSpec(bits=4, group_size=32, sym=False), "auto_round", torch.float32)
+    assert asym.saved_zeros is not None
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())

@@ -9,13 +9,14 @@ reads the 4-bit codes directly (half a byte per weight) instead of dequantizing 
 
 One copy of the codes stays resident: the checkpoint-format tensors are dropped after the repack and rebuilt,
 bit-exact, when the layer is saved (codes decoded from the kernel layout, scales and zero points kept in their
-checkpoint precision, which the kernel's bf16 table cannot reproduce).  The decoding relies on the kernel's
-layout, which torch does not document, so :func:`layout_mismatch` checks it once per process and the backend
-steps aside (the torch reference takes the layer) if a torch release changes it.
+checkpoint precision, which the kernel's bf16 table cannot reproduce; symmetric layers keep no zero points). The
+decoding relies on the kernel's layout, which torch does not document, so :func:`layout_mismatch` checks it once per
+process and the backend steps aside (the torch reference takes the layer) if a torch release changes it.
 
 Per call shape: the kernel is a GEMV-style loop, fast for a few rows (decode) and slow for long inputs; from
-``DENSE_MIN_ROWS`` rows on (prefill), the layer dequantizes its weight into a dense bf16 matrix for that call and
-uses the ordinary matmul, whose cost the many rows amortise.
+``DENSE_MIN_ROWS`` rows on (prefill), the layer dequantizes its weight into a dense matrix for that call (exact
+values rounded once to bf16, or fp32 where the CPU lacks native bf16) and uses the ordinary matmul, whose cost the
+many rows amortise.
 
 The kernel is fast with bf16 activations and many times slower with float32 or float16 ones, so its inputs are
 cast to bf16 and the result cast back; the tolerance against the torch reference is therefore that of bf16
@@ -127,7 +128,11 @@ class TorchInt4QuantLinear(QuantLinear):
         self.register_buffer("scales_offsets", table.to(self.compute_dtype), persistent=False)
         # exact checkpoint values for saving; the codes come back from int4_weight
         self.register_buffer("saved_scales", qt.scales.clone(), persistent=False)
-        self.register_buffer("saved_zeros", qt.zeros.to(torch.uint8), persistent=False)
+        # symmetric layers (zero point 2^(bits-1) everywhere) need no copy of their zero points
+        midpoint = 2 ** (qt.spec.bits - 1)
+        self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
+        zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8)
+        self.register_buffer("saved_zeros", zeros, persistent=False)
         self._saved_spec = qt.spec
         for name in self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features):
             setattr(self, name, None)  # drop the checkpoint-format copy: one copy of the codes stays resident
@@ -140,7 +145,13 @@ class TorchInt4QuantLinear(QuantLinear):
         if not self.repacked:
             return super().quantized_tensor()
         codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features) - self.code_shift
-        return QuantizedTensor(codes, self.saved_scales, self.saved_zeros.to(torch.int32), self._saved_spec)
+        if self._uniform_zero is not None:
+            zeros = torch.full(
+                self.saved_scales.shape, self._uniform_zero, dtype=torch.int32, device=self.saved_scales.device
+            )
+        else:
+            zeros = self.saved_zeros.to(torch.int32)
+        return QuantizedTensor(codes, self.saved_scales, zeros, self._saved_spec)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """Write the checkpoint-format tensors, rebuilt from the repacked ones after ``post_init``."""
