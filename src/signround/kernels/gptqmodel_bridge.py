@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..packing.bits import pack_int32
-from ..quant.int import QuantizedTensor, effective_group_size
+from ..packing import get_packer
+from ..quant.int import QuantizedTensor
 from .base import QuantLinear
 from .registry import missing_requirement
 
@@ -62,18 +62,13 @@ def gptqmodel_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     bit stream per 32 values, see :mod:`signround.packing.bits`), ``scales`` ``[G, out]`` in ``qt``'s scale dtype
     (copying into the kernel's buffer casts it to the kernel's dtype), ``g_idx`` ``[in]`` = ``i // group_size``.
     Zero points are stored as-is (GPTQ "v2", GPTQModel's internal format), not minus one as in v1 checkpoints.
-    Pure torch, on ``qt``'s device; needs ``in`` and ``out`` to be multiples of 32.
+    That is our ``gptq_v2`` packing, except that ``scales`` keep ``qt``'s dtype: the packer stores fp16, and a
+    bf16 kernel should get bf16 checkpoint scales unrounded.  Needs ``in`` and ``out`` to be multiples of 32.
     """
-    in_features = qt.codes.shape[1]
-    bits = qt.spec.bits
-    group_size = effective_group_size(qt.spec.group_size, in_features)
-    g_idx = torch.arange(in_features, dtype=torch.int32, device=qt.codes.device) // group_size
-    return {
-        "qweight": pack_int32(qt.codes.t(), bits, dim=0).contiguous(),
-        "qzeros": pack_int32(qt.zeros.t().to(torch.int32), bits, dim=1).contiguous(),
-        "scales": qt.scales.t().contiguous(),
-        "g_idx": g_idx,
-    }
+    fp16_scales = QuantizedTensor(qt.codes, qt.scales.half(), qt.zeros, qt.spec)  # scales replaced below
+    tensors = get_packer("gptq_v2").pack(fp16_scales)
+    tensors["scales"] = qt.scales.t().contiguous()
+    return tensors
 
 
 def import_gptqmodel(module: str) -> ModuleType:

@@ -37,7 +37,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..quant.int import QuantizedTensor
+from ..quant.int import QuantizedTensor, effective_group_size
 from ..tuning.block import fast_bf16
 from .base import QuantLinear
 from .registry import Backend, register_backend
@@ -111,7 +111,7 @@ class TorchInt4QuantLinear(QuantLinear):
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
-        self.group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
+        self.group_size = effective_group_size(qt.spec.group_size, self.in_features)
         # The kernel is fast with bf16 activations only, on every x86 CPU: here (AMX) fp16 and fp32 inputs are 24-40x
         # slower per call (bench/speed.py --dtypes); issue 5 measured 148 µs (bf16) against 2047 µs (fp32) for a
         # 576x1536 layer on an AVX2 CPU without native bf16.  The dense path (long inputs) is an ordinary matmul,
@@ -133,7 +133,6 @@ class TorchInt4QuantLinear(QuantLinear):
         self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
         zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8)
         self.register_buffer("saved_zeros", zeros, persistent=False)
-        self._saved_spec = qt.spec
         for name in self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features):
             setattr(self, name, None)  # drop the checkpoint-format copy: one copy of the codes stays resident
 
@@ -151,7 +150,7 @@ class TorchInt4QuantLinear(QuantLinear):
             )
         else:
             zeros = self.saved_zeros.to(torch.int32)
-        return QuantizedTensor(codes, self.saved_scales, zeros, self._saved_spec)
+        return QuantizedTensor(codes, self.saved_scales, zeros, self.spec)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """Write the checkpoint-format tensors, rebuilt from the repacked ones after ``post_init``."""
