@@ -112,10 +112,9 @@ class TorchInt4QuantLinear(QuantLinear):
     def post_init(self) -> None:
         qt = self.quantized_tensor()
         self.group_size = effective_group_size(qt.spec.group_size, self.in_features)
-        # The kernel is fast with bf16 activations only, on every x86 CPU: here (AMX) fp16 and fp32 inputs are 24-40x
-        # slower per call (bench/speed.py --dtypes); issue 5 measured 148 µs (bf16) against 2047 µs (fp32) for a
-        # 576x1536 layer on an AVX2 CPU without native bf16.  The dense path (long inputs) is an ordinary matmul,
-        # fast in bf16 only where the CPU has native bf16, else in fp32.
+        # The kernel is fast with bf16 activations only: here (AMX) fp16 and fp32 inputs are 24-40x slower per call
+        # (bench/speed.py --dtypes), and issue 5 reports the same for an AVX2 CPU without native bf16.  The dense
+        # path (long inputs) is an ordinary matmul, fast in bf16 only where the CPU has native bf16, else in fp32.
         self.compute_dtype = torch.bfloat16
         self.dense_dtype = torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32
         # 2/3-bit codes are centred on the kernel's 8: (q - 8) * s + offset then cancels no more than at 4 bits
