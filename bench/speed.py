@@ -14,7 +14,8 @@ as well (``quant_lm_head=True``, untied from the embedding), the reference tool'
 * agreement: max |logits - torch backend's| / max |logits| and the share of equal argmax on 4 x 512 tokens.
 
 Quantization is plain RTN (speed does not depend on how the codes were chosen).  Each variant is timed
-``--repeats`` times, best kept; rows go to bench/results/speed.jsonl.
+``--repeats`` times, best kept, all variants resident and timed in turn (so that machine drift hits them alike);
+rows go to bench/results/speed.jsonl.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--bits 4]
     python bench/speed.py --crossover      # torch_int4 per-call paths (int4 kernel vs dequantize + dense) by rows
@@ -208,14 +209,19 @@ def main() -> None:
             variants["W4G32 + lm_head W4 torch_int4 (bf16 rest)"] = lambda: AutoModelForCausalLM.from_pretrained(
                 ckpt_head, dtype=torch.bfloat16
             )
+        models = {name: load().eval() for name, load in variants.items()}
+        # every variant resident at once, timed in turn `repeats` times: machine drift hits all of them alike
+        decode = {name: 0.0 for name in models}
+        prefill = {name: 0.0 for name in models}
+        for _ in range(args.repeats):
+            for name, model in models.items():
+                decode[name] = max(decode[name], _decode_tps(model, prompt, 128))
+                prefill[name] = max(prefill[name], _prefill_tps(model, batch))
         reference_logits = None
-        for name, load in variants.items():
-            model = load().eval()
-            decode = max(_decode_tps(model, prompt, 128) for _ in range(args.repeats))
-            prefill = max(_prefill_tps(model, batch) for _ in range(args.repeats))
+        for name, model in models.items():
             with torch.inference_mode():
                 logits = model(batch).logits.float()
-            row = {"variant": name, "decode_tok_s": round(decode, 2), "prefill_tok_s": round(prefill, 1)}
+            row = {"variant": name, "decode_tok_s": round(decode[name], 2), "prefill_tok_s": round(prefill[name], 1)}
             if quant_linears(model):
                 used, fp16 = _weight_bytes(model)
                 row.update(quant_layer_bytes=used, fraction_of_fp16=round(used / fp16, 3))
@@ -229,7 +235,7 @@ def main() -> None:
                     float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean()), 4
                 )
             rows.append(row)
-            del model
+        del models
     fp32 = rows[0]
     with OUT.open("a") as f:
         for row in rows:

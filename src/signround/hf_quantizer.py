@@ -27,7 +27,6 @@ from transformers.quantizers.base import HfQuantizer
 from .config import QUANT_METHOD, AutoRoundConfig
 from .convert import CHECKPOINT_METHODS, read_checkpoint_config
 from .kernels.base import QuantLinear
-from .kernels.siblings import fuse_siblings
 from .layers import install_empty, quant_linears
 from .schemes import resolve_plan
 from .tuning.engine import head_name, quantizable_layers
@@ -131,7 +130,6 @@ class SignRoundHfQuantizer(HfQuantizer):
                     )
             layer.check_loaded(name)
             layer.post_init()
-        fuse_siblings(model)
 
     # -- quantize on load -----------------------------------------------------------------------------------------
     def _quantize(self, model: nn.Module) -> None:

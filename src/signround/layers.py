@@ -13,7 +13,6 @@ from torch import nn
 
 from .kernels.base import QuantLinear
 from .kernels.registry import select
-from .kernels.siblings import fuse_siblings
 from .quant.int import QuantizedTensor
 from .schemes import LayerSpec
 
@@ -54,7 +53,6 @@ def install_quantized(
         layer = chosen.quant_linear.from_quantized(qt_dev, packing, bias, act_dtype)
         model.set_submodule(name, layer)
         installed[name] = layer
-    fuse_siblings(model)
     return installed
 
 

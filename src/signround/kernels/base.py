@@ -132,13 +132,6 @@ class QuantLinear(nn.Module):
     def post_init(self) -> None:
         """Called once after the weights are loaded; backends that repack for a faster kernel do it here."""
 
-    @classmethod
-    def fuse_siblings(cls, members: list[QuantLinear]) -> bool:
-        """Let ``members`` (sibling layers fed the same input, such as q/k/v; see ``kernels.siblings``) share one
-        kernel call; ``True`` if they now do.  Called after ``post_init``.  The default declines: only backends
-        whose kernel gains from one call over several (fixed cost per call) override it."""
-        return False
-
     def _apply(self, fn, recurse: bool = True):
         """``model.to(dtype)`` must not cast quantization state: fp16 checkpoint scales rounded to bf16 would be
         saved that way, and a kernel's table must keep the dtype its kernel reads.  Every buffer but ``bias``

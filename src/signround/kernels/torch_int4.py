@@ -103,57 +103,11 @@ def layout_mismatch() -> str | None:
     return None
 
 
-class _FusedSiblings:
-    """The kernel-layout weight and table of sibling layers (q/k/v, gate/up) laid end to end, so that one kernel
-    call computes all their outputs; each member returns its own columns.
-
-    The members' ``int4_weight`` and ``scales_offsets`` become views of these tensors (no second copy): the packed
-    layout is blocks of 64 output rows, each stored whole, so when every member but the last covers whole blocks
-    the concatenation of the members' packed weights is the packed concatenation; the kernel's result columns for
-    a member are bit-identical to its own call (tests/test_sibling_fusion.py).
-
-    The first member called with an input computes the product and keeps it until every sibling has taken its
-    columns; a member called with a different tensor object (or a second time) starts a new product, so the result
-    never depends on the sibling guess.  A model whose siblings do not share inputs (cross-attention) would pay the
-    whole product per member; after ``MAX_MISSES`` products left unused the group is disabled and each member
-    goes back to its own rows (with its own contiguous table: the kernel silently misreads a strided one).
-    """
-
-    MAX_MISSES = 4
-
-    def __init__(self, weight: torch.Tensor, table: torch.Tensor, group_size: int, sizes: list[int]) -> None:
-        self.weight, self.table, self.group_size = weight, table, group_size
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.columns = [slice(start, start + size) for start, size in zip(starts, sizes, strict=True)]
-        self.enabled = True
-        self.misses = 0
-        self._input: torch.Tensor | None = None
-        self._product: torch.Tensor | None = None
-        self._waiting: set[int] = set()
-
-    def columns_for(self, index: int, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Member ``index``'s kernel output for input ``x`` (``flat``: its rows in the kernel's dtype)."""
-        if x is not self._input or index not in self._waiting:
-            if self._waiting:
-                self.misses += 1
-                self.enabled = self.misses < self.MAX_MISSES
-            self._product = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
-                flat, self.weight, self.group_size, self.table
-            )
-            self._input, self._waiting = x, set(range(len(self.columns)))
-        product = self._product
-        self._waiting.discard(index)
-        if not self._waiting:  # every sibling served: hold no activations between calls
-            self._input = self._product = None
-        return product[:, self.columns[index]]
-
-
 class TorchInt4QuantLinear(QuantLinear):
     """2/3/4-bit layers through ``aten._weight_int4pack_mm_for_cpu``; repacked once at load."""
 
     backend_name = "torch_int4"
     dense_min_rows: int = DENSE_MIN_ROWS  # per-call path switch (bench/speed.py --crossover varies it)
-    _siblings: _FusedSiblings | None = None  # set by fuse_siblings, with _sibling_index
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
@@ -184,31 +138,6 @@ class TorchInt4QuantLinear(QuantLinear):
     @property
     def repacked(self) -> bool:
         return "int4_weight" in self._buffers
-
-    @classmethod
-    def fuse_siblings(cls, members: list[QuantLinear]) -> bool:
-        """One kernel call for ``members`` (see :class:`_FusedSiblings`): all repacked here, same input size,
-        group size and device, and whole 64-row blocks for every member but the last (the packed layout's only
-        partial block comes last, so the concatenation property holds)."""
-        if not all(type(m) is cls and m.repacked and m._siblings is None for m in members):
-            return False
-        if any(m.out_features % _BLOCK_N for m in members[:-1]):
-            return False
-        if len({(m.in_features, m.group_size, m.compute_dtype, m.int4_weight.device) for m in members}) > 1:
-            return False
-        weight = torch.cat([m.int4_weight.reshape(-1) for m in members]).view(-1, members[0].in_features // 2)
-        table = torch.cat([m.scales_offsets for m in members], dim=1)
-        group = _FusedSiblings(weight, table, members[0].group_size, [m.out_features for m in members])
-        for index, member in enumerate(members):
-            member.int4_weight = weight[group.columns[index]]  # whole blocks: a contiguous slice
-            member.scales_offsets = table[:, group.columns[index]]  # strided view, never given to the kernel
-            member._siblings, member._sibling_index = group, index
-        return True
-
-    def _leave_siblings(self) -> None:
-        """Run alone again (the group was disabled): a contiguous table of its own for the kernel."""
-        self.scales_offsets = self.scales_offsets.contiguous()
-        self._siblings = None
 
     def quantized_tensor(self) -> QuantizedTensor:
         if not self.repacked:
@@ -244,24 +173,15 @@ class TorchInt4QuantLinear(QuantLinear):
         if flat.shape[0] < self.dense_min_rows:
             if flat.dtype != self.compute_dtype:
                 flat = flat.to(self.compute_dtype)
-            siblings = self._siblings
-            if siblings is not None and not siblings.enabled:
-                self._leave_siblings()
-                siblings = None
-            if siblings is not None:
-                y = siblings.columns_for(self._sibling_index, x, flat)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
-                    flat, self.int4_weight, self.group_size, self.scales_offsets
-                )
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
+                flat, self.int4_weight, self.group_size, self.scales_offsets
+            )
         else:
             y = F.linear(flat.to(self.dense_dtype), self.dense_weight())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        elif not y.is_contiguous():  # a sibling's columns of a several-row product
-            y = y.contiguous()
         return y.view(*x.shape[:-1], self.out_features)
 
 
