@@ -2,9 +2,10 @@
 
 It runs anywhere PyTorch does and with any registered packing (it goes through the packer's ``unpack``), so it is
 both the fallback and the oracle every faster backend is tested against.  The arithmetic is
-:func:`signround.quant.int.dequantize` itself, so the output equals
-``F.linear(x, dequantize(qt, x.dtype), bias)`` exactly.  Nothing is cached: the dense weight would cost as much
-memory as the unquantized layer.
+:func:`signround.quant.int.dequantize` itself, so the weight equals ``dequantize(qt, x.dtype)`` exactly and the
+output equals ``F.linear(x, dequantize(qt, x.dtype), bias)`` up to the matmul's summation order (GPTQ-family and
+AWQ packers unpack to transposed views, so the weight is built ``[in, out]``-major without a transposing copy).
+Nothing is cached: the dense weight would cost as much memory as the unquantized layer.
 """
 
 from __future__ import annotations

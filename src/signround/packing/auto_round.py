@@ -215,10 +215,12 @@ class _AutoRoundLayout(Packer):
         self.check_tensors(tensors, spec, in_features, out_features)
         maxq = 2**spec.bits - 1
         stored_zeros = unpack_int32(tensors["qzeros"], spec.bits, dim=1).to(torch.int32)
+        # transposed views, not copies: the torch backend unpacks on every forward, and dequantizing the views
+        # yields the [in, out]-major weight that F.linear reads without a transpose either
         return QuantizedTensor(
-            codes=unpack_int32(tensors["qweight"], spec.bits, dim=0).t().contiguous(),
-            scales=tensors["scales"].t().contiguous(),
-            zeros=((stored_zeros + self.zero_offset) & maxq).t().contiguous(),
+            codes=unpack_int32(tensors["qweight"], spec.bits, dim=0).t(),
+            scales=tensors["scales"].t(),
+            zeros=((stored_zeros + self.zero_offset) & maxq).t(),
             spec=spec,
         )
 

@@ -99,10 +99,10 @@ class AwqPacker(Packer):
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
     ) -> QuantizedTensor:
         self.check_tensors(tensors, spec, in_features, out_features)
-        return QuantizedTensor(
-            codes=unpack_awq(tensors["qweight"]).t().contiguous(),
-            scales=tensors["scales"].t().contiguous(),
-            zeros=unpack_awq(tensors["qzeros"]).to(torch.int32).t().contiguous(),
+        return QuantizedTensor(  # transposed views, not copies (see packing/auto_round.py)
+            codes=unpack_awq(tensors["qweight"]).t(),
+            scales=tensors["scales"].t(),
+            zeros=unpack_awq(tensors["qzeros"]).to(torch.int32).t(),
             spec=spec,
         )
 
