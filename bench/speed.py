@@ -1,4 +1,5 @@
-"""CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch and torch_int4 backends, in one run.
+"""CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch and torch_int4 backends, in one run
+(``--bits 8``: W8G32 on torch and torch_int8).
 
 Variants: the dense model in fp32 (the baseline every ratio is against) and in bf16; the W4G32 checkpoint on the
 torch and torch_int4 backends with the rest of the model (embeddings, tied lm_head, norms) in fp32; and on
@@ -18,9 +19,9 @@ Quantization is plain RTN (speed does not depend on how the codes were chosen). 
 rows go to bench/results/speed.jsonl.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--bits 4]
-    python bench/speed.py --crossover      # torch_int4 per-call paths (int4 kernel vs dequantize + dense) by rows
+    python bench/speed.py --crossover      # torch_int4 / torch_int8 per-call paths (kernel vs dense) by rows
     python bench/speed.py --profile        # where a decode step of the bf16-rest torch_int4 model spends its op time
-    python bench/speed.py --dtypes         # the int4 kernel's time per call in bf16 / fp16 / fp32
+    python bench/speed.py --dtypes         # the int4 and int8 kernels' time per call in bf16 / fp16 / fp32
 """
 
 from __future__ import annotations
@@ -72,40 +73,43 @@ def _weight_bytes(model) -> tuple[int, int]:
 
 @torch.inference_mode()
 def crossover(threads: int) -> None:
-    """Time one torch_int4 layer of each SmolLM2 shape on both per-call paths, by input rows (bf16 activations):
-    the evidence for ``torch_int4.DENSE_MIN_ROWS``."""
-    from signround.kernels.torch_int4 import DENSE_MIN_ROWS, TorchInt4QuantLinear
+    """Time one layer of each SmolLM2 shape on both per-call paths of torch_int4 (W4G32) and torch_int8 (W8G32),
+    by input rows (bf16 activations): the evidence for each backend's ``DENSE_MIN_ROWS``."""
+    from signround.kernels.torch_int4 import TorchInt4QuantLinear
+    from signround.kernels.torch_int8 import TorchInt8QuantLinear
     from signround.quant.int import quantize
     from signround.schemes import LayerSpec
 
     torch.set_num_threads(threads)
-    print(f"DENSE_MIN_ROWS = {DENSE_MIN_ROWS}; microseconds per call, best of 3 timings")
-    print(f"{'out x in':>10} {'rows':>5} {'int4 kernel':>12} {'dense':>9} {'dense/kernel':>13}")
-    for out_f, in_f in ((1536, 576), (576, 1536), (576, 576)):
-        qt = quantize(torch.randn(out_f, in_f) * 0.05, LayerSpec(bits=4, group_size=32, sym=True))
-        layer = TorchInt4QuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.bfloat16)
-        for rows in (1, 8, 32, 64, 128, 256, 512, 2048):
-            x = torch.randn(rows, in_f, dtype=torch.bfloat16)
-            times = {}
-            for path, threshold in (("kernel", 1 << 30), ("dense", 0)):
-                layer.dense_min_rows = threshold
-                layer(x)
-                calls = max(3, 2000 // rows)
-                best = float("inf")
-                for _ in range(3):
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        layer(x)
-                    best = min(best, (time.perf_counter() - start) / calls * 1e6)
-                times[path] = best
-            ratio = times["dense"] / times["kernel"]
-            print(f"{out_f:>5}x{in_f:<4} {rows:>5} {times['kernel']:>12.0f} {times['dense']:>9.0f} {ratio:>13.2f}")
+    for cls, bits in ((TorchInt4QuantLinear, 4), (TorchInt8QuantLinear, 8)):
+        print(f"{cls.backend_name} (W{bits}G32): DENSE_MIN_ROWS = {cls.dense_min_rows}; µs per call, best of 3")
+        print(f"{'out x in':>10} {'rows':>5} {'kernel':>9} {'dense':>9} {'dense/kernel':>13}")
+        for out_f, in_f in ((1536, 576), (576, 1536), (576, 576)):
+            qt = quantize(torch.randn(out_f, in_f) * 0.05, LayerSpec(bits=bits, group_size=32, sym=True))
+            layer = cls.from_quantized(qt, "auto_round:auto_gptq", None, torch.bfloat16)
+            for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+                x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+                times = {}
+                for path, threshold in (("kernel", 1 << 30), ("dense", 0)):
+                    layer.dense_min_rows = threshold
+                    layer(x)
+                    calls = max(3, 2000 // rows)
+                    best = float("inf")
+                    for _ in range(3):
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            layer(x)
+                        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+                    times[path] = best
+                ratio = times["dense"] / times["kernel"]
+                print(f"{out_f:>5}x{in_f:<4} {rows:>5} {times['kernel']:>9.0f} {times['dense']:>9.0f} {ratio:>13.2f}")
 
 
 @torch.inference_mode()
 def kernel_dtypes(threads: int) -> None:
-    """One decode-sized call (1 row, a 1536x576 SmolLM2 layer) of ``aten._weight_int4pack_mm_for_cpu`` per
-    activation dtype: the evidence for torch_int4 computing fp32 and fp16 inputs in bf16."""
+    """One decode-sized call (1 row, a 1536x576 SmolLM2 layer) of each CPU kernel per activation dtype:
+    ``aten._weight_int4pack_mm_for_cpu`` (W4G32) and ``aten._weight_int8pack_mm`` (one per-channel W8 call), the
+    evidence for torch_int4 and torch_int8 computing fp32 and fp16 inputs in bf16."""
     from signround.kernels.torch_int4 import TorchInt4QuantLinear
     from signround.quant.int import quantize
     from signround.schemes import LayerSpec
@@ -113,17 +117,24 @@ def kernel_dtypes(threads: int) -> None:
     torch.set_num_threads(threads)
     qt = quantize(torch.randn(1536, 576) * 0.05, LayerSpec(bits=4, group_size=32, sym=True))
     layer = TorchInt4QuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.bfloat16)
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    int8_weight = torch.randint(-128, 128, (1536, 576), dtype=torch.int8)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        x, table = torch.randn(1, 576, dtype=dtype), layer.scales_offsets.to(dtype)
-        kernel(x, layer.int4_weight, 32, table)
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(200):
-                kernel(x, layer.int4_weight, 32, table)
-            best = min(best, (time.perf_counter() - start) / 200 * 1e6)
-        print(f"{dtype!s:>16}: {best:8.1f} µs per call")
+        x, table, scales = torch.randn(1, 576, dtype=dtype), layer.scales_offsets.to(dtype), torch.rand(1536).to(dtype)
+        calls = {
+            "int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.int4_weight, 32, table),  # noqa: B023
+            "int8": lambda: torch.ops.aten._weight_int8pack_mm(x, int8_weight, scales),  # noqa: B023
+        }
+        times = []
+        for name, call in calls.items():
+            call()
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(200):
+                    call()
+                best = min(best, (time.perf_counter() - start) / 200 * 1e6)
+            times.append(f"{name} {best:8.1f} µs")
+        print(f"{dtype!s:>16}: " + " | ".join(times) + " per call")
 
 
 @torch.inference_mode()
@@ -160,10 +171,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--crossover", action="store_true", help="only the torch_int4 per-call path table")
+    parser.add_argument("--crossover", action="store_true", help="only the per-call path tables")
     parser.add_argument("--profile", action="store_true", help="only the decode-step op profile")
-    parser.add_argument("--dtypes", action="store_true", help="only the int4 kernel's time per activation dtype")
-    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4), help="weight bits of the quantized rows")
+    parser.add_argument("--dtypes", action="store_true", help="only the CPU kernels' time per activation dtype")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits of the quantized rows")
     args = parser.parse_args()
     if args.crossover:
         crossover(args.threads)
@@ -196,7 +207,8 @@ def main() -> None:
             "fp32": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32),
             "bf16": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16),
         }
-        for backend, dtype in (("torch", torch.float32), ("torch_int4", torch.float32), ("torch_int4", torch.bfloat16)):
+        fast = "torch_int8" if args.bits == 8 else "torch_int4"
+        for backend, dtype in (("torch", torch.float32), (fast, torch.float32), (fast, torch.bfloat16)):
             name = f"{w} {backend}" + (" (bf16 rest)" if dtype == torch.bfloat16 else "")
             variants[name] = lambda b=backend, d=dtype: AutoModelForCausalLM.from_pretrained(
                 ckpt, dtype=d, quantization_config=signround.AutoRoundConfig(backend=b)

@@ -1,5 +1,6 @@
-"""A model whose layers run on different kernels: 4-bit and 3-bit layers on ``torch_int4``, 8-bit ones (which it
-cannot run) on the ``torch`` reference, chosen per layer at load; outputs, saving and forcing a backend."""
+"""A model whose layers run on different kernels: 4-bit and 3-bit layers on ``torch_int4``, symmetric 8-bit ones on
+``torch_int8``, a per-channel 4-bit one (no CPU kernel takes it) on the ``torch`` reference, chosen per layer at load;
+outputs, saving and forcing a backend."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import signround
 from signround import AutoRoundConfig
 from signround.layers import quant_linears
 
-MIXED = {"mlp.down_proj": {"bits": 3}, "self_attn.v_proj": {"bits": 8}}
+MIXED = {"mlp.down_proj": {"bits": 3}, "self_attn.v_proj": {"bits": 8}, "self_attn.o_proj": {"group_size": -1}}
+EXPECTED = {"v_proj": "torch_int8", "o_proj": "torch"}  # every other layer (3 or 4 bits, groups of 32): torch_int4
 
 
 def _logits(model) -> torch.Tensor:
@@ -37,7 +39,7 @@ def test_each_layer_gets_the_best_backend_that_can_run_it(mixed_checkpoint, tmp_
     chosen = {name: layer.backend_name for name, layer in quant_linears(auto).items()}
     assert len(chosen) == 2 * 7
     for name, backend in chosen.items():
-        expected = "torch" if name.endswith("v_proj") else "torch_int4"  # 8-bit v_proj; 3-bit down_proj runs as 4-bit
+        expected = EXPECTED.get(name.rsplit(".", 1)[-1], "torch_int4")
         assert backend == expected, (name, backend)
     exact = AutoModelForCausalLM.from_pretrained(
         mixed_checkpoint, dtype=torch.float32, quantization_config=AutoRoundConfig(backend="torch")

@@ -20,11 +20,15 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 @pytest.fixture
 def installed(monkeypatch):
     """Set which optional stacks are present: ``ALL`` (every requirement met, every vendor stack imports) or
-    ``NONE`` (no optional package: only torch and torch_int4 remain)."""
+    ``NONE`` (no optional package: only torch and torch's own CPU kernels, torch_int4 and torch_int8, remain)."""
 
     def setup(which: str) -> None:
         def availability(self: Backend) -> str | None:
-            if which == ALL or (not self.requires and self.environment is None) or self.name == "torch_int4":
+            if (
+                which == ALL
+                or (not self.requires and self.environment is None)
+                or self.name in ("torch_int4", "torch_int8")
+            ):
                 return None
             return f"needs {self.requires or 'its vendor stack'} (pip install ...)"
 
@@ -55,7 +59,9 @@ MATRIX = [
     ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "torch"),  # IPEX takes bf16 / fp16 activations
     ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "torch_int4"),  # 2/3-bit codes run as 4-bit ones, exactly
     ("cpu", 3, 64, False, F32, 4096, 4096, NONE, "torch_int4"),
-    ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch"),
+    ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch_int8"),
+    ("cpu", 8, -1, True, F32, 576, 1536, NONE, "torch_int8"),  # per-channel: one kernel call
+    ("cpu", 8, 128, False, BF16, 4096, 4096, ALL, "torch"),  # asymmetric 8-bit: only the reference
     # Intel GPU
     ("xpu", 4, 128, True, F16, 4096, 4096, ALL, "ipex"),
     ("xpu", 8, 128, True, F16, 4096, 4096, ALL, "triton"),

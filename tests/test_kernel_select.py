@@ -30,8 +30,8 @@ def _fake(name: str, **fields) -> Backend:
 
 def test_torch_is_registered_and_is_the_fallback_on_cpu() -> None:
     assert "torch" in backend_names()
-    backend = select(LayerSpec(bits=8, group_size=128), PACKING, "cpu", torch.bfloat16, 256, 512)
-    assert backend.name == "torch" and backend.quant_linear is TorchQuantLinear
+    backend = select(LayerSpec(bits=8, group_size=128, sym=False), PACKING, "cpu", torch.bfloat16, 256, 512)
+    assert backend.name == "torch" and backend.quant_linear is TorchQuantLinear  # asymmetric 8-bit: no CPU kernel
     assert select(W4, "auto_round", torch.device("cpu"), torch.float32, 256, 512, requested="torch").name == "torch"
 
 
@@ -92,7 +92,7 @@ def test_priority_missing_package_and_hint(monkeypatch, caplog) -> None:
     assert chosen.name == "medium"
     assert "faster if installed: fast" in caplog.text
     # what the descriptor does not allow falls back to torch
-    assert select(LayerSpec(bits=8), PACKING, "cpu", torch.bfloat16, 256, 640).name == "torch"
+    assert select(LayerSpec(bits=8, sym=False), PACKING, "cpu", torch.bfloat16, 256, 640).name == "torch"
 
 
 def test_custom_check_and_divisibility(monkeypatch) -> None:
@@ -120,7 +120,7 @@ def test_one_info_line_per_distinct_choice(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
         for in_f, out_f in ((256, 512), (512, 256), (256, 1024)):
             select(W4, PACKING, "cpu", torch.float32, in_f, out_f)
-        select(LayerSpec(bits=8, group_size=128), PACKING, "cpu", torch.float32, 256, 512)
+        select(LayerSpec(bits=8, group_size=128, sym=False), PACKING, "cpu", torch.float32, 256, 512)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernel backend")]
     assert len(lines) == 2 and "'torch_int4'" in lines[0] and "'torch'" in lines[1]
 

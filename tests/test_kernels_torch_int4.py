@@ -176,9 +176,9 @@ def test_dtype_casts_leave_quantization_state_alone(layer_cls) -> None:
 
 def test_without_native_bf16_the_dense_path_computes_in_fp32(monkeypatch) -> None:
     """An AVX2-only CPU: the kernel still takes bf16 (its fast path there too), long inputs go dense in fp32."""
-    from signround.kernels import torch_int4
+    from signround.kernels import repacked
 
-    monkeypatch.setattr(torch_int4, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(repacked, "fast_bf16", lambda device: False)
     ref, fast = _layers(LayerSpec(bits=4, group_size=64, sym=False), "auto_round", torch.float32)
     assert (fast.compute_dtype, fast.dense_dtype) == (torch.bfloat16, torch.float32)
     x = torch.randn(DENSE_MIN_ROWS, 256, generator=torch.Generator().manual_seed(11))

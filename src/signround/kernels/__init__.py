@@ -9,6 +9,7 @@ from . import ipex as _ipex_backend  # noqa: F401  (registers "ipex")
 from . import marlin as _marlin_backend  # noqa: F401  (registers "marlin"; GPTQModel's kernel, CUDA)
 from . import torch as _torch_backend  # noqa: F401  (registers the "torch" backend)
 from . import torch_int4 as _torch_int4_backend  # noqa: F401  (registers "torch_int4")
+from . import torch_int8 as _torch_int8_backend  # noqa: F401  (registers "torch_int8")
 from . import triton as _triton_backend  # noqa: F401  (registers "triton"; imports triton lazily)
 from .base import QuantLinear
 from .registry import Backend, backend_names, candidates, get_backend, register_backend, select

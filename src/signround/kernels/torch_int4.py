@@ -35,12 +35,10 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 
-from ..quant.int import QuantizedTensor, effective_group_size
-from ..tuning.block import fast_bf16
-from .base import QuantLinear
+from ..quant.int import QuantizedTensor
 from .registry import Backend, register_backend
+from .repacked import RepackedQuantLinear
 
 __all__ = [
     "DENSE_MIN_ROWS",
@@ -103,20 +101,15 @@ def layout_mismatch() -> str | None:
     return None
 
 
-class TorchInt4QuantLinear(QuantLinear):
+class TorchInt4QuantLinear(RepackedQuantLinear):
     """2/3/4-bit layers through ``aten._weight_int4pack_mm_for_cpu``; repacked once at load."""
 
     backend_name = "torch_int4"
     dense_min_rows: int = DENSE_MIN_ROWS  # per-call path switch (bench/speed.py --crossover varies it)
 
-    def post_init(self) -> None:
-        qt = self.quantized_tensor()
-        self.group_size = effective_group_size(qt.spec.group_size, self.in_features)
-        # The kernel is fast with bf16 activations only: here (AMX) fp16 and fp32 inputs are 24-40x slower per call
-        # (bench/speed.py --dtypes), and issue 5 reports the same for an AVX2 CPU without native bf16.  The dense
-        # path (long inputs) is an ordinary matmul, fast in bf16 only where the CPU has native bf16, else in fp32.
-        self.compute_dtype = torch.bfloat16
-        self.dense_dtype = torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32
+    def repack(self, qt: QuantizedTensor) -> None:
+        # compute_dtype is bf16: here (AMX) fp16 and fp32 inputs are 24-40x slower per call (bench/speed.py
+        # --dtypes), and issue 5 reports the same for an AVX2 CPU without native bf16.
         # 2/3-bit codes are centred on the kernel's 8: (q - 8) * s + offset then cancels no more than at 4 bits
         # (codes near 0 with offset ~ 8 s would lose bf16 digits); the shift is undone when the codes are read back
         self.code_shift = 8 - 2 ** (qt.spec.bits - 1)
@@ -125,64 +118,14 @@ class TorchInt4QuantLinear(QuantLinear):
         table = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
         self.register_buffer("int4_weight", _pack(qt.codes.to(torch.int32) + self.code_shift), persistent=False)
         self.register_buffer("scales_offsets", table.to(self.compute_dtype), persistent=False)
-        # exact checkpoint values for saving; the codes come back from int4_weight
-        self.register_buffer("saved_scales", qt.scales.clone(), persistent=False)
-        # symmetric layers (zero point 2^(bits-1) everywhere) need no copy of their zero points
-        midpoint = 2 ** (qt.spec.bits - 1)
-        self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
-        zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8)
-        self.register_buffer("saved_zeros", zeros, persistent=False)
-        for name in self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features):
-            setattr(self, name, None)  # drop the checkpoint-format copy: one copy of the codes stays resident
 
-    @property
-    def repacked(self) -> bool:
-        return "int4_weight" in self._buffers
+    def kernel_codes(self) -> torch.Tensor:
+        return decode_int4pack(self.int4_weight, self.out_features, self.in_features) - self.code_shift
 
-    def quantized_tensor(self) -> QuantizedTensor:
-        if not self.repacked:
-            return super().quantized_tensor()
-        codes = decode_int4pack(self.int4_weight, self.out_features, self.in_features) - self.code_shift
-        if self._uniform_zero is not None:
-            zeros = torch.full(
-                self.saved_scales.shape, self._uniform_zero, dtype=torch.int32, device=self.saved_scales.device
-            )
-        else:
-            zeros = self.saved_zeros.to(torch.int32)
-        return QuantizedTensor(codes, self.saved_scales, zeros, self.spec)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        """Write the checkpoint-format tensors, rebuilt from the repacked ones after ``post_init``."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.repacked:
-            for name, tensor in self.packer.pack(self.quantized_tensor()).items():
-                destination[prefix + name] = tensor
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``[out, in]`` weight in the dense path's dtype: ``(q - zero) * scale`` from the exact checkpoint
-        values, computed in float32 and rounded once (the kernel's bf16 ``(q - 8) * s + offset`` rounds three times)."""
-        qt = self.quantized_tensor()
-        groups = self.in_features // self.group_size
-        q = qt.codes.view(self.out_features, groups, self.group_size).float()
-        weight = (q - qt.zeros.unsqueeze(-1).float()).mul_(qt.scales.unsqueeze(-1).float())
-        return weight.view(self.out_features, self.in_features).to(self.dense_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # decode calls this ~200 times per token with one row: no work beyond the kernel when dtypes already match
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] < self.dense_min_rows:
-            if flat.dtype != self.compute_dtype:
-                flat = flat.to(self.compute_dtype)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(
-                flat, self.int4_weight, self.group_size, self.scales_offsets
-            )
-        else:
-            y = F.linear(flat.to(self.dense_dtype), self.dense_weight())
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+    def kernel_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu.default(
+            flat, self.int4_weight, self.group_size, self.scales_offsets
+        )
 
 
 TORCH_INT4_BACKEND = register_backend(
