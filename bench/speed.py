@@ -1,5 +1,5 @@
 """CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch and torch_int4 backends, in one run
-(``--bits 8``: W8G32 on torch and torch_int8).
+(``--bits 8``: W8 on torch and torch_int8; ``--group-size`` changes the group of 32).
 
 Variants: the dense model in fp32 (the baseline every ratio is against) and in bf16; the W4G32 checkpoint on the
 torch and torch_int4 backends with the rest of the model (embeddings, tied lm_head, norms) in fp32; and on
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only the decode-step op profile")
     parser.add_argument("--dtypes", action="store_true", help="only the CPU kernels' time per activation dtype")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits of the quantized rows")
+    parser.add_argument("--group-size", type=int, default=32, help="group size of the quantized rows (-1: per row)")
     args = parser.parse_args()
     if args.crossover:
         crossover(args.threads)
@@ -197,9 +198,9 @@ def main() -> None:
     ids = tokenizer(EVAL.read_text()[:20000], return_tensors="pt").input_ids[0]
     prompt, batch = ids[:64].unsqueeze(0), ids[: 4 * 512].reshape(4, 512)
     rows = []
-    w = f"W{args.bits}G32"
+    w = f"W{args.bits}G{args.group_size}"
     with tempfile.TemporaryDirectory() as tmp:
-        ar = signround.AutoRound(str(fp_dir), tokenizer, bits=args.bits, group_size=32, sym=True, iters=0,
+        ar = signround.AutoRound(str(fp_dir), tokenizer, bits=args.bits, group_size=args.group_size, sym=True, iters=0,
                                  disable_opt_rtn=True, show_progress=False)  # fmt: skip
         ckpt = ar.quantize_and_save(Path(tmp) / "quantized", format="auto_round")
         del ar
@@ -213,7 +214,7 @@ def main() -> None:
             variants[name] = lambda b=backend, d=dtype: AutoModelForCausalLM.from_pretrained(
                 ckpt, dtype=d, quantization_config=signround.AutoRoundConfig(backend=b)
             )
-        if args.bits == 4:  # another model: lm_head quantized too (untied from the embedding)
+        if (args.bits, args.group_size) == (4, 32):  # another model: lm_head quantized too (untied from the embedding)
             ar = signround.AutoRound(str(fp_dir), tokenizer, bits=4, group_size=32, sym=True, iters=0,
                                      disable_opt_rtn=True, quant_lm_head=True, show_progress=False)  # fmt: skip
             ckpt_head = ar.quantize_and_save(Path(tmp) / "with-head", format="auto_round")
