@@ -1,5 +1,6 @@
 """A model whose layers run on different kernels: 4-bit and 3-bit layers on ``torch_int4``, symmetric 8-bit ones on
-``torch_int8``, a per-channel 4-bit one (no CPU kernel takes it) on the ``torch`` reference, chosen per layer at load;
+``torch_int8``, a 4-bit one in groups of 16 (no CPU kernel takes it) on the ``torch`` reference, chosen per layer at
+load;
 outputs, saving and forcing a backend."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signround
 from signround import AutoRoundConfig
 from signround.layers import quant_linears
 
-MIXED = {"mlp.down_proj": {"bits": 3}, "self_attn.v_proj": {"bits": 8}, "self_attn.o_proj": {"group_size": -1}}
+MIXED = {"mlp.down_proj": {"bits": 3}, "self_attn.v_proj": {"bits": 8}, "self_attn.o_proj": {"group_size": 16}}
 EXPECTED = {"v_proj": "torch_int8", "o_proj": "torch"}  # every other layer (3 or 4 bits, groups of 32): torch_int4
 
 

@@ -54,9 +54,11 @@ MATRIX = [
     # CPU
     ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "torch_int4"),
     ("cpu", 4, 32, False, F32, 576, 1536, NONE, "torch_int4"),
-    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "ipex"),  # per-channel: not a torch_int4 group size
-    ("cpu", 4, -1, True, BF16, 4096, 4096, NONE, "torch"),
-    ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "torch"),  # IPEX takes bf16 / fp16 activations
+    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "torch_int4"),  # per-channel: run as kernel groups of 256
+    ("cpu", 4, 512, False, F32, 4096, 4096, NONE, "torch_int4"),
+    ("cpu", 4, 16, True, BF16, 4096, 4096, ALL, "ipex"),  # groups of 16: below the int4 kernel's 32
+    ("cpu", 4, 16, True, BF16, 4096, 4096, NONE, "torch"),
+    ("cpu", 4, 16, True, F32, 4096, 4096, ALL, "torch"),  # IPEX takes bf16 / fp16 activations
     ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "torch_int4"),  # 2/3-bit codes run as 4-bit ones, exactly
     ("cpu", 3, 64, False, F32, 4096, 4096, NONE, "torch_int4"),
     ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch_int8"),
@@ -96,7 +98,7 @@ REASONS = [
     ("cuda", 4, 256, True, F16, 4096, 4096, ALL, "exllamav2", "group_size=256 not in [-1, 32, 64, 128]"),
     ("cuda", 3, 128, True, F16, 4096, 4096, ALL, "triton", "bits=3 not in [2, 4, 8]"),
     ("cuda", 4, 128, True, F16, 4096, 4096, NONE, "marlin", "pip install"),
-    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "torch_int4", "group_size=-1 not in [32, 64, 128, 256]"),
+    ("cpu", 4, 16, True, BF16, 4096, 4096, ALL, "torch_int4", "group of 16 input features is not a multiple of 32"),
     ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "marlin", "device 'cpu' not in ['cuda']"),
     ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "ipex", "activation dtype torch.float32 not in"),
     ("hpu", 8, 128, True, BF16, 4096, 4096, ALL, "hpu", "bits=8 not in [4]"),

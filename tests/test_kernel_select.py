@@ -41,9 +41,12 @@ def test_torch_int4_is_chosen_for_4bit_cpu_layers_it_can_run() -> None:
     reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.float32, 256, 520))
     assert reasons["torch_int4"] == "out_features=520 is not a multiple of 16"
     reasons = dict(
-        (b.name, r) for b, r in candidates(LayerSpec(bits=4, group_size=-1), PACKING, "cpu", torch.float32, 256, 512)
+        (b.name, r) for b, r in candidates(LayerSpec(bits=4, group_size=16), PACKING, "cpu", torch.float32, 256, 512)
     )
-    assert reasons["torch_int4"] == "group_size=-1 not in [32, 64, 128, 256]"
+    assert reasons["torch_int4"].startswith("group of 16 input features is not a multiple of 32")
+    per_channel = LayerSpec(bits=4, group_size=-1)  # split into kernel groups of 256 (in_features 256 or 768)
+    assert select(per_channel, PACKING, "cpu", torch.float32, 256, 512).name == "torch_int4"
+    assert select(per_channel, PACKING, "cpu", torch.float32, 768, 512).name == "torch_int4"
     assert (
         "device 'cuda' not in ['cpu']"
         in dict((b.name, r) for b, r in candidates(W4, PACKING, "cuda", torch.float16, 256, 512))["torch_int4"]

@@ -193,3 +193,22 @@ def test_symmetric_layers_keep_no_zero_points_and_still_save_exactly() -> None:
     _ref_a, asym = _layers(LayerSpec(bits=4, group_size=32, sym=False), "auto_round", torch.float32)
     assert asym.saved_zeros is not None
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("group_size", "in_features", "kernel_group"), [(-1, 256, 256), (-1, 96, 32), (512, 1024, 256)]
+)
+def test_groups_larger_than_the_kernels_run_as_several_kernel_groups(group_size, in_features, kernel_group) -> None:
+    """Per-channel and 512-wide groups: split into the largest kernel group dividing them, values repeated."""
+    g = torch.Generator().manual_seed(12)
+    qt = quantize(torch.randn(64, in_features, generator=g) * 0.05, LayerSpec(bits=4, group_size=group_size, sym=False))
+    ref = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    fast = TorchInt4QuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    assert fast.kernel_group_size == kernel_group
+    assert fast.scales_offsets.shape == (in_features // kernel_group, 64, 2)
+    x = torch.randn(5, in_features, generator=g)
+    with torch.no_grad():
+        for threshold in (1 << 30, 1):  # the int4 kernel, then the dense path
+            fast.dense_min_rows = threshold
+            assert _rel_err(fast(x), ref(x)) <= BF16_TOL
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())

@@ -21,8 +21,9 @@ many rows amortise.
 The kernel is fast with bf16 activations and many times slower with float32 or float16 ones, so its inputs are
 cast to bf16 and the result cast back; the tolerance against the torch reference is therefore that of bf16
 activations (see ``tests/test_kernels_torch_int4.py``).  The dense path computes in bf16 where the CPU has native
-bf16, else in float32.  Kernel limits: groups of
-32 / 64 / 128 / 256 input features, ``out_features`` a multiple of 16.
+bf16, else in float32.  Kernel limits: groups of 32 / 64 / 128 / 256 input features, ``out_features`` a multiple
+of 16.  A larger group that is a multiple of 32 (per-channel layers, groups of 512, ...) runs as several kernel
+groups sharing its scale and offset: the same arithmetic, for 4 bytes of table per kernel group.
 
 2- and 3-bit layers run here too, their codes held as 4-bit ones, shifted to centre on the kernel's 8 so that
 ``(q - 8) * scale + offset`` cancels no more than at 4 bits: ``(q - zero) * scale`` is the same arithmetic for any
@@ -36,12 +37,14 @@ from functools import cache
 
 import torch
 
-from ..quant.int import QuantizedTensor
+from ..quant.int import QuantizedTensor, effective_group_size
+from ..schemes import LayerSpec
 from .registry import Backend, register_backend
 from .repacked import RepackedQuantLinear
 
 __all__ = [
     "DENSE_MIN_ROWS",
+    "KERNEL_GROUP_SIZES",
     "TORCH_INT4_BACKEND",
     "TorchInt4QuantLinear",
     "decode_int4pack",
@@ -49,7 +52,7 @@ __all__ = [
     "layout_mismatch",
 ]
 
-GROUP_SIZES = (32, 64, 128, 256)
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what the kernel accepts; larger groups (per-channel too) are split
 # Rows (tokens) from which dequantize + dense matmul beats the int4 kernel on CPU; measured with
 # bench/speed.py --crossover on SmolLM2 shapes (see docs/backends.md).
 DENSE_MIN_ROWS = 128
@@ -101,6 +104,13 @@ def layout_mismatch() -> str | None:
     return None
 
 
+def _group_reason(spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+    group = effective_group_size(spec.group_size, in_features)
+    if group % KERNEL_GROUP_SIZES[-1]:
+        return f"group of {group} input features is not a multiple of 32 (the kernel takes groups of 32 to 256)"
+    return None
+
+
 class TorchInt4QuantLinear(RepackedQuantLinear):
     """2/3/4-bit layers through ``aten._weight_int4pack_mm_for_cpu``; repacked once at load."""
 
@@ -113,9 +123,12 @@ class TorchInt4QuantLinear(RepackedQuantLinear):
         # 2/3-bit codes are centred on the kernel's 8: (q - 8) * s + offset then cancels no more than at 4 bits
         # (codes near 0 with offset ~ 8 s would lose bf16 digits); the shift is undone when the codes are read back
         self.code_shift = 8 - 2 ** (qt.spec.bits - 1)
-        scales = qt.scales.float()
-        offsets = (8 - self.code_shift - qt.zeros.float()) * scales
-        table = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+        # a group the kernel cannot take (per-channel, 512, ...) is split into equal kernel groups sharing its values
+        self.kernel_group_size = next(g for g in KERNEL_GROUP_SIZES if self.group_size % g == 0)
+        repeat = self.group_size // self.kernel_group_size
+        scales = qt.scales.float().repeat_interleave(repeat, dim=1)
+        offsets = (8 - self.code_shift - qt.zeros.float().repeat_interleave(repeat, dim=1)) * scales
+        table = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()  # [kernel groups, out, 2]
         self.register_buffer("int4_weight", _pack(qt.codes.to(torch.int32) + self.code_shift), persistent=False)
         self.register_buffer("scales_offsets", table.to(self.compute_dtype), persistent=False)
 
@@ -124,7 +137,7 @@ class TorchInt4QuantLinear(RepackedQuantLinear):
 
     def kernel_forward(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu.default(
-            flat, self.int4_weight, self.group_size, self.scales_offsets
+            flat, self.int4_weight, self.kernel_group_size, self.scales_offsets
         )
 
 
@@ -136,7 +149,7 @@ TORCH_INT4_BACKEND = register_backend(
         bits=(2, 3, 4),  # 2/3-bit codes fit the 4-bit kernel exactly
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         packings=None,  # any registered packer: post_init unpacks through it
-        group_sizes=GROUP_SIZES,
+        check=_group_reason,
         priority=10,  # above the dequantize-then-matmul reference
         out_features_multiple=16,
         environment=layout_mismatch,
