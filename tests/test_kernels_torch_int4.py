@@ -13,6 +13,7 @@ from signround.kernels.torch_int4 import (
     kernel_available,
     layout_mismatch,
 )
+from signround.packing import get_packer
 from signround.quant.int import dequantize, quantize
 from signround.schemes import LayerSpec
 from signround.tuning.block import fast_bf16
@@ -212,3 +213,11 @@ def test_groups_larger_than_the_kernels_run_as_several_kernel_groups(group_size,
             fast.dense_min_rows = threshold
             assert _rel_err(fast(x), ref(x)) <= BF16_TOL
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_exact_copies_are_row_major_whatever_the_packer_returns() -> None:
+    """GPTQ-family packers unpack to transposed views; the kept scales / zero points are row-major copies, because
+    the dense path's arithmetic with [out, in] codes runs several times slower on the transposed layout."""
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "auto_round", torch.float32)
+    assert not get_packer("auto_round").unpack(ref.state_dict(), fast.spec, 256, 96).scales.is_contiguous()
+    assert fast.saved_scales.is_contiguous() and fast.saved_zeros.is_contiguous()
