@@ -61,6 +61,18 @@ def _prefill_tps(model, batch: torch.Tensor) -> float:
     return batch.numel() / (time.perf_counter() - start)
 
 
+def _best_us(call, calls: int) -> float:
+    """Microseconds per ``call()``: one warm-up call, then the best of 3 timings of ``calls`` calls."""
+    call()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
 def _weight_bytes(model) -> tuple[int, int]:
     from signround.layers import quant_linears
 
@@ -92,15 +104,7 @@ def crossover(threads: int) -> None:
                 times = {}
                 for path, threshold in (("kernel", 1 << 30), ("dense", 0)):
                     layer.dense_min_rows = threshold
-                    layer(x)
-                    calls = max(3, 2000 // rows)
-                    best = float("inf")
-                    for _ in range(3):
-                        start = time.perf_counter()
-                        for _ in range(calls):
-                            layer(x)
-                        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-                    times[path] = best
+                    times[path] = _best_us(lambda: layer(x), max(3, 2000 // rows))  # noqa: B023
                 ratio = times["dense"] / times["kernel"]
                 print(f"{out_f:>5}x{in_f:<4} {rows:>5} {times['kernel']:>9.0f} {times['dense']:>9.0f} {ratio:>13.2f}")
 
@@ -124,16 +128,7 @@ def kernel_dtypes(threads: int) -> None:
             "int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.int4_weight, 32, table),  # noqa: B023
             "int8": lambda: torch.ops.aten._weight_int8pack_mm(x, int8_weight, scales),  # noqa: B023
         }
-        times = []
-        for name, call in calls.items():
-            call()
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(200):
-                    call()
-                best = min(best, (time.perf_counter() - start) / 200 * 1e6)
-            times.append(f"{name} {best:8.1f} µs")
+        times = [f"{name} {_best_us(call, 200):8.1f} µs" for name, call in calls.items()]
         print(f"{dtype!s:>16}: " + " | ".join(times) + " per call")
 
 

@@ -95,6 +95,20 @@ def tiny_llama_dir(tmp_path_factory, stories_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stories_q_proj(stories_dir: Path):
+    """A trained layer and the input the model feeds it: stories260K's first q_proj weight ``[64, 64]`` and its
+    normalised embeddings of 48 random tokens ``[1, 48, 64]`` (real weight statistics and input scale)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    layer = model.model.layers[0]
+    ids = torch.randint(3, 512, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(ids))
+    return layer.self_attn.q_proj.weight.detach().clone(), x
+
+
+@pytest.fixture(scope="session")
 def rtn_checkpoint(tmp_path_factory, stories_dir: Path) -> Path:
     """stories260K, plain RTN W4 g32 sym (no calibration), saved in the auto_round format. Do not modify it."""
     import signround

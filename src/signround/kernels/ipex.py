@@ -17,7 +17,7 @@ from functools import cache
 import torch
 
 from ..packing import get_packer
-from ..quant.int import QuantizedTensor
+from ..quant.int import QuantizedTensor, effective_group_size
 from .base import QuantLinear
 from .registry import Backend, register_backend
 
@@ -59,7 +59,7 @@ class IpexQuantLinear(QuantLinear):
         ipex = importlib.import_module(IPEX_MODULE)
         qt = self.quantized_tensor()
         tensors = awq_tensors(qt)
-        group_size = self.in_features if qt.spec.group_size == -1 else qt.spec.group_size
+        group_size = effective_group_size(qt.spec.group_size, self.in_features)
         # not an attribute nn.Module tracks: the saved state stays exactly the checkpoint buffers
         object.__setattr__(
             self,

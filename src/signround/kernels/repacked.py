@@ -33,19 +33,20 @@ class RepackedQuantLinear(QuantLinear):
         self.group_size = effective_group_size(qt.spec.group_size, self.in_features)
         # the dense path's matmul is fast in bf16 only where the CPU has native bf16, else in fp32
         self.dense_dtype = torch.bfloat16 if fast_bf16(torch.device("cpu")) else torch.float32
+        midpoint = 2 ** (qt.spec.bits - 1)  # symmetric layers need no copy of their zero points
+        self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
         self.repack(qt)
         # row-major copies: packers may return transposed views, and the dense path's arithmetic with [out, in]
         # codes slows down 3-4x when its scales are laid out the other way (bench/speed.py --crossover)
         self.register_buffer("saved_scales", qt.scales.clone(memory_format=torch.contiguous_format), persistent=False)
-        midpoint = 2 ** (qt.spec.bits - 1)  # symmetric layers need no copy of their zero points
-        self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
         zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8).contiguous()
         self.register_buffer("saved_zeros", zeros, persistent=False)
         for name in self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features):
             setattr(self, name, None)  # drop the checkpoint-format copy: one copy of the codes stays resident
 
     def repack(self, qt: QuantizedTensor) -> None:
-        """Register the kernel's non-persistent buffers built from ``qt``."""
+        """Register the kernel's non-persistent buffers built from ``qt`` (``self._uniform_zero`` is set: the zero
+        point shared by every group, or None)."""
         raise NotImplementedError
 
     def kernel_codes(self) -> torch.Tensor:

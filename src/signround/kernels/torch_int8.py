@@ -59,7 +59,7 @@ class TorchInt8QuantLinear(RepackedQuantLinear):
         self.register_buffer("int8_weight", per_group, persistent=False)  # [groups, out, group]: contiguous slices
         self.register_buffer("group_scales", qt.scales.t().to(self.compute_dtype).contiguous(), persistent=False)
         zero_term = None
-        if not bool((qt.zeros == 128).all()):  # not expected of a symmetric layer, but exact if it happens
+        if self._uniform_zero is None:  # zero points not all 128: not expected of a symmetric layer, but exact
             zero_term = ((128 - qt.zeros.float()) * qt.scales.float()).t().contiguous()  # [groups, out]
         self.register_buffer("zero_term", zero_term, persistent=False)
 

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..packing.bits import RUN, pack_int32
 from ..quant.int import effective_group_size
 from .base import QuantLinear
 from .registry import Backend, register_backend
@@ -174,14 +176,11 @@ def pack_along_k(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits not in BITS:
         raise ValueError(f"bits={bits} cannot be packed for the triton kernel; accepted: {list(BITS)}")
-    per_word = 32 // bits
-    out_features, in_features = codes.shape
-    padded = -(-in_features // per_word) * per_word
-    rows = torch.zeros((padded, out_features), dtype=torch.int64, device=codes.device)
-    rows[:in_features] = codes.t().to(torch.int64)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device).view(1, per_word, 1)
-    words = (rows.view(padded // per_word, per_word, out_features) << shifts).sum(dim=1)  # disjoint bits: sum = or
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    in_features = codes.shape[1]
+    # the GPTQ bit stream (packing.bits) along K: pad K to whole 32-value runs, keep the words that hold real rows
+    padded = F.pad(codes.to(torch.int32), (0, -in_features % RUN))
+    words = pack_int32(padded.t(), bits, dim=0)
+    return words[: -(-in_features // (32 // bits))].contiguous()
 
 
 def _device_context(device: torch.device) -> contextlib.AbstractContextManager:
