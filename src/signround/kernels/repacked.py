@@ -37,7 +37,8 @@ class RepackedQuantLinear(QuantLinear):
         self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
         self.repack(qt)
         # row-major copies: packers may return transposed views, and the dense path's arithmetic with [out, in]
-        # codes slows down 3-4x when its scales are laid out the other way (bench/speed.py --crossover)
+        # codes ran about 2x slower with its scales laid out the other way (bench/speed.py --crossover, see
+        # docs/benchmarks.md)
         self.register_buffer("saved_scales", qt.scales.clone(memory_format=torch.contiguous_format), persistent=False)
         zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8).contiguous()
         self.register_buffer("saved_zeros", zeros, persistent=False)
