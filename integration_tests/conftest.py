@@ -15,6 +15,7 @@ if _NAME not in sys.modules:
     _spec.loader.exec_module(sys.modules[_NAME])
 _shared = sys.modules[_NAME]
 
+cpu_int4_backend = _shared.cpu_int4_backend
 data_dir = _shared.data_dir
 rtn_checkpoint = _shared.rtn_checkpoint
 shakespeare = _shared.shakespeare

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import signround
 from signround import AutoRoundConfig
 from signround.cli import main as cli_main
-from signround.kernels.torch_int4 import TorchInt4QuantLinear
+from signround.kernels import get_backend
 from signround.layers import quant_linears
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -50,15 +50,16 @@ def tuned(tmp_path_factory, stories_dir, shakespeare):
     return model, out
 
 
-def test_tuned_model_layers_and_reload(tuned) -> None:
+def test_tuned_model_layers_and_reload(tuned, cpu_int4_backend) -> None:
     model, out = tuned
+    cpu_default = get_backend(cpu_int4_backend).quant_linear
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for m in (model, reloaded):
         layers = quant_linears(m)
         assert len(layers) == 5 * 4  # every attention projection of the 5 blocks, nothing else
-        assert all(isinstance(layer, TorchInt4QuantLinear) for layer in layers.values())  # the CPU default
+        assert all(isinstance(layer, cpu_default) for layer in layers.values())
         for i, block in enumerate(m.model.layers):
-            assert all(isinstance(getattr(block.self_attn, n), TorchInt4QuantLinear) for n in ATTN), i
+            assert all(isinstance(getattr(block.self_attn, n), cpu_default) for n in ATTN), i
             assert all(type(getattr(block.mlp, n)) is nn.Linear for n in MLP), i
     saved, loaded = model.state_dict(), reloaded.state_dict()
     assert set(saved) == set(loaded)

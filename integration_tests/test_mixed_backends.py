@@ -1,7 +1,7 @@
-"""A model whose layers run on different kernels: 4-bit and 3-bit layers on ``torch_int4``, symmetric 8-bit ones on
-``torch_int8``, a 4-bit one in groups of 16 (no CPU kernel takes it) on the ``torch`` reference, chosen per layer at
-load;
-outputs, saving and forcing a backend."""
+"""A model whose layers run on different kernels, chosen per layer at load: 4-bit and 3-bit layers on the CPU's
+int4 kernel (``native_int4``, or ``torch_int4`` without a C compiler), symmetric 8-bit ones on ``torch_int8``, a 4-bit
+one in groups of 16 on ``native_int4`` (or, without a compiler, the ``torch`` reference: torch_int4 takes groups of
+32 and up); outputs, saving and forcing a backend."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from signround import AutoRoundConfig
 from signround.layers import quant_linears
 
 MIXED = {"mlp.down_proj": {"bits": 3}, "self_attn.v_proj": {"bits": 8}, "self_attn.o_proj": {"group_size": 16}}
-EXPECTED = {"v_proj": "torch_int8", "o_proj": "torch"}  # every other layer (3 or 4 bits, groups of 32): torch_int4
 
 
 def _logits(model) -> torch.Tensor:
@@ -35,19 +34,21 @@ def mixed_checkpoint(tmp_path_factory, tiny_llama_dir):
     return out
 
 
-def test_each_layer_gets_the_best_backend_that_can_run_it(mixed_checkpoint, tmp_path) -> None:
+def test_each_layer_gets_the_best_backend_that_can_run_it(mixed_checkpoint, tmp_path, cpu_int4_backend) -> None:
     auto = AutoModelForCausalLM.from_pretrained(mixed_checkpoint, dtype=torch.float32)
     chosen = {name: layer.backend_name for name, layer in quant_linears(auto).items()}
     assert len(chosen) == 2 * 7
+    group_16 = cpu_int4_backend if cpu_int4_backend == "native_int4" else "torch"
+    expected_by_layer = {"v_proj": "torch_int8", "o_proj": group_16}  # every other layer: 3 or 4 bits, groups of 32
     for name, backend in chosen.items():
-        expected = EXPECTED.get(name.rsplit(".", 1)[-1], "torch_int4")
+        expected = expected_by_layer.get(name.rsplit(".", 1)[-1], cpu_int4_backend)
         assert backend == expected, (name, backend)
     exact = AutoModelForCausalLM.from_pretrained(
         mixed_checkpoint, dtype=torch.float32, quantization_config=AutoRoundConfig(backend="torch")
     )
     assert {layer.backend_name for layer in quant_linears(exact).values()} == {"torch"}
     got, expected = _logits(auto), _logits(exact)
-    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-2  # torch_int4 computes in bf16
+    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-2  # torch_int4 would compute in bf16
     # saving the mixed model writes the checkpoint it was loaded from
     auto.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(
@@ -66,9 +67,10 @@ def test_forcing_a_backend_that_cannot_run_a_layer_names_it(mixed_checkpoint) ->
         )
 
 
-def test_fresh_process_loads_a_4bit_checkpoint_on_torch_int4(rtn_checkpoint) -> None:
+def test_fresh_process_loads_a_4bit_checkpoint_on_the_cpu_int4_kernel(rtn_checkpoint, cpu_int4_backend) -> None:
     """The first backend check of a process runs inside from_pretrained's meta-device context (a regression: the
-    torch_int4 layout probe once ran on meta tensors there and failed); only a fresh process sees that."""
+    torch_int4 layout probe once ran on meta tensors there and failed; native_int4's self-test runs there too);
+    only a fresh process sees that."""
     import subprocess
     import sys
 
@@ -84,4 +86,4 @@ def test_fresh_process_loads_a_4bit_checkpoint_on_torch_int4(rtn_checkpoint) -> 
         [sys.executable, "-c", code, str(rtn_checkpoint)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["['torch_int4']", "True"]
+    assert done.stdout.split() == [f"['{cpu_int4_backend}']", "True"]

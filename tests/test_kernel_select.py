@@ -35,9 +35,10 @@ def test_torch_is_registered_and_is_the_fallback_on_cpu() -> None:
     assert select(W4, "auto_round", torch.device("cpu"), torch.float32, 256, 512, requested="torch").name == "torch"
 
 
-def test_torch_int4_is_chosen_for_4bit_cpu_layers_it_can_run() -> None:
-    assert select(W4, PACKING, "cpu", torch.bfloat16, 256, 512).name == "torch_int4"
-    assert select(W4, PACKING, "cpu", torch.float32, 256, 512).name == "torch_int4"
+def test_the_cpu_int4_kernel_is_chosen_for_4bit_cpu_layers_it_can_run(cpu_int4_backend, monkeypatch) -> None:
+    assert select(W4, PACKING, "cpu", torch.bfloat16, 256, 512).name == cpu_int4_backend
+    assert select(W4, PACKING, "cpu", torch.float32, 256, 512).name == cpu_int4_backend
+    monkeypatch.delitem(registry._BACKENDS, "native_int4")  # torch_int4: what it takes and why it rejects
     reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.float32, 256, 520))
     assert reasons["torch_int4"] == "out_features=520 is not a multiple of 16"
     reasons = dict(
@@ -88,7 +89,7 @@ def test_priority_missing_package_and_hint(monkeypatch, caplog) -> None:
     monkeypatch.setitem(registry._BACKENDS, "medium", _fake("medium", priority=20))
     ranked = candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
     order = [b.name for b, _ in ranked]
-    assert order[:3] == ["fast", "medium", "torch_int4"] and order[-1] == "torch"
+    assert order[:4] == ["fast", "medium", "native_int4", "torch_int4"] and order[-1] == "torch"
     assert "pip install 'signround-no-such-package>=1.0'" in ranked[0][1]
     with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
         chosen = select(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
@@ -118,14 +119,14 @@ def test_register_twice_is_an_error() -> None:
         register_backend(registry.get_backend("torch"))
 
 
-def test_one_info_line_per_distinct_choice(caplog) -> None:
+def test_one_info_line_per_distinct_choice(caplog, cpu_int4_backend) -> None:
     registry._log_choice_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
         for in_f, out_f in ((256, 512), (512, 256), (256, 1024)):
             select(W4, PACKING, "cpu", torch.float32, in_f, out_f)
         select(LayerSpec(bits=8, group_size=128, sym=False), PACKING, "cpu", torch.float32, 256, 512)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernel backend")]
-    assert len(lines) == 2 and "'torch_int4'" in lines[0] and "'torch'" in lines[1]
+    assert len(lines) == 2 and f"'{cpu_int4_backend}'" in lines[0] and "'torch'" in lines[1]
 
 
 def test_environment_probes_run_on_real_memory_inside_a_meta_context() -> None:

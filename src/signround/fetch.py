@@ -66,11 +66,15 @@ class ChecksumError(FetchError):
     """A downloaded or extracted file does not have the pinned sha256."""
 
 
+def signround_cache() -> Path:
+    """signround's cache root: ``$SIGNROUND_CACHE`` if set, else ``~/.cache/signround`` (models, compiled kernels)."""
+    root = os.environ.get("SIGNROUND_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "signround"
+
+
 def _cache_root() -> Path:
     """Directory holding one sub-directory per model: ``$SIGNROUND_CACHE/models`` or ``~/.cache/signround/models``."""
-    root = os.environ.get("SIGNROUND_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "signround"
-    return base / "models"
+    return signround_cache() / "models"
 
 
 def _source(name: str) -> ModelSource:

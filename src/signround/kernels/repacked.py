@@ -26,7 +26,12 @@ class RepackedQuantLinear(QuantLinear):
 
     dense_min_rows: int = 128  # rows from which the dense path is taken; subclasses set their measured crossover
     # torch's CPU weight-only kernels are vectorised for bf16 activations only: fp16 / fp32 inputs are cast
-    compute_dtype: torch.dtype = torch.bfloat16
+    # (None: the kernel takes the input's dtype as it is)
+    compute_dtype: torch.dtype | None = torch.bfloat16
+    # False where the kernel's own tables hold the checkpoint's exact scales and zero points (no second copy);
+    # such a subclass overrides :meth:`kernel_scales_zeros`
+    keeps_exact_values: bool = True
+    repacked: bool = False  # set by post_init
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
@@ -36,12 +41,15 @@ class RepackedQuantLinear(QuantLinear):
         midpoint = 2 ** (qt.spec.bits - 1)  # symmetric layers need no copy of their zero points
         self._uniform_zero = midpoint if bool((qt.zeros == midpoint).all()) else None
         self.repack(qt)
-        # row-major copies: packers may return transposed views, and the dense path's arithmetic with [out, in]
-        # codes ran about 2x slower with its scales laid out the other way (bench/speed.py --crossover, see
-        # docs/benchmarks.md)
-        self.register_buffer("saved_scales", qt.scales.clone(memory_format=torch.contiguous_format), persistent=False)
-        zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8).contiguous()
-        self.register_buffer("saved_zeros", zeros, persistent=False)
+        if self.keeps_exact_values:
+            # row-major copies: packers may return transposed views, and the dense path's arithmetic with [out, in]
+            # codes ran about 2x slower with its scales laid out the other way (bench/speed.py --crossover, see
+            # docs/benchmarks.md)
+            scales = qt.scales.clone(memory_format=torch.contiguous_format)
+            self.register_buffer("saved_scales", scales, persistent=False)
+            zeros = None if self._uniform_zero is not None else qt.zeros.to(torch.uint8).contiguous()
+            self.register_buffer("saved_zeros", zeros, persistent=False)
+        self.repacked = True
         for name in self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features):
             setattr(self, name, None)  # drop the checkpoint-format copy: one copy of the codes stays resident
 
@@ -54,6 +62,10 @@ class RepackedQuantLinear(QuantLinear):
         """The ``[out, in]`` codes read back from the kernel's buffers (inverse of :meth:`repack`)."""
         raise NotImplementedError
 
+    def kernel_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The exact ``[out, groups]`` scales and uint8 zero points (``None``: all at ``self._uniform_zero``)."""
+        return self.saved_scales, self.saved_zeros
+
     def kernel_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """``[rows, in]`` in ``compute_dtype`` -> ``[rows, out]`` through the kernel (no bias)."""
         raise NotImplementedError
@@ -63,22 +75,18 @@ class RepackedQuantLinear(QuantLinear):
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] >= self.dense_min_rows:
             return self.finish(self.dense_forward(flat), x)
-        if flat.dtype != self.compute_dtype:
+        if self.compute_dtype is not None and flat.dtype != self.compute_dtype:
             flat = flat.to(self.compute_dtype)
         return self.finish(self.kernel_forward(flat), x)
-
-    @property
-    def repacked(self) -> bool:
-        return "saved_scales" in self._buffers
 
     def quantized_tensor(self) -> QuantizedTensor:
         if not self.repacked:
             return super().quantized_tensor()
-        scales = self.saved_scales
-        if self._uniform_zero is not None:
+        scales, zeros = self.kernel_scales_zeros()
+        if zeros is None:
             zeros = torch.full(scales.shape, self._uniform_zero, dtype=torch.int32, device=scales.device)
         else:
-            zeros = self.saved_zeros.to(torch.int32)
+            zeros = zeros.to(torch.int32)
         return QuantizedTensor(self.kernel_codes(), scales, zeros, self.spec)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:

@@ -1,0 +1,209 @@
+"""native_int4 (our C kernel, compiled here at first use) against the torch reference backend, plus its build."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from signround.kernels import candidates, cbuild, select
+from signround.kernels.native_int4 import (
+    BLOCK_ROWS,
+    DENSE_MIN_ROWS,
+    SOURCE,
+    NativeInt4QuantLinear,
+    kernel_problem,
+    load_kernel,
+)
+from signround.kernels.torch import TorchQuantLinear
+from signround.quant.int import dequantize, quantize
+from signround.schemes import LayerSpec
+
+pytestmark = pytest.mark.skipif(kernel_problem() is not None, reason=str(kernel_problem()))
+
+# float32 activations are read as they are and products summed in float32: the same arithmetic as the reference up
+# to summation order.  bf16 / fp16 outputs are rounded once, as the reference's are.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+OUT, IN = 96, 256  # 96 rows: one full block of 64 and a tail block of 32
+
+
+def _layers(spec: LayerSpec, packing: str, dtype: torch.dtype, out_features: int = OUT, in_features: int = IN):
+    g = torch.Generator().manual_seed(spec.bits * 100 + spec.group_size)
+    qt = quantize(torch.randn(out_features, in_features, generator=g) * 0.05, spec)
+    bias = torch.randn(out_features, generator=g) * 0.1
+    ref = TorchQuantLinear.from_quantized(qt, packing, bias, dtype)
+    fast = NativeInt4QuantLinear.from_quantized(qt, packing, bias, dtype)
+    return ref, fast
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+CASES = [
+    (bits, gs, sym, packing)
+    for bits in (2, 3, 4)
+    for gs in (32, 128, -1)
+    for sym in (True, False)
+    for packing in ("auto_round", "gptq_v2", "awq_gemm", "pack-quantized")
+    if not (packing == "awq_gemm" and (sym or bits != 4)) and not (packing == "gptq_v2" and bits == 3 and gs == -1)
+]
+
+
+@pytest.mark.parametrize(("bits", "group_size", "sym", "packing"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_torch_reference_on_both_paths(bits: int, group_size: int, sym: bool, packing: str, dtype) -> None:
+    ref, fast = _layers(LayerSpec(bits=bits, group_size=group_size, sym=sym), packing, dtype)
+    x = torch.randn(2, DENSE_MIN_ROWS, IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        expected = ref(x)
+        for rows in (1, 3, DENSE_MIN_ROWS):  # the kernel for a few rows, the dense path from DENSE_MIN_ROWS
+            got = fast(x[:, :rows])
+            assert got.shape == expected[:, :rows].shape and got.dtype == dtype
+            tol = TOL[dtype] if rows < DENSE_MIN_ROWS else max(TOL[dtype], 1e-2)  # dense path: a bf16 matmul
+            assert _rel_err(got, expected[:, :rows]) <= tol, rows
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(16, 64, 16), (200, 96, 32), (64, 1536, 512)])
+def test_odd_shapes_tail_rows_and_groups(out_features: int, in_features: int, group_size: int) -> None:
+    """Rows that leave a partial block, groups of 16, groups wider than the kernel's loop."""
+    ref, fast = _layers(LayerSpec(bits=4, group_size=group_size, sym=False), "awq_gemm", torch.float32,
+                        out_features, in_features)  # fmt: skip
+    x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _rel_err(fast(x), ref(x)) <= TOL[torch.float32]
+
+
+def test_only_the_kernels_tables_stay_resident_and_saving_is_exact() -> None:
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=True), "auto_round", torch.float16, 128, 256)
+    assert fast.qweight is None and fast.qzeros is None and fast.scales is None
+    assert fast.native_zeros is None  # symmetric: one zero point for the layer
+    assert fast.native_scales.dtype == torch.float16  # the checkpoint's own scales, not a converted copy
+    resident = sum(b.numel() * b.element_size() for name, b in fast.named_buffers() if name != "bias")
+    assert resident == 128 * 256 // 2 + 128 * (256 // 32) * 2  # codes at half a byte + fp16 scales, nothing else
+    assert resident / (128 * 256 * 2) < 0.3  # the issue's bound, as a fraction of fp16 bytes
+    state = fast.state_dict()
+    assert set(state) == set(ref.state_dict()) and all(torch.equal(state[k], v) for k, v in ref.state_dict().items())
+
+
+def test_asymmetric_zero_points_and_non_fp16_scales_round_trip_exactly() -> None:
+    """Every packer stores fp16 scales; a QuantizedTensor with bf16 ones (the table then holds float32) is repacked
+    directly, computes ``(q - zero) * scale`` and reads back bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    qt = quantize(torch.randn(OUT, IN, generator=g) * 0.05 + 0.02, LayerSpec(bits=4, group_size=64, sym=False))
+    fast = NativeInt4QuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    qt = type(qt)(qt.codes, qt.scales.bfloat16(), qt.zeros, qt.spec)
+    fast.repack(qt)
+    assert fast.native_zeros is not None and fast.native_scales.dtype == torch.float32
+    back = fast.quantized_tensor()
+    assert torch.equal(back.codes.int(), qt.codes.int()) and torch.equal(back.zeros.int(), qt.zeros.int())
+    assert back.scales.dtype == torch.bfloat16 and torch.equal(back.scales, qt.scales)
+    x = torch.randn(2, IN, generator=g)
+    with torch.no_grad():
+        assert _rel_err(fast(x), x @ dequantize(qt).float().t()) <= TOL[torch.float32]
+
+
+def test_copies_and_dtype_casts_keep_computing_on_their_own_buffers() -> None:
+    """The layer caches its buffers' addresses for the decode path: a deepcopy, a pickle round trip and
+    ``.to(dtype)`` must each compute with their own, valid buffers."""
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "auto_round", torch.float32)
+    x = torch.randn(2, IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(x)
+        clone = copy.deepcopy(fast)
+        restored = pickle.loads(pickle.dumps(fast))
+        del fast  # the copies must not read the original's (now freed) memory
+        for layer in (clone, restored):
+            assert layer.native_codes.data_ptr() == layer._kernel_args[3]
+            assert _rel_err(layer(x), expected) <= TOL[torch.float32]
+        clone.to(torch.bfloat16)
+        assert clone.native_scales.dtype == torch.float16  # quantization state keeps its dtype
+        assert _rel_err(clone(x.bfloat16()), expected) <= TOL[torch.bfloat16]
+
+
+def test_unaligned_and_strided_inputs() -> None:
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=True), "auto_round", torch.bfloat16)
+    backing = torch.randn(2 * IN + 3, generator=torch.Generator().manual_seed(5)).bfloat16()
+    unaligned = backing[3 : 3 + IN].view(1, IN)
+    strided = backing[: 2 * IN].view(IN, 2)[:, 0].view(1, IN)  # every other value: not contiguous
+    with torch.no_grad():
+        for x in (unaligned, strided):
+            assert _rel_err(fast(x), ref(x.contiguous())) <= TOL[torch.bfloat16]
+        x64 = torch.randn(1, IN, dtype=torch.float64)  # a dtype the kernel does not read: computed in float32
+        assert fast(x64).dtype == torch.float64
+
+
+def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
+    """A trained layer (real weight statistics), with inputs of the scale the model feeds it."""
+    weight, x = stories_q_proj
+    qt = quantize(weight, LayerSpec(bits=4, group_size=32, sym=True))
+    ref = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    fast = NativeInt4QuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    with torch.no_grad():
+        expected = ref(x)
+        for rows in (1, 8, x.shape[1]):  # the kernel, then (48 rows) the dense path
+            tol = TOL[torch.float32] if rows < DENSE_MIN_ROWS else 1e-2
+            assert _rel_err(fast(x[:, :rows]), expected[:, :rows]) <= tol
+
+
+def test_the_portable_build_without_avx512_gives_the_same_results() -> None:
+    """The plain-C loop (CPUs without AVX-512) is compiled and checked here too, against the vector path."""
+    portable = load_kernel(march="x86-64-v2") if cbuild.platform.machine() == "x86_64" else None
+    if portable is None:
+        pytest.skip("the portable build is checked on x86-64 (where the native build takes the AVX-512 path)")
+    assert portable.signround_int4_simd() == 0
+    _ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "awq_gemm", torch.float32, 200, 96)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6))
+    y = torch.empty(3, 200)
+    assert portable.signround_int4_gemm(x.data_ptr(), 0, 3, *fast._kernel_args, y.data_ptr()) == 0
+    with torch.no_grad():
+        assert _rel_err(y, fast.kernel_forward(x)) <= TOL[torch.float32]  # the AVX-512 build, bias not added
+
+
+def test_selection_prefers_it_on_cpu_and_names_why_not_elsewhere() -> None:
+    w4 = LayerSpec(bits=4, group_size=32, sym=True)
+    assert select(w4, "auto_round", "cpu", torch.float32, 576, 1536).name == "native_int4"
+    assert select(LayerSpec(bits=4, group_size=16), "pack-quantized", "cpu", torch.bfloat16, 64, 200).name == (
+        "native_int4"  # groups of 16 and any row count: what torch_int4 cannot take
+    )
+    reasons = {b.name: r for b, r in candidates(w4, "auto_round", "cuda", torch.float16, 576, 1536)}
+    assert reasons["native_int4"] == "device 'cuda' not in ['cpu']"
+    reasons = {b.name: r for b, r in candidates(LayerSpec(bits=8), "auto_round", "cpu", torch.float32, 576, 1536)}
+    assert reasons["native_int4"] == "bits=8 not in [2, 3, 4]"
+
+
+def test_build_is_cached_and_failures_name_the_compiler(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SIGNROUND_CACHE", str(tmp_path))
+    cbuild.build_library(SOURCE)
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("tmp*"))  # no temporary left behind
+    mtime = built[0].stat().st_mtime_ns
+    cbuild.build_library(SOURCE)
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    monkeypatch.setenv("CC", "signround-no-such-compiler")
+    with pytest.raises(cbuild.BuildError, match=r"no C compiler found.*signround-no-such-compiler"):
+        cbuild.build_library(SOURCE)
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return }\n")
+    monkeypatch.delenv("CC")
+    with pytest.raises(cbuild.BuildError, match=r"compiling broken\.c failed"):
+        cbuild.build_library(broken)
+    assert not list((tmp_path / "kernels").glob("broken*")) and not list((tmp_path / "kernels").glob("tmp*"))
+
+
+def test_block_layout_constant_matches_the_c_source() -> None:
+    assert f"#define BLOCK {BLOCK_ROWS}" in SOURCE.read_text()
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
+def test_dense_weight_from_c_equals_the_reference_dequantization(dense_dtype) -> None:
+    """The C dequantizer behind the dense path gives the base class's weight bit for bit: float32 products of
+    the exact values, rounded once."""
+    for packing, sym in (("pack-quantized", True), ("awq_gemm", False)):  # 200 rows: a partial block
+        _ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=sym), packing, torch.float32, 200, 96)
+        fast.dense_dtype = dense_dtype
+        expected = super(NativeInt4QuantLinear, fast).dense_weight()
+        got = fast.dense_weight()
+        assert got.dtype == dense_dtype and torch.equal(got, expected)
