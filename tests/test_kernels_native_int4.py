@@ -207,3 +207,11 @@ def test_dense_weight_from_c_equals_the_reference_dequantization(dense_dtype) ->
         expected = super(NativeInt4QuantLinear, fast).dense_weight()
         got = fast.dense_weight()
         assert got.dtype == dense_dtype and torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not cbuild.Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_the_kernel_shares_torchs_openmp_runtime() -> None:
+    """A second OpenMP runtime would start its own thread pool next to torch's and fight it for the cores."""
+    maps = cbuild.Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes

@@ -178,6 +178,53 @@ static void block_row(const float *xf, const float *xsum, int K, int G, const ui
 #endif
 }
 
+#ifdef SR_AVX512
+#define SR_MAX_ROWS 4
+/* R (2..4) activation rows against one block: each unpacked code feeds R FMAs, so a few rows (batched decode,
+ * short prompts) cost well under R single-row passes.  One accumulator chain per row and tile: with R >= 2 the
+ * 4R independent chains hide the FMA latency.  R is a constant at every call site, so the loops over rows unroll
+ * and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void block_rows(const int R, const float *xf, const float *xsum,
+                                                             int K, int G, const uint8_t *codes, const void *scales,
+                                                             int half, const uint8_t *zeros, int zero, float *out) {
+    const int groups = K / G, pairs_per_group = G / 2;
+    const __m512i low = _mm512_set1_epi32(0xF);
+    for (int i = 0; i < R * BLOCK; i++) out[i] = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        __m512 a[SR_MAX_ROWS][4];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_ps();
+        const uint8_t *c = codes + (long)g * pairs_per_group * BLOCK;
+        for (int p = 0; p < pairs_per_group; p++, c += BLOCK) {
+            _mm_prefetch((const char *)(c + SR_PREFETCH * BLOCK), _MM_HINT_T0);
+            const long k = (long)g * G + 2 * p;
+            for (int t = 0; t < 4; t++) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * t)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                for (int r = 0; r < R; r++) {
+                    a[r][t] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[r * (long)K + k]), a[r][t]);
+                    a[r][t] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xf[r * (long)K + k + 1]), a[r][t]);
+                }
+            }
+        }
+        for (int t = 0; t < 4; t++) {
+            const long at = ((long)g * BLOCK) + 16 * t;
+            __m512 s, z;
+            if (half) s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scales + at)));
+            else s = _mm512_loadu_ps((const float *)scales + at);
+            if (zeros) z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at))));
+            else z = _mm512_set1_ps((float)zero);
+            for (int r = 0; r < R; r++) {
+                float *o = out + r * BLOCK + 16 * t;
+                const __m512 gs = _mm512_set1_ps(xsum[r * (long)groups + g]);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, gs, a[r][t]), _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+#endif
+
 /* y[M, N] = x[M, K] @ dequant(W)^T; returns 0, or -1 if the float32 copy of x cannot be allocated. */
 int signround_int4_gemm(const void *x, int dtype, int M, int K, int N, int G, const uint8_t *codes,
                         const void *scales, int half, const uint8_t *zeros, int zero, void *y) {
@@ -198,14 +245,25 @@ int signround_int4_gemm(const void *x, int dtype, int M, int K, int N, int G, co
     const long block_codes = (long)K / 2 * BLOCK, block_table = (long)groups * BLOCK;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
-        float out[BLOCK];
+        float out[4 * BLOCK];
         const int rows = N - b * BLOCK < BLOCK ? N - b * BLOCK : BLOCK;
         const void *s = half ? (const void *)((const uint16_t *)scales + b * block_table)
                              : (const void *)((const float *)scales + b * block_table);
-        for (int m = 0; m < M; m++) {
-            block_row(xf + (long)m * K, xsum + (long)m * groups, K, G, codes + b * block_codes, s, half,
-                      zeros ? zeros + b * block_table : NULL, zero, out);
-            store_row(out, rows, dtype, (char *)y + act_bytes * ((size_t)m * N + (size_t)b * BLOCK));
+        const uint8_t *c = codes + b * block_codes, *z = zeros ? zeros + b * block_table : NULL;
+        for (int m = 0; m < M;) {
+            const float *xm = xf + (long)m * K, *sm = xsum + (long)m * groups;
+            int step = 1;
+#ifdef SR_AVX512
+            step = M - m < SR_MAX_ROWS ? M - m : SR_MAX_ROWS;
+            if (step == 4) block_rows(4, xm, sm, K, G, c, s, half, z, zero, out);
+            else if (step == 3) block_rows(3, xm, sm, K, G, c, s, half, z, zero, out);
+            else if (step == 2) block_rows(2, xm, sm, K, G, c, s, half, z, zero, out);
+            else
+#endif
+                block_row(xm, sm, K, G, c, s, half, z, zero, out);
+            for (int r = 0; r < step; r++)
+                store_row(out + r * BLOCK, rows, dtype, (char *)y + act_bytes * ((size_t)(m + r) * N + (size_t)b * BLOCK));
+            m += step;
         }
     }
     free(xf);

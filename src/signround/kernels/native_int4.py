@@ -46,7 +46,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("native_int4.c")
 BLOCK_ROWS = 64  # output rows per block of the layout (BLOCK in native_int4.c)
 # Rows (tokens) from which dequantize + dense matmul beats the kernel (bench/speed.py --crossover, docs/backends.md)
-DENSE_MIN_ROWS = 16
+DENSE_MIN_ROWS = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # SR_F32 / SR_BF16 / SR_F16
 
 
