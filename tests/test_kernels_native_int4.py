@@ -148,18 +148,25 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
             assert _rel_err(fast(x[:, :rows]), expected[:, :rows]) <= tol
 
 
-def test_the_portable_build_without_avx512_gives_the_same_results() -> None:
-    """The plain-C loop (CPUs without AVX-512) is compiled and checked here too, against the vector path."""
-    portable = load_kernel(march="x86-64-v2") if cbuild.platform.machine() == "x86_64" else None
-    if portable is None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_portable_build_without_avx512_gives_the_same_results(dtype) -> None:
+    """The plain-C loop (CPUs without AVX-512), built here with ``-march=x86-64-v2`` and without the compiler's
+    ``_Float16`` (so the hand-written fp16 conversions run too), against the torch reference."""
+    if cbuild.platform.machine() != "x86_64":
         pytest.skip("the portable build is checked on x86-64 (where the native build takes the AVX-512 path)")
+    portable = load_kernel(march="x86-64-v2", defines=("-U__FLT16_MAX__",))
     assert portable.signround_int4_simd() == 0
-    _ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "awq_gemm", torch.float32, 200, 96)
-    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6))
-    y = torch.empty(3, 200)
-    assert portable.signround_int4_gemm(x.data_ptr(), 0, 3, *fast._kernel_args, y.data_ptr()) == 0
+    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "awq_gemm", dtype, 200, 96)
+    x = (torch.randn(3, 96, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
+    x[0, :4] = torch.tensor([1e-6, -3e-7, 6e-8, 0.0])  # fp16 subnormals on the way in
+    y = torch.empty(3, 200, dtype=dtype)
+    assert portable.signround_int4_gemm(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
+                                        3, *fast._kernel_args, y.data_ptr()) == 0  # fmt: skip
     with torch.no_grad():
-        assert _rel_err(y, fast.kernel_forward(x)) <= TOL[torch.float32]  # the AVX-512 build, bias not added
+        expected = ref(x) - ref.bias.to(dtype)
+        assert _rel_err(y, expected) <= TOL[dtype]
+        if dtype != torch.float32:  # and the AVX-512 build with the compiler's conversions
+            assert _rel_err(y, fast.kernel_forward(x)) <= TOL[dtype]
 
 
 def test_selection_prefers_it_on_cpu_and_names_why_not_elsewhere() -> None:

@@ -66,8 +66,8 @@ def _compiler_version(compiler: str) -> str:
         raise BuildError(f"C compiler {compiler} does not run: {err}") from None
 
 
-def build_library(source: Path, march: str = "native") -> ctypes.CDLL:
-    """Compile ``source`` (once per source / compiler / CPU / ``march``) and load it.
+def build_library(source: Path, march: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile ``source`` (once per source / compiler / CPU / ``march`` / extra ``-D`` / ``-U`` flags) and load it.
 
     Tries ``-fopenmp`` first and builds without it (single-threaded kernel) if the compiler lacks OpenMP.
     Raises :class:`BuildError` naming the missing compiler or the compiler's error.
@@ -77,8 +77,8 @@ def build_library(source: Path, march: str = "native") -> ctypes.CDLL:
         wanted = f"$CC={os.environ['CC']!r}" if os.environ.get("CC") else " / ".join(_COMPILERS)
         raise BuildError(f"no C compiler found ({wanted} not on PATH)")
     text = source.read_bytes()
-    parts = (text, compiler.encode(), _compiler_version(compiler).encode(), march.encode(), _cpu_identity().encode())
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    parts = (text, compiler, _compiler_version(compiler), march, *defines, _cpu_identity())
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{march}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def build_library(source: Path, march: str = "native") -> ctypes.CDLL:
         for openmp in (("-fopenmp",), ()):
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
-            command = [compiler, *_BASE_FLAGS, f"-march={march}", *openmp, "-o", tmp, str(source)]
+            command = [compiler, *_BASE_FLAGS, f"-march={march}", *defines, *openmp, "-o", tmp, str(source)]
             try:
                 result = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 failure = result.stderr.strip() if result.returncode else None

@@ -132,7 +132,9 @@ static void block_row(const float *xf, const float *xsum, int K, int G, const ui
 #ifdef SR_AVX512
     __m512 y[4];
     for (int t = 0; t < 4; t++) y[t] = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi32(0xF);
+    /* code -> float by table lookup: vpermps reads the low 4 bits of each lane, so the low nibble needs no mask
+     * and neither nibble an int-to-float conversion */
+    const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int g = 0; g < groups; g++) {
         __m512 a0[4], a1[4]; /* even / odd inputs: two chains per tile hide the FMA latency */
         for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm512_setzero_ps();
@@ -143,8 +145,8 @@ static void block_row(const float *xf, const float *xsum, int K, int G, const ui
             const __m512 x0 = _mm512_set1_ps(xg[2 * p]), x1 = _mm512_set1_ps(xg[2 * p + 1]);
             for (int t = 0; t < 4; t++) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * t)));
-                a0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), x0, a0[t]);
-                a1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), x1, a1[t]);
+                a0[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, code_values), x0, a0[t]);
+                a1[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code_values), x1, a1[t]);
             }
         }
         const __m512 gs = _mm512_set1_ps(xsum[g]);
@@ -188,7 +190,9 @@ static inline __attribute__((always_inline)) void block_rows(const int R, const 
                                                              int K, int G, const uint8_t *codes, const void *scales,
                                                              int half, const uint8_t *zeros, int zero, float *out) {
     const int groups = K / G, pairs_per_group = G / 2;
-    const __m512i low = _mm512_set1_epi32(0xF);
+    /* code -> float by table lookup: vpermps reads the low 4 bits of each lane, so the low nibble needs no mask
+     * and neither nibble an int-to-float conversion */
+    const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int i = 0; i < R * BLOCK; i++) out[i] = 0.0f;
     for (int g = 0; g < groups; g++) {
         __m512 a[SR_MAX_ROWS][4];
@@ -200,8 +204,8 @@ static inline __attribute__((always_inline)) void block_rows(const int R, const 
             const long k = (long)g * G + 2 * p;
             for (int t = 0; t < 4; t++) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * t)));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                const __m512 lo = _mm512_permutexvar_ps(v, code_values);
+                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code_values);
                 for (int r = 0; r < R; r++) {
                     a[r][t] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[r * (long)K + k]), a[r][t]);
                     a[r][t] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xf[r * (long)K + k + 1]), a[r][t]);

@@ -50,9 +50,10 @@ DENSE_MIN_ROWS = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # SR_F32 / SR_BF16 / SR_F16
 
 
-def load_kernel(march: str = "native") -> ctypes.CDLL:
-    """The compiled kernel library with its C signatures declared (raises :class:`BuildError`)."""
-    lib = build_library(SOURCE, march)
+def load_kernel(march: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled kernel library with its C signatures declared (raises :class:`BuildError`); ``march`` and
+    ``defines`` select other builds (the tests check the portable loop and the hand-written fp16 conversions)."""
+    lib = build_library(SOURCE, march, defines)
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.signround_int4_gemm.argtypes = [p, i, i, i, i, i, p, p, i, p, i, p]
     lib.signround_int4_gemm.restype = i
