@@ -112,11 +112,12 @@ def test_copies_and_dtype_casts_keep_computing_on_their_own_buffers() -> None:
     x = torch.randn(2, IN, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = ref(x)
+        fast_args = fast._layer_ptr
         clone = copy.deepcopy(fast)
         restored = pickle.loads(pickle.dumps(fast))
         del fast  # the copies must not read the original's (now freed) memory
         for layer in (clone, restored):
-            assert layer.native_codes.data_ptr() == layer._kernel_args[3]
+            assert layer.native_codes.data_ptr() == int(layer.layer_args[3]) and layer._layer_ptr != fast_args
             assert _rel_err(layer(x), expected) <= TOL[torch.float32]
         clone.to(torch.bfloat16)
         assert clone.native_scales.dtype == torch.float16  # quantization state keeps its dtype
@@ -161,7 +162,7 @@ def test_the_portable_build_without_avx512_gives_the_same_results(dtype) -> None
     x[0, :4] = torch.tensor([1e-6, -3e-7, 6e-8, 0.0])  # fp16 subnormals on the way in
     y = torch.empty(3, 200, dtype=dtype)
     assert portable.signround_int4_gemm(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
-                                        3, *fast._kernel_args, y.data_ptr()) == 0  # fmt: skip
+                                        3, fast._layer_ptr, y.data_ptr()) == 0  # fmt: skip
     with torch.no_grad():
         expected = ref(x) - ref.bias.to(dtype)
         assert _rel_err(y, expected) <= TOL[dtype]

@@ -229,9 +229,17 @@ static inline __attribute__((always_inline)) void block_rows(const int R, const 
 }
 #endif
 
+/* One layer's constant arguments, written once at load (an int64 tensor on the Python side), so that a decode call
+ * passes five arguments through ctypes instead of twelve. */
+enum { L_K, L_N, L_G, L_CODES, L_SCALES, L_HALF, L_ZEROS, L_ZERO, L_FIELDS };
+#define LAYER_PTR(layer, field) ((const void *)(intptr_t)(layer)[field])
+
 /* y[M, N] = x[M, K] @ dequant(W)^T; returns 0, or -1 if the float32 copy of x cannot be allocated. */
-int signround_int4_gemm(const void *x, int dtype, int M, int K, int N, int G, const uint8_t *codes,
-                        const void *scales, int half, const uint8_t *zeros, int zero, void *y) {
+int signround_int4_gemm(const void *x, int dtype, int M, const int64_t *layer, void *y) {
+    const int K = (int)layer[L_K], N = (int)layer[L_N], G = (int)layer[L_G], half = (int)layer[L_HALF];
+    const int zero = (int)layer[L_ZERO];
+    const uint8_t *codes = LAYER_PTR(layer, L_CODES), *zeros = LAYER_PTR(layer, L_ZEROS);
+    const void *scales = LAYER_PTR(layer, L_SCALES);
     const int groups = K / G, blocks = (N + BLOCK - 1) / BLOCK;
     float *xf = malloc(sizeof(float) * ((size_t)M * K + (size_t)M * groups));
     if (!xf) return -1;
@@ -277,8 +285,11 @@ int signround_int4_gemm(const void *x, int dtype, int M, int K, int N, int G, co
 /* The dense weight, transposed: Wt[K, N] = (q - zero) * scale, each product computed in float32 and rounded once to
  * `dtype` (float32 or bf16): what the dense path (long inputs) multiplies with.  [K, N] because the layout holds 64
  * output rows side by side: each input's 64 values are read from one cache line and written contiguously. */
-void signround_int4_dequant(int K, int N, int G, const uint8_t *codes, const void *scales, int half,
-                            const uint8_t *zeros, int zero, void *wt, int dtype) {
+void signround_int4_dequant(const int64_t *layer, void *wt, int dtype) {
+    const int K = (int)layer[L_K], N = (int)layer[L_N], G = (int)layer[L_G], half = (int)layer[L_HALF];
+    const int zero = (int)layer[L_ZERO];
+    const uint8_t *codes = LAYER_PTR(layer, L_CODES), *zeros = LAYER_PTR(layer, L_ZEROS);
+    const void *scales = LAYER_PTR(layer, L_SCALES);
     const int groups = K / G, blocks = (N + BLOCK - 1) / BLOCK;
     const long block_codes = (long)K / 2 * BLOCK, block_table = (long)groups * BLOCK;
     const size_t out_bytes = dtype == SR_F32 ? 4 : 2;
@@ -304,6 +315,8 @@ void signround_int4_dequant(int K, int N, int G, const uint8_t *codes, const voi
         }
     }
 }
+
+int signround_int4_layer_fields(void) { return L_FIELDS; }
 
 int signround_int4_simd(void) {
 #ifdef SR_AVX512

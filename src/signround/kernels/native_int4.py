@@ -48,6 +48,7 @@ BLOCK_ROWS = 64  # output rows per block of the layout (BLOCK in native_int4.c)
 # Rows (tokens) from which dequantize + dense matmul beats the kernel (bench/speed.py --crossover, docs/backends.md)
 DENSE_MIN_ROWS = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # SR_F32 / SR_BF16 / SR_F16
+_LAYER_FIELDS = 8  # the C side's layer descriptor (L_FIELDS): K, N, G, codes, scales, half, zeros, zero
 
 
 def load_kernel(march: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
@@ -55,21 +56,36 @@ def load_kernel(march: str = "native", defines: tuple[str, ...] = ()) -> ctypes.
     ``defines`` select other builds (the tests check the portable loop and the hand-written fp16 conversions)."""
     lib = build_library(SOURCE, march, defines)
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.signround_int4_gemm.argtypes = [p, i, i, i, i, i, p, p, i, p, i, p]
+    lib.signround_int4_gemm.argtypes = [p, i, i, p, p]
     lib.signround_int4_gemm.restype = i
-    lib.signround_int4_dequant.argtypes = [i, i, i, p, p, i, p, i, p, i]
+    lib.signround_int4_dequant.argtypes = [p, p, i]
     lib.signround_int4_dequant.restype = None
+    lib.signround_int4_layer_fields.argtypes = []
+    lib.signround_int4_layer_fields.restype = i
     lib.signround_int4_simd.argtypes = []
     lib.signround_int4_simd.restype = i
     return lib
 
 
+_gemm = None  # the loaded library's signround_int4_gemm: the decode path calls it without a lookup
+
+
 @cache
 def _library() -> ctypes.CDLL | str:
+    global _gemm
     try:
-        return load_kernel()
+        lib = load_kernel()
     except BuildError as err:
         return str(err)
+    _gemm = lib.signround_int4_gemm
+    return lib
+
+
+def _loaded_library() -> ctypes.CDLL:
+    lib = _library()
+    if isinstance(lib, str):
+        raise BuildError(lib)
+    return lib
 
 
 @cache
@@ -78,6 +94,8 @@ def kernel_problem() -> str | None:
     lib = _library()
     if isinstance(lib, str):
         return f"native int4 kernel unavailable: {lib.splitlines()[0]}"
+    if lib.signround_int4_layer_fields() != _LAYER_FIELDS:
+        return "native int4 kernel built here reads another layer descriptor than native_int4.py writes"
     from .torch import TorchQuantLinear  # the probe's reference
 
     cpu = torch.device("cpu")
@@ -105,6 +123,7 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
     keeps_exact_values = False  # the kernel reads the checkpoint's own scales and zero points
 
     def repack(self, qt: QuantizedTensor) -> None:
+        _loaded_library()  # built (or its error raised) before any state changes
         out, groups = self.out_features, self.in_features // self.group_size
         blocks = -(-out // BLOCK_ROWS)
         pad = blocks * BLOCK_ROWS - out
@@ -126,21 +145,25 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
         self._refresh_pointers()
 
     def _refresh_pointers(self) -> None:
-        """Cache the kernel's per-layer arguments: decode makes ~200 calls per token, and each attribute lookup
-        through ``nn.Module`` costs about as much as a small layer's arithmetic.  The tuple holds the tensors as
-        well as their addresses, so an address can never outlive its memory; every way torch replaces buffers
-        (``_apply``: ``.to()``, ``share_memory_()``; ``__setstate__``: deepcopy, pickling) refreshes it."""
+        """Write the kernel's per-layer arguments once (``layer_args``, an int64 tensor the C side reads as its
+        layer descriptor): decode makes ~200 calls per token, and each ctypes argument and ``nn.Module`` attribute
+        lookup costs time.  The layer keeps the tensors the addresses point into, so an address never outlives its
+        memory; every way torch replaces buffers (``_apply``: ``.to()``, ``share_memory_()``; ``__setstate__``:
+        deepcopy, pickling) rewrites the descriptor."""
         codes, scales, zeros = self.native_codes, self.native_scales, self.native_zeros
-        self._kernel_args = (
+        fields = [
             self.in_features,
             self.out_features,
             self.group_size,
             codes.data_ptr(),
             scales.data_ptr(),
             int(scales.dtype == torch.float16),
-            zeros.data_ptr() if zeros is not None else None,
+            zeros.data_ptr() if zeros is not None else 0,
             self._uniform_zero or 0,
-        )
+        ]
+        assert len(fields) == _LAYER_FIELDS
+        self.layer_args = torch.tensor(fields, dtype=torch.int64, device="cpu")
+        self._layer_ptr = self.layer_args.data_ptr()
         self._kernel_tensors = (codes, scales, zeros)
         self._has_bias = self.bias is not None
 
@@ -171,29 +194,26 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
         one parallel pass over the kernel's layout instead of decoding it with tensor ops.  Returned as the ``[out,
         in]`` view of an ``[in, out]`` tensor, the order the layout produces it in; ``F.linear`` reads it directly."""
         transposed = torch.empty(self.in_features, self.out_features, dtype=self.dense_dtype)
-        _library().signround_int4_dequant(*self._kernel_args, transposed.data_ptr(), _DTYPE_CODES[transposed.dtype])
+        _loaded_library().signround_int4_dequant(self._layer_ptr, transposed.data_ptr(), _DTYPE_CODES[transposed.dtype])
         return transposed.t()
 
     def kernel_forward(self, flat: torch.Tensor) -> torch.Tensor:
-        y = flat.new_empty(flat.shape[0], self.out_features)
-        return self._gemm(flat.contiguous(), flat.shape[0], y)
+        return self._gemm_into(flat.contiguous(), flat.shape[0], flat.new_empty(flat.shape[0], self.out_features))
 
-    def _gemm(self, x: torch.Tensor, rows: int, y: torch.Tensor) -> torch.Tensor:
-        status = _library().signround_int4_gemm(
-            x.data_ptr(), _DTYPE_CODES[x.dtype], rows, *self._kernel_args, y.data_ptr()
-        )
-        if status:
+    def _gemm_into(self, x: torch.Tensor, rows: int, y: torch.Tensor) -> torch.Tensor:
+        if _gemm(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, self._layer_ptr, y.data_ptr()):
             raise MemoryError(f"native int4 kernel could not allocate {rows} x {self.in_features} floats")
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the decode path, kept to the kernel call: the base class's reshapes and checks cost ~6 us per call
+        # the decode path, kept to the kernel call: each tensor op or attribute lookup here costs ~0.5-1 us, and
+        # decode makes ~200 calls per token
         if x.dtype not in _DTYPE_CODES:  # float64 and the like: computed in float32
             return self.forward(x.float()).to(x.dtype)
         rows = x.numel() // self.in_features
         if rows >= self.dense_min_rows:
             return super().forward(x)
-        y = self._gemm(x.contiguous(), rows, x.new_empty(*x.shape[:-1], self.out_features))
+        y = self._gemm_into(x.contiguous(), rows, x.new_empty(*x.shape[:-1], self.out_features))
         return y + self.bias.to(y.dtype) if self._has_bias else y
 
 
