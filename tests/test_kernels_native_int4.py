@@ -199,6 +199,13 @@ def test_build_is_cached_and_failures_name_the_compiler(tmp_path, monkeypatch) -
     with pytest.raises(cbuild.BuildError, match=r"compiling broken\.c failed"):
         cbuild.build_library(broken)
     assert not list((tmp_path / "kernels").glob("broken*")) and not list((tmp_path / "kernels").glob("tmp*"))
+    with pytest.raises(cbuild.BuildError, match=r"kernel source .*missing\.c cannot be read"):
+        cbuild.build_library(tmp_path / "missing.c")
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # the cache root is a file: nothing can be written under it
+    monkeypatch.setenv("SIGNROUND_CACHE", str(blocked))
+    with pytest.raises(cbuild.BuildError, match=r"cannot write the kernel cache .*set SIGNROUND_CACHE"):
+        cbuild.build_library(SOURCE)
 
 
 def test_block_layout_constant_matches_the_c_source() -> None:
@@ -223,3 +230,31 @@ def test_the_kernel_shares_torchs_openmp_runtime() -> None:
     maps = cbuild.Path("/proc/self/maps").read_text().splitlines()
     runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) <= 1, runtimes
+
+
+def test_without_a_compiler_the_backend_steps_aside_with_the_reason(monkeypatch) -> None:
+    from signround.kernels import native_int4
+
+    monkeypatch.setenv("CC", "signround-no-such-compiler")
+    native_int4._library.cache_clear()
+    native_int4.kernel_problem.cache_clear()
+    try:
+        w4 = LayerSpec(bits=4, group_size=32, sym=True)
+        reasons = {b.name: r for b, r in candidates(w4, "auto_round", "cpu", torch.float32, 576, 1536)}
+        assert reasons["native_int4"].startswith("native int4 kernel unavailable: no C compiler found")
+        assert select(w4, "auto_round", "cpu", torch.float32, 576, 1536).name == "torch_int4"
+    finally:
+        monkeypatch.delenv("CC")
+        native_int4._library.cache_clear()
+        native_int4.kernel_problem.cache_clear()
+    assert native_int4.kernel_problem() is None
+
+
+def test_a_layer_or_input_off_the_cpu_is_refused_not_read() -> None:
+    """The C code reads host memory: a device pointer would crash the process, so it is never passed."""
+    _ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=True), "auto_round", torch.float32)
+    with pytest.raises(RuntimeError, match="native_int4 runs on CPU only, got meta"):
+        fast(torch.empty(1, IN, device="meta"))
+    fast.to("meta")  # stands in for a GPU: the tables leave host memory
+    with pytest.raises(RuntimeError, match="native_int4 runs on CPU only, got meta"):
+        fast(torch.randn(1, IN))

@@ -70,37 +70,49 @@ def build_library(source: Path, march: str = "native", defines: tuple[str, ...] 
     """Compile ``source`` (once per source / compiler / CPU / ``march`` / extra ``-D`` / ``-U`` flags) and load it.
 
     Tries ``-fopenmp`` first and builds without it (single-threaded kernel) if the compiler lacks OpenMP.
-    Raises :class:`BuildError` naming the missing compiler or the compiler's error.
+    Raises :class:`BuildError` naming what is missing (compiler, source, a writable cache) or the compiler's error.
     """
     compiler = find_compiler()
     if compiler is None:
         wanted = f"$CC={os.environ['CC']!r}" if os.environ.get("CC") else " / ".join(_COMPILERS)
         raise BuildError(f"no C compiler found ({wanted} not on PATH)")
-    text = source.read_bytes()
+    try:
+        text = source.read_bytes()
+    except OSError as err:
+        raise BuildError(f"kernel source {source} cannot be read ({err}); reinstall signround") from None
     parts = (text, compiler, _compiler_version(compiler), march, *defines, _cpu_identity())
     key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{march}-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for openmp in (("-fopenmp",), ()):
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            command = [compiler, *_BASE_FLAGS, f"-march={march}", *defines, *openmp, "-o", tmp, str(source)]
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-                failure = result.stderr.strip() if result.returncode else None
-            except (OSError, subprocess.SubprocessError) as err:  # a compiler that hangs or cannot start
-                failure = str(err)
-            if failure is None:
-                os.replace(tmp, target)
-                logger.info("compiled %s for this CPU into %s", source.name, target)
-                break
-            os.unlink(tmp)
-            errors.append(f"{' '.join(command)}:\n{failure}")
-        else:
-            raise BuildError(f"compiling {source.name} failed:\n" + "\n".join(errors))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _compile(compiler, source, target, (f"-march={march}", *defines))
+        except OSError as err:
+            raise BuildError(
+                f"cannot write the kernel cache {target.parent} ({err}); set SIGNROUND_CACHE to a writable directory"
+            ) from None
     try:
         return ctypes.CDLL(str(target))
     except OSError as err:
         raise BuildError(f"loading {target} failed: {err}") from None
+
+
+def _compile(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> None:
+    """Compile into a temporary file beside ``target`` and rename it into place (with OpenMP, else without)."""
+    errors = []
+    for openmp in (("-fopenmp",), ()):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        command = [compiler, *_BASE_FLAGS, *flags, *openmp, "-o", tmp, str(source)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            failure = result.stderr.strip() if result.returncode else None
+        except (OSError, subprocess.SubprocessError) as err:  # a compiler that hangs or cannot start
+            failure = str(err)
+        if failure is None:
+            os.replace(tmp, target)
+            logger.info("compiled %s for this CPU into %s", source.name, target)
+            return
+        os.unlink(tmp)
+        errors.append(f"{' '.join(command)}:\n{failure}")
+    raise BuildError(f"compiling {source.name} failed:\n" + "\n".join(errors))

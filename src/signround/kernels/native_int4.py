@@ -163,7 +163,8 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
         ]
         assert len(fields) == _LAYER_FIELDS
         self.layer_args = torch.tensor(fields, dtype=torch.int64, device="cpu")
-        self._layer_ptr = self.layer_args.data_ptr()
+        # 0 once the tables leave the CPU (a model moved with .to("cuda")): the C code reads host memory only
+        self._layer_ptr = self.layer_args.data_ptr() if codes.device.type == "cpu" else 0
         self._kernel_tensors = (codes, scales, zeros)
         self._has_bias = self.bias is not None
 
@@ -201,6 +202,12 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
         return self._gemm_into(flat.contiguous(), flat.shape[0], flat.new_empty(flat.shape[0], self.out_features))
 
     def _gemm_into(self, x: torch.Tensor, rows: int, y: torch.Tensor) -> torch.Tensor:
+        if not (x.is_cpu and self._layer_ptr):
+            where = x.device if not x.is_cpu else self.native_codes.device
+            raise RuntimeError(
+                f"native_int4 runs on CPU only, got {where}; load the model for that device (its backend is then "
+                "chosen for it) or pass quantization_config=AutoRoundConfig(backend=...)"
+            )
         if _gemm(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, self._layer_ptr, y.data_ptr()):
             raise MemoryError(f"native int4 kernel could not allocate {rows} x {self.in_features} floats")
         return y
