@@ -45,7 +45,7 @@ bench-formats: install
 	$(BIN)/python bench/accuracy.py --run fp32 --results /tmp/signround-bench/fp32.jsonl
 	$(BIN)/python bench/formats.py
 
-# CPU inference speed: fp32 vs W4G32 on the torch, torch_int4 and native_int4 backends (bench/speed.py).
+# CPU inference speed: fp32 vs W4G32 on the torch, torch_int4 and native backends (bench/speed.py).
 bench-speed: install
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/speed.py --threads 2

@@ -1,9 +1,9 @@
-"""CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch, torch_int4 and native_int4 backends,
+"""CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch, torch_int4 and native backends,
 in one run (``--bits 8``: W8 on torch and torch_int8; ``--group-size`` changes the group of 32).
 
 Variants: the dense model in fp32 (the baseline every ratio is against) and in bf16; the W4G32 checkpoint on the
 torch reference with the rest of the model (embeddings, tied lm_head, norms) in fp32; on torch_int4 and on
-native_int4 (the CPU default where a C compiler is present), each with the rest in fp32 and with the rest in bf16
+native (the CPU default where a C compiler is present), each with the rest in fp32 and with the rest in bf16
 (``dtype=torch.bfloat16`` at load, SmolLM2's own dtype), where the tied lm_head, a fifth of the weights, reads half
 the bytes.  A last variant is a different model: lm_head quantized as well (``quant_lm_head=True``, untied from the
 embedding), the reference tool's option for the same purpose.
@@ -86,9 +86,9 @@ def _weight_bytes(model) -> tuple[int, int]:
 
 @torch.inference_mode()
 def crossover(threads: int) -> None:
-    """Time one layer of each SmolLM2 shape on both per-call paths of native_int4 and torch_int4 (W4G32) and
+    """Time one layer of each SmolLM2 shape on both per-call paths of native and torch_int4 (W4G32) and
     torch_int8 (W8G32), by input rows (bf16 activations): the evidence for each backend's ``DENSE_MIN_ROWS``."""
-    from signround.kernels.native_int4 import NativeInt4QuantLinear, kernel_problem
+    from signround.kernels.native import NativeQuantLinear, kernel_problem
     from signround.kernels.torch_int4 import TorchInt4QuantLinear
     from signround.kernels.torch_int8 import TorchInt8QuantLinear
     from signround.quant.int import quantize
@@ -97,7 +97,7 @@ def crossover(threads: int) -> None:
     torch.set_num_threads(threads)
     kernels = [(TorchInt4QuantLinear, 4), (TorchInt8QuantLinear, 8)]
     if kernel_problem() is None:
-        kernels.insert(0, (NativeInt4QuantLinear, 4))
+        kernels.insert(0, (NativeQuantLinear, 4))
     for cls, bits in kernels:
         print(f"{cls.backend_name} (W{bits}G32): DENSE_MIN_ROWS = {cls.dense_min_rows}; µs per call, best of 3")
         print(f"{'out x in':>10} {'rows':>5} {'kernel':>9} {'dense':>9} {'dense/kernel':>13}")
@@ -208,11 +208,9 @@ def main() -> None:
             "fp32": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32),
             "bf16": lambda: AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16),
         }
-        from signround.kernels.native_int4 import kernel_problem
+        from signround.kernels.native import kernel_problem
 
-        fast = (
-            ["torch_int8"] if args.bits == 8 else ["torch_int4"] + (["native_int4"] if kernel_problem() is None else [])
-        )
+        fast = ["torch_int8"] if args.bits == 8 else ["torch_int4"] + (["native"] if kernel_problem() is None else [])
         for backend, dtype in [("torch", torch.float32)] + [
             (b, d) for b in fast for d in (torch.float32, torch.bfloat16)
         ]:
@@ -225,8 +223,8 @@ def main() -> None:
                                      disable_opt_rtn=True, quant_lm_head=True, show_progress=False)  # fmt: skip
             ckpt_head = ar.quantize_and_save(Path(tmp) / "with-head", format="auto_round")
             del ar
-            variants["W4G32 + lm_head W4 native_int4 (bf16 rest)"] = lambda: AutoModelForCausalLM.from_pretrained(
-                ckpt_head, dtype=torch.bfloat16, quantization_config=signround.AutoRoundConfig(backend="native_int4")
+            variants["W4G32 + lm_head W4 native (bf16 rest)"] = lambda: AutoModelForCausalLM.from_pretrained(
+                ckpt_head, dtype=torch.bfloat16, quantization_config=signround.AutoRoundConfig(backend="native")
             )
         models = {name: load().eval() for name, load in variants.items()}
         # every variant resident at once, timed in turn `repeats` times: machine drift hits all of them alike

@@ -1,6 +1,6 @@
 """A model whose layers run on different kernels, chosen per layer at load: 4-bit and 3-bit layers on the CPU's
-int4 kernel (``native_int4``, or ``torch_int4`` without a C compiler), symmetric 8-bit ones on ``torch_int8``, a 4-bit
-one in groups of 16 on ``native_int4`` (or, without a compiler, the ``torch`` reference: torch_int4 takes groups of
+int4 kernel (``native``, or ``torch_int4`` without a C compiler), symmetric 8-bit ones on ``torch_int8``, a 4-bit
+one in groups of 16 on ``native`` (or, without a compiler, the ``torch`` reference: torch_int4 takes groups of
 32 and up); outputs, saving and forcing a backend."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_each_layer_gets_the_best_backend_that_can_run_it(mixed_checkpoint, tmp_
     auto = AutoModelForCausalLM.from_pretrained(mixed_checkpoint, dtype=torch.float32)
     chosen = {name: layer.backend_name for name, layer in quant_linears(auto).items()}
     assert len(chosen) == 2 * 7
-    group_16 = cpu_int4_backend if cpu_int4_backend == "native_int4" else "torch"
+    group_16 = cpu_int4_backend if cpu_int4_backend == "native" else "torch"
     expected_by_layer = {"v_proj": "torch_int8", "o_proj": group_16}  # every other layer: 3 or 4 bits, groups of 32
     for name, backend in chosen.items():
         expected = expected_by_layer.get(name.rsplit(".", 1)[-1], cpu_int4_backend)
@@ -69,7 +69,7 @@ def test_forcing_a_backend_that_cannot_run_a_layer_names_it(mixed_checkpoint) ->
 
 def test_fresh_process_loads_a_4bit_checkpoint_on_the_cpu_int4_kernel(rtn_checkpoint, cpu_int4_backend) -> None:
     """The first backend check of a process runs inside from_pretrained's meta-device context (a regression: the
-    torch_int4 layout probe once ran on meta tensors there and failed; native_int4's self-test runs there too);
+    torch_int4 layout probe once ran on meta tensors there and failed; native's self-test runs there too);
     only a fresh process sees that."""
     import subprocess
     import sys

@@ -123,8 +123,8 @@ def rtn_checkpoint(tmp_path_factory, stories_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_int4_backend() -> str:
-    """The backend a 4-bit layer gets on this CPU by default: our compiled native_int4 kernel, or torch's own int4
+    """The backend a 4-bit layer gets on this CPU by default: our compiled native kernel, or torch's own int4
     kernel where no C compiler is present (selection logic: tests/test_kernel_matrix.py)."""
-    from signround.kernels.native_int4 import kernel_problem
+    from signround.kernels.native import kernel_problem
 
-    return "native_int4" if kernel_problem() is None else "torch_int4"
+    return "native" if kernel_problem() is None else "torch_int4"

@@ -1,6 +1,6 @@
 """The selection matrix: which backend each kind of layer gets on each device, with every package installed and
 with none, and why the better ones were passed over.  Written as a table of expected choices (the reference's
-priority marlin > exllamav2 > triton > torch on CUDA; native_int4 > torch_int4 > ipex > torch on CPU; ipex on XPU;
+priority marlin > exllamav2 > triton > torch on CUDA; native > torch_int4 > ipex > torch on CPU; ipex on XPU;
 hpu on Gaudi), so a descriptor change that alters a choice fails here by name."""
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 def installed(monkeypatch):
     """Set which optional stacks are present: ``ALL`` (every requirement met, every vendor stack imports, a C
     compiler), ``NONE`` (no optional package: torch's own CPU kernels, torch_int4 and torch_int8, and our compiled
-    native_int4 remain), ``BARE`` (``NONE`` without a C compiler: native_int4 cannot be built) or ``NO_CC``
+    native remain), ``BARE`` (``NONE`` without a C compiler: native cannot be built) or ``NO_CC``
     (``ALL`` without a C compiler)."""
 
     def setup(which: str) -> None:
         def availability(self: Backend) -> str | None:
-            if self.name == "native_int4" and which in (BARE, NO_CC):
-                return "native int4 kernel unavailable: no C compiler found (cc / gcc / clang not on PATH)"
+            if self.name == "native" and which in (BARE, NO_CC):
+                return "native kernel unavailable: no C compiler found (cc / gcc / clang not on PATH)"
             if (
                 which in (ALL, NO_CC)
                 or (not self.requires and self.environment is None)
-                or self.name in ("torch_int4", "torch_int8", "native_int4")
+                or self.name in ("torch_int4", "torch_int8", "native")
             ):
                 return None
             return f"needs {self.requires or 'its vendor stack'} (pip install ...)"
@@ -58,19 +58,19 @@ MATRIX = [
     ("cuda", 3, 128, True, F16, 4096, 4096, ALL, "torch"),  # 3-bit codes straddle words: torch only
     ("cuda", 4, 128, True, F16, 4096, 4096, NONE, "torch"),
     # CPU
-    ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "native_int4"),
-    ("cpu", 4, 32, False, F32, 576, 1536, NONE, "native_int4"),  # needs a C compiler, no package
+    ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "native"),
+    ("cpu", 4, 32, False, F32, 576, 1536, NONE, "native"),  # needs a C compiler, no package
     ("cpu", 4, 32, False, F32, 576, 1536, BARE, "torch_int4"),  # no compiler: torch's own int4 kernel
-    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "native_int4"),
+    ("cpu", 4, -1, True, BF16, 4096, 4096, ALL, "native"),
     ("cpu", 4, -1, True, BF16, 4096, 4096, BARE, "torch_int4"),  # per-channel: run as kernel groups of 256
     ("cpu", 4, 512, False, F32, 4096, 4096, BARE, "torch_int4"),
-    ("cpu", 4, 16, True, BF16, 4096, 4096, ALL, "native_int4"),  # any even group
+    ("cpu", 4, 16, True, BF16, 4096, 4096, ALL, "native"),  # any even group
     ("cpu", 4, 16, True, BF16, 4096, 4096, BARE, "torch"),  # groups of 16: below torch_int4's 32
     ("cpu", 4, 16, True, BF16, 4096, 4096, NO_CC, "ipex"),
     ("cpu", 4, 16, True, F32, 4096, 4096, NO_CC, "torch"),  # IPEX takes bf16 / fp16 activations
-    ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "native_int4"),  # 2/3-bit codes run as 4-bit ones, exactly
+    ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "native"),  # 2/3-bit codes run as 4-bit ones, exactly
     ("cpu", 2, 128, True, BF16, 4096, 4096, BARE, "torch_int4"),
-    ("cpu", 3, 64, False, F32, 4096, 4096, NONE, "native_int4"),
+    ("cpu", 3, 64, False, F32, 4096, 4096, NONE, "native"),
     ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch_int8"),
     ("cpu", 8, -1, True, F32, 576, 1536, NONE, "torch_int8"),  # per-channel: one kernel call
     ("cpu", 8, 128, False, BF16, 4096, 4096, ALL, "torch"),  # asymmetric 8-bit: only the reference
@@ -109,7 +109,7 @@ REASONS = [
     ("cuda", 3, 128, True, F16, 4096, 4096, ALL, "triton", "bits=3 not in [2, 4, 8]"),
     ("cuda", 4, 128, True, F16, 4096, 4096, NONE, "marlin", "pip install"),
     ("cpu", 4, 16, True, BF16, 4096, 4096, ALL, "torch_int4", "group of 16 input features is not a multiple of 32"),
-    ("cpu", 4, 128, True, BF16, 4096, 4096, BARE, "native_int4", "no C compiler found"),
+    ("cpu", 4, 128, True, BF16, 4096, 4096, BARE, "native", "no C compiler found"),
     ("cpu", 4, 16, True, BF16, 4096, 4096, BARE, "ipex", "pip install"),
     ("cpu", 4, 128, True, BF16, 4096, 4096, ALL, "marlin", "device 'cpu' not in ['cuda']"),
     ("cpu", 4, -1, True, F32, 4096, 4096, ALL, "ipex", "activation dtype torch.float32 not in"),

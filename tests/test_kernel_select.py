@@ -38,7 +38,7 @@ def test_torch_is_registered_and_is_the_fallback_on_cpu() -> None:
 def test_the_cpu_int4_kernel_is_chosen_for_4bit_cpu_layers_it_can_run(cpu_int4_backend, monkeypatch) -> None:
     assert select(W4, PACKING, "cpu", torch.bfloat16, 256, 512).name == cpu_int4_backend
     assert select(W4, PACKING, "cpu", torch.float32, 256, 512).name == cpu_int4_backend
-    monkeypatch.delitem(registry._BACKENDS, "native_int4")  # torch_int4: what it takes and why it rejects
+    monkeypatch.delitem(registry._BACKENDS, "native")  # torch_int4: what it takes and why it rejects
     reasons = dict((b.name, r) for b, r in candidates(W4, PACKING, "cpu", torch.float32, 256, 520))
     assert reasons["torch_int4"] == "out_features=520 is not a multiple of 16"
     reasons = dict(
@@ -89,7 +89,7 @@ def test_priority_missing_package_and_hint(monkeypatch, caplog) -> None:
     monkeypatch.setitem(registry._BACKENDS, "medium", _fake("medium", priority=20))
     ranked = candidates(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
     order = [b.name for b, _ in ranked]
-    assert order[:4] == ["fast", "medium", "native_int4", "torch_int4"] and order[-1] == "torch"
+    assert order[:4] == ["fast", "medium", "native", "torch_int4"] and order[-1] == "torch"
     assert "pip install 'signround-no-such-package>=1.0'" in ranked[0][1]
     with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
         chosen = select(W4, PACKING, "cpu", torch.bfloat16, 256, 640)

@@ -53,7 +53,7 @@ def test_ipex_that_fails_to_import_is_rejected_with_why(monkeypatch) -> None:
     try:
         reason = _reasons(W4, "cpu", torch.bfloat16)["ipex"]
         assert "does not import with torch" in reason and "needs torch 2.8" in reason
-        assert select(W4, PACKING, "cpu", torch.bfloat16, 256, 512).name in ("native_int4", "torch_int4")
+        assert select(W4, PACKING, "cpu", torch.bfloat16, 256, 512).name in ("native", "torch_int4")
     finally:
         ipex.ipex_import_error.cache_clear()
 

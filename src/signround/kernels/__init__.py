@@ -7,7 +7,7 @@ from . import exllamav2 as _exllamav2_backend  # noqa: F401  (registers "exllama
 from . import hpu as _hpu_backend  # noqa: F401  (registers "hpu")
 from . import ipex as _ipex_backend  # noqa: F401  (registers "ipex")
 from . import marlin as _marlin_backend  # noqa: F401  (registers "marlin"; GPTQModel's kernel, CUDA)
-from . import native_int4 as _native_int4_backend  # noqa: F401  (registers "native_int4"; compiled at first use)
+from . import native as _native_backend  # noqa: F401  (registers "native"; compiled at first use)
 from . import torch as _torch_backend  # noqa: F401  (registers the "torch" backend)
 from . import torch_int4 as _torch_int4_backend  # noqa: F401  (registers "torch_int4")
 from . import torch_int8 as _torch_int8_backend  # noqa: F401  (registers "torch_int8")

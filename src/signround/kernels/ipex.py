@@ -1,7 +1,7 @@
 """Intel Extension for PyTorch's weight-only int4 linear (CPU and Intel GPU), the reference tool's CPU/XPU choice.
 
 IPEX builds are tied to one torch release (2.8 for the last CPU build), so with the torch this project pins it is
-normally absent or fails to import; the descriptor says which, and the selector takes ``native_int4`` / ``torch_int4`` /
+normally absent or fails to import; the descriptor says which, and the selector takes ``native`` / ``torch_int4`` /
 ``torch``.  When it does import, ``post_init`` hands the layer to
 ``ipex.llm.quantization.IPEXWeightOnlyQuantizedLinear.from_weight`` in AWQ GEMM layout: AWQ stores zero points
 as-is, so every symmetric or asymmetric 4-bit layer fits (GPTQ v1's ``zero - 1`` cannot hold a zero point of 0).
@@ -93,7 +93,7 @@ IPEX_BACKEND = register_backend(
         bits=(4,),
         dtypes=(torch.bfloat16, torch.float16),
         packings=None,  # any registered packer: post_init unpacks through it and repacks as AWQ
-        priority=5,  # the reference's rank; below native_int4 / torch_int4 on CPU, which run with the pinned torch
+        priority=5,  # the reference's rank; below native / torch_int4 on CPU, which run with the pinned torch
         requires=("intel-extension-for-pytorch>=2.4",),  # IPEXWeightOnlyQuantizedLinear.from_weight
         out_features_multiple=8,  # AWQ packs eight output columns per word
         environment=lambda: ipex_import_error(),  # looked up at call time, so tests can replace it

@@ -1,10 +1,10 @@
-"""Shared life cycle of CPU backends that repack a layer's codes into their kernel's layout (native_int4,
+"""Shared life cycle of CPU backends that repack a layer's codes into their kernel's layout (native,
 torch_int4, torch_int8).
 
 On CPU the kernel's copy is the only one worth keeping: a second, checkpoint-format copy of the codes would cost
 as much memory again.  So ``post_init`` keeps only what the kernel reads plus the few exact values its layout
 cannot reproduce (torch's kernels: the checkpoint's scales, and the zero points unless they are all at the
-midpoint, as in every symmetric layer; native_int4's tables hold them exactly, so nothing more), drops the
+midpoint, as in every symmetric layer; native's tables hold them exactly, so nothing more), drops the
 checkpoint-format buffers, and ``state_dict()`` rebuilds them bit-exactly from the kernel's tensors.  Long inputs (prefill) take a dense path: the weight dequantized once for the call from the exact
 values and an ordinary matmul, which the many rows amortise.
 """

@@ -1,4 +1,4 @@
-"""CPU backend for 2/3/4-bit layers on our own matrix-vector kernel (``native_int4.c``), compiled for this CPU.
+"""CPU backend for 2/3/4-bit layers on our own matrix-vector kernel (``native.c``), compiled for this CPU.
 
 Why a kernel of our own next to torch_int4 (``aten._weight_int4pack_mm_for_cpu``): decode reads every weight once
 per token, so bytes per weight and the arithmetic per byte decide, and aten's kernel loses on both.
@@ -37,14 +37,14 @@ from .repacked import RepackedQuantLinear
 __all__ = [
     "BLOCK_ROWS",
     "DENSE_MIN_ROWS",
-    "NATIVE_INT4_BACKEND",
-    "NativeInt4QuantLinear",
+    "NATIVE_BACKEND",
+    "NativeQuantLinear",
     "kernel_problem",
     "load_kernel",
 ]
 
-SOURCE = Path(__file__).with_name("native_int4.c")
-BLOCK_ROWS = 64  # output rows per block of the layout (BLOCK in native_int4.c)
+SOURCE = Path(__file__).with_name("native.c")
+BLOCK_ROWS = 64  # output rows per block of the layout (BLOCK in native.c)
 # Rows (tokens) from which dequantize + dense matmul beats the kernel (bench/speed.py --crossover, docs/backends.md)
 DENSE_MIN_ROWS = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # SR_F32 / SR_BF16 / SR_F16
@@ -56,18 +56,18 @@ def load_kernel(march: str = "native", defines: tuple[str, ...] = ()) -> ctypes.
     ``defines`` select other builds (the tests check the portable loop and the hand-written fp16 conversions)."""
     lib = build_library(SOURCE, march, defines)
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.signround_int4_gemm.argtypes = [p, i, i, p, p]
-    lib.signround_int4_gemm.restype = i
-    lib.signround_int4_dequant.argtypes = [p, p, i]
-    lib.signround_int4_dequant.restype = None
-    lib.signround_int4_layer_fields.argtypes = []
-    lib.signround_int4_layer_fields.restype = i
-    lib.signround_int4_simd.argtypes = []
-    lib.signround_int4_simd.restype = i
+    lib.signround_wq_gemm.argtypes = [p, i, i, p, p]
+    lib.signround_wq_gemm.restype = i
+    lib.signround_wq_dequant.argtypes = [p, p, i]
+    lib.signround_wq_dequant.restype = None
+    lib.signround_wq_layer_fields.argtypes = []
+    lib.signround_wq_layer_fields.restype = i
+    lib.signround_wq_simd.argtypes = []
+    lib.signround_wq_simd.restype = i
     return lib
 
 
-_gemm = None  # the loaded library's signround_int4_gemm: the decode path calls it without a lookup
+_gemm = None  # the loaded library's signround_wq_gemm: the decode path calls it without a lookup
 
 
 @cache
@@ -77,7 +77,7 @@ def _library() -> ctypes.CDLL | str:
         lib = load_kernel()
     except BuildError as err:
         return str(err)
-    _gemm = lib.signround_int4_gemm
+    _gemm = lib.signround_wq_gemm
     return lib
 
 
@@ -93,9 +93,9 @@ def kernel_problem() -> str | None:
     """``None`` if the kernel compiled here and reproduces the torch reference on a probe layer, else why not."""
     lib = _library()
     if isinstance(lib, str):
-        return f"native int4 kernel unavailable: {lib.splitlines()[0]}"
-    if lib.signround_int4_layer_fields() != _LAYER_FIELDS:
-        return "native int4 kernel built here reads another layer descriptor than native_int4.py writes"
+        return f"native kernel unavailable: {lib.splitlines()[0]}"
+    if lib.signround_wq_layer_fields() != _LAYER_FIELDS:
+        return "native kernel built here reads another layer descriptor than native.py writes"
     from .torch import TorchQuantLinear  # the probe's reference
 
     cpu = torch.device("cpu")
@@ -107,17 +107,17 @@ def kernel_problem() -> str | None:
     qt = QuantizedTensor(codes, scales, zeros, spec)
     x = torch.randn(3, 64, generator=g, device=cpu)
     expected = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
-    got = NativeInt4QuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
+    got = NativeQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
     err = float((got - expected).abs().max() / expected.abs().max())
     if not err < 1e-5:
-        return f"native int4 kernel built here disagrees with the torch reference (relative error {err:.2e})"
+        return f"native kernel built here disagrees with the torch reference (relative error {err:.2e})"
     return None
 
 
-class NativeInt4QuantLinear(RepackedQuantLinear):
-    """2/3/4-bit layers through ``native_int4.c``; repacked once at load into its row-block layout."""
+class NativeQuantLinear(RepackedQuantLinear):
+    """2/3/4-bit layers through ``native.c``; repacked once at load into its row-block layout."""
 
-    backend_name = "native_int4"
+    backend_name = "native"
     dense_min_rows: int = DENSE_MIN_ROWS
     compute_dtype = None  # float32 / bf16 / fp16 activations are read as they are
     keeps_exact_values = False  # the kernel reads the checkpoint's own scales and zero points
@@ -195,7 +195,7 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
         one parallel pass over the kernel's layout instead of decoding it with tensor ops.  Returned as the ``[out,
         in]`` view of an ``[in, out]`` tensor, the order the layout produces it in; ``F.linear`` reads it directly."""
         transposed = torch.empty(self.in_features, self.out_features, dtype=self.dense_dtype)
-        _loaded_library().signround_int4_dequant(self._layer_ptr, transposed.data_ptr(), _DTYPE_CODES[transposed.dtype])
+        _loaded_library().signround_wq_dequant(self._layer_ptr, transposed.data_ptr(), _DTYPE_CODES[transposed.dtype])
         return transposed.t()
 
     def kernel_forward(self, flat: torch.Tensor) -> torch.Tensor:
@@ -205,11 +205,11 @@ class NativeInt4QuantLinear(RepackedQuantLinear):
         if not (x.is_cpu and self._layer_ptr):
             where = x.device if not x.is_cpu else self.native_codes.device
             raise RuntimeError(
-                f"native_int4 runs on CPU only, got {where}; load the model for that device (its backend is then "
+                f"native runs on CPU only, got {where}; load the model for that device (its backend is then "
                 "chosen for it) or pass quantization_config=AutoRoundConfig(backend=...)"
             )
         if _gemm(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, self._layer_ptr, y.data_ptr()):
-            raise MemoryError(f"native int4 kernel could not allocate {rows} x {self.in_features} floats")
+            raise MemoryError(f"native kernel could not allocate {rows} x {self.in_features} floats")
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,10 +231,10 @@ def _shape_reason(spec: LayerSpec, in_features: int, out_features: int) -> str |
     return None
 
 
-NATIVE_INT4_BACKEND = register_backend(
+NATIVE_BACKEND = register_backend(
     Backend(
-        name="native_int4",
-        quant_linear=NativeInt4QuantLinear,
+        name="native",
+        quant_linear=NativeQuantLinear,
         devices=("cpu",),
         bits=(2, 3, 4),  # 2/3-bit codes fit the 4-bit layout exactly
         dtypes=(torch.float32, torch.bfloat16, torch.float16),

@@ -1,6 +1,6 @@
-/* W4A16 matrix-vector kernel for CPU decode, compiled on the user's machine at first use (see native_int4.py).
+/* W4A16 matrix-vector kernel for CPU decode, compiled on the user's machine at first use (see native.py).
  *
- * Layout (built by native_int4.py from any checkpoint format):
+ * Layout (built by native.py from any checkpoint format):
  *   codes  uint8 [blocks][K/2][64]: byte (p, lane) of block b holds row b*64+lane's codes for inputs 2p (low
  *          nibble) and 2p+1 (high nibble); one cache line per input pair and block, read strictly in order.
  *   scales [blocks][groups][64] float16 (the checkpoint's own values) or float32.
@@ -235,7 +235,7 @@ enum { L_K, L_N, L_G, L_CODES, L_SCALES, L_HALF, L_ZEROS, L_ZERO, L_FIELDS };
 #define LAYER_PTR(layer, field) ((const void *)(intptr_t)(layer)[field])
 
 /* y[M, N] = x[M, K] @ dequant(W)^T; returns 0, or -1 if the float32 copy of x cannot be allocated. */
-int signround_int4_gemm(const void *x, int dtype, int M, const int64_t *layer, void *y) {
+int signround_wq_gemm(const void *x, int dtype, int M, const int64_t *layer, void *y) {
     const int K = (int)layer[L_K], N = (int)layer[L_N], G = (int)layer[L_G], half = (int)layer[L_HALF];
     const int zero = (int)layer[L_ZERO];
     const uint8_t *codes = LAYER_PTR(layer, L_CODES), *zeros = LAYER_PTR(layer, L_ZEROS);
@@ -285,7 +285,7 @@ int signround_int4_gemm(const void *x, int dtype, int M, const int64_t *layer, v
 /* The dense weight, transposed: Wt[K, N] = (q - zero) * scale, each product computed in float32 and rounded once to
  * `dtype` (float32 or bf16): what the dense path (long inputs) multiplies with.  [K, N] because the layout holds 64
  * output rows side by side: each input's 64 values are read from one cache line and written contiguously. */
-void signround_int4_dequant(const int64_t *layer, void *wt, int dtype) {
+void signround_wq_dequant(const int64_t *layer, void *wt, int dtype) {
     const int K = (int)layer[L_K], N = (int)layer[L_N], G = (int)layer[L_G], half = (int)layer[L_HALF];
     const int zero = (int)layer[L_ZERO];
     const uint8_t *codes = LAYER_PTR(layer, L_CODES), *zeros = LAYER_PTR(layer, L_ZEROS);
@@ -316,9 +316,9 @@ void signround_int4_dequant(const int64_t *layer, void *wt, int dtype) {
     }
 }
 
-int signround_int4_layer_fields(void) { return L_FIELDS; }
+int signround_wq_layer_fields(void) { return L_FIELDS; }
 
-int signround_int4_simd(void) {
+int signround_wq_simd(void) {
 #ifdef SR_AVX512
     return 512;
 #else

@@ -1,4 +1,4 @@
-"""native_int4 (our C kernel, compiled here at first use) against the torch reference backend, plus its build."""
+"""native (our C kernel, compiled here at first use) against the torch reference backend, plus its build."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from signround.kernels import candidates, cbuild, select
-from signround.kernels.native_int4 import (
+from signround.kernels.native import (
     BLOCK_ROWS,
     DENSE_MIN_ROWS,
     SOURCE,
-    NativeInt4QuantLinear,
+    NativeQuantLinear,
     kernel_problem,
     load_kernel,
 )
@@ -34,7 +34,7 @@ def _layers(spec: LayerSpec, packing: str, dtype: torch.dtype, out_features: int
     qt = quantize(torch.randn(out_features, in_features, generator=g) * 0.05, spec)
     bias = torch.randn(out_features, generator=g) * 0.1
     ref = TorchQuantLinear.from_quantized(qt, packing, bias, dtype)
-    fast = NativeInt4QuantLinear.from_quantized(qt, packing, bias, dtype)
+    fast = NativeQuantLinear.from_quantized(qt, packing, bias, dtype)
     return ref, fast
 
 
@@ -93,7 +93,7 @@ def test_asymmetric_zero_points_and_non_fp16_scales_round_trip_exactly() -> None
     directly, computes ``(q - zero) * scale`` and reads back bit for bit."""
     g = torch.Generator().manual_seed(3)
     qt = quantize(torch.randn(OUT, IN, generator=g) * 0.05 + 0.02, LayerSpec(bits=4, group_size=64, sym=False))
-    fast = NativeInt4QuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    fast = NativeQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
     qt = type(qt)(qt.codes, qt.scales.bfloat16(), qt.zeros, qt.spec)
     fast.repack(qt)
     assert fast.native_zeros is not None and fast.native_scales.dtype == torch.float32
@@ -141,7 +141,7 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
     weight, x = stories_q_proj
     qt = quantize(weight, LayerSpec(bits=4, group_size=32, sym=True))
     ref = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
-    fast = NativeInt4QuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    fast = NativeQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
     with torch.no_grad():
         expected = ref(x)
         for rows in (1, 8, x.shape[1]):  # the kernel, then (48 rows) the dense path
@@ -156,12 +156,12 @@ def test_the_portable_build_without_avx512_gives_the_same_results(dtype) -> None
     if cbuild.platform.machine() != "x86_64":
         pytest.skip("the portable build is checked on x86-64 (where the native build takes the AVX-512 path)")
     portable = load_kernel(march="x86-64-v2", defines=("-U__FLT16_MAX__",))
-    assert portable.signround_int4_simd() == 0
+    assert portable.signround_wq_simd() == 0
     ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "awq_gemm", dtype, 200, 96)
     x = (torch.randn(3, 96, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
     x[0, :4] = torch.tensor([1e-6, -3e-7, 6e-8, 0.0])  # fp16 subnormals on the way in
     y = torch.empty(3, 200, dtype=dtype)
-    assert portable.signround_int4_gemm(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
+    assert portable.signround_wq_gemm(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
                                         3, fast._layer_ptr, y.data_ptr()) == 0  # fmt: skip
     with torch.no_grad():
         expected = ref(x) - ref.bias.to(dtype)
@@ -172,14 +172,14 @@ def test_the_portable_build_without_avx512_gives_the_same_results(dtype) -> None
 
 def test_selection_prefers_it_on_cpu_and_names_why_not_elsewhere() -> None:
     w4 = LayerSpec(bits=4, group_size=32, sym=True)
-    assert select(w4, "auto_round", "cpu", torch.float32, 576, 1536).name == "native_int4"
+    assert select(w4, "auto_round", "cpu", torch.float32, 576, 1536).name == "native"
     assert select(LayerSpec(bits=4, group_size=16), "pack-quantized", "cpu", torch.bfloat16, 64, 200).name == (
-        "native_int4"  # groups of 16 and any row count: what torch_int4 cannot take
+        "native"  # groups of 16 and any row count: what torch_int4 cannot take
     )
     reasons = {b.name: r for b, r in candidates(w4, "auto_round", "cuda", torch.float16, 576, 1536)}
-    assert reasons["native_int4"] == "device 'cuda' not in ['cpu']"
+    assert reasons["native"] == "device 'cuda' not in ['cpu']"
     reasons = {b.name: r for b, r in candidates(LayerSpec(bits=8), "auto_round", "cpu", torch.float32, 576, 1536)}
-    assert reasons["native_int4"] == "bits=8 not in [2, 3, 4]"
+    assert reasons["native"] == "bits=8 not in [2, 3, 4]"
 
 
 def test_build_is_cached_and_failures_name_the_compiler(tmp_path, monkeypatch) -> None:
@@ -219,7 +219,7 @@ def test_dense_weight_from_c_equals_the_reference_dequantization(dense_dtype) ->
     for packing, sym in (("pack-quantized", True), ("awq_gemm", False)):  # 200 rows: a partial block
         _ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=sym), packing, torch.float32, 200, 96)
         fast.dense_dtype = dense_dtype
-        expected = super(NativeInt4QuantLinear, fast).dense_weight()
+        expected = super(NativeQuantLinear, fast).dense_weight()
         got = fast.dense_weight()
         assert got.dtype == dense_dtype and torch.equal(got, expected)
 
@@ -233,28 +233,28 @@ def test_the_kernel_shares_torchs_openmp_runtime() -> None:
 
 
 def test_without_a_compiler_the_backend_steps_aside_with_the_reason(monkeypatch) -> None:
-    from signround.kernels import native_int4
+    from signround.kernels import native
 
     monkeypatch.setenv("CC", "signround-no-such-compiler")
-    native_int4._library.cache_clear()
-    native_int4.kernel_problem.cache_clear()
+    native._library.cache_clear()
+    native.kernel_problem.cache_clear()
     try:
         w4 = LayerSpec(bits=4, group_size=32, sym=True)
         reasons = {b.name: r for b, r in candidates(w4, "auto_round", "cpu", torch.float32, 576, 1536)}
-        assert reasons["native_int4"].startswith("native int4 kernel unavailable: no C compiler found")
+        assert reasons["native"].startswith("native kernel unavailable: no C compiler found")
         assert select(w4, "auto_round", "cpu", torch.float32, 576, 1536).name == "torch_int4"
     finally:
         monkeypatch.delenv("CC")
-        native_int4._library.cache_clear()
-        native_int4.kernel_problem.cache_clear()
-    assert native_int4.kernel_problem() is None
+        native._library.cache_clear()
+        native.kernel_problem.cache_clear()
+    assert native.kernel_problem() is None
 
 
 def test_a_layer_or_input_off_the_cpu_is_refused_not_read() -> None:
     """The C code reads host memory: a device pointer would crash the process, so it is never passed."""
     _ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=True), "auto_round", torch.float32)
-    with pytest.raises(RuntimeError, match="native_int4 runs on CPU only, got meta"):
+    with pytest.raises(RuntimeError, match="native runs on CPU only, got meta"):
         fast(torch.empty(1, IN, device="meta"))
     fast.to("meta")  # stands in for a GPU: the tables leave host memory
-    with pytest.raises(RuntimeError, match="native_int4 runs on CPU only, got meta"):
+    with pytest.raises(RuntimeError, match="native runs on CPU only, got meta"):
         fast(torch.randn(1, IN))
