@@ -1,5 +1,5 @@
 """CPU inference speed: SmolLM2-135M fp32 (and bf16) vs W4G32 on the torch, torch_int4 and native backends,
-in one run (``--bits 8``: W8 on torch and torch_int8; ``--group-size`` changes the group of 32).
+in one run (``--bits 8``: W8 on torch, torch_int8 and native; ``--group-size`` changes the group of 32).
 
 Variants: the dense model in fp32 (the baseline every ratio is against) and in bf16; the W4G32 checkpoint on the
 torch reference with the rest of the model (embeddings, tied lm_head, norms) in fp32; on torch_int4 and on
@@ -97,13 +97,16 @@ def crossover(threads: int) -> None:
     torch.set_num_threads(threads)
     kernels = [(TorchInt4QuantLinear, 4), (TorchInt8QuantLinear, 8)]
     if kernel_problem() is None:
-        kernels.insert(0, (NativeQuantLinear, 4))
+        kernels[:0] = [(NativeQuantLinear, 4), (NativeQuantLinear, 8)]
     for cls, bits in kernels:
-        print(f"{cls.backend_name} (W{bits}G32): DENSE_MIN_ROWS = {cls.dense_min_rows}; µs per call, best of 3")
-        print(f"{'out x in':>10} {'rows':>5} {'kernel':>9} {'dense':>9} {'dense/kernel':>13}")
-        for out_f, in_f in ((1536, 576), (576, 1536), (576, 576)):
+        for i, (out_f, in_f) in enumerate(((1536, 576), (576, 1536), (576, 576))):
             qt = quantize(torch.randn(out_f, in_f) * 0.05, LayerSpec(bits=bits, group_size=32, sym=True))
             layer = cls.from_quantized(qt, "auto_round:auto_gptq", None, torch.bfloat16)
+            if i == 0:
+                print(
+                    f"{cls.backend_name} (W{bits}G32): dense from {layer.dense_min_rows} rows; µs per call, best of 3"
+                )
+                print(f"{'out x in':>10} {'rows':>5} {'kernel':>9} {'dense':>9} {'dense/kernel':>13}")
             for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
                 x = torch.randn(rows, in_f, dtype=torch.bfloat16)
                 times = {}
@@ -210,7 +213,7 @@ def main() -> None:
         }
         from signround.kernels.native import kernel_problem
 
-        fast = ["torch_int8"] if args.bits == 8 else ["torch_int4"] + (["native"] if kernel_problem() is None else [])
+        fast = ["torch_int8" if args.bits == 8 else "torch_int4"] + (["native"] if kernel_problem() is None else [])
         for backend, dtype in [("torch", torch.float32)] + [
             (b, d) for b in fast for d in (torch.float32, torch.bfloat16)
         ]:

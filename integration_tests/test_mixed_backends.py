@@ -1,7 +1,7 @@
 """A model whose layers run on different kernels, chosen per layer at load: 4-bit and 3-bit layers on the CPU's
-int4 kernel (``native``, or ``torch_int4`` without a C compiler), symmetric 8-bit ones on ``torch_int8``, a 4-bit
-one in groups of 16 on ``native`` (or, without a compiler, the ``torch`` reference: torch_int4 takes groups of
-32 and up); outputs, saving and forcing a backend."""
+int4 kernel (``native``, or ``torch_int4`` without a C compiler), symmetric 8-bit ones on ``native`` (or
+``torch_int8``), a 4-bit one in groups of 16 on ``native`` (or, without a compiler, the ``torch`` reference:
+torch_int4 takes groups of 32 and up); outputs, saving and forcing a backend."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_each_layer_gets_the_best_backend_that_can_run_it(mixed_checkpoint, tmp_
     chosen = {name: layer.backend_name for name, layer in quant_linears(auto).items()}
     assert len(chosen) == 2 * 7
     group_16 = cpu_int4_backend if cpu_int4_backend == "native" else "torch"
-    expected_by_layer = {"v_proj": "torch_int8", "o_proj": group_16}  # every other layer: 3 or 4 bits, groups of 32
+    w8 = "native" if cpu_int4_backend == "native" else "torch_int8"
+    expected_by_layer = {"v_proj": w8, "o_proj": group_16}  # every other layer: 3 or 4 bits, groups of 32
     for name, backend in chosen.items():
         expected = expected_by_layer.get(name.rsplit(".", 1)[-1], cpu_int4_backend)
         assert backend == expected, (name, backend)

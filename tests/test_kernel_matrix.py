@@ -1,6 +1,6 @@
 """The selection matrix: which backend each kind of layer gets on each device, with every package installed and
 with none, and why the better ones were passed over.  Written as a table of expected choices (the reference's
-priority marlin > exllamav2 > triton > torch on CUDA; native > torch_int4 > ipex > torch on CPU; ipex on XPU;
+priority marlin > exllamav2 > triton > torch on CUDA; native > torch_int4 / torch_int8 > ipex > torch on CPU; ipex on XPU;
 hpu on Gaudi), so a descriptor change that alters a choice fails here by name."""
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ MATRIX = [
     ("cpu", 2, 128, True, BF16, 4096, 4096, ALL, "native"),  # 2/3-bit codes run as 4-bit ones, exactly
     ("cpu", 2, 128, True, BF16, 4096, 4096, BARE, "torch_int4"),
     ("cpu", 3, 64, False, F32, 4096, 4096, NONE, "native"),
-    ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "torch_int8"),
-    ("cpu", 8, -1, True, F32, 576, 1536, NONE, "torch_int8"),  # per-channel: one kernel call
-    ("cpu", 8, 128, False, BF16, 4096, 4096, ALL, "torch"),  # asymmetric 8-bit: only the reference
+    ("cpu", 8, 128, True, BF16, 4096, 4096, ALL, "native"),
+    ("cpu", 8, 128, True, BF16, 4096, 4096, BARE, "torch_int8"),
+    ("cpu", 8, -1, True, F32, 576, 1536, BARE, "torch_int8"),  # per-channel: one kernel call
+    ("cpu", 8, 128, False, BF16, 4096, 4096, NONE, "native"),
+    ("cpu", 8, 128, False, BF16, 4096, 4096, BARE, "torch"),  # asymmetric 8-bit without a compiler: the reference
     # Intel GPU
     ("xpu", 4, 128, True, F16, 4096, 4096, ALL, "ipex"),
     ("xpu", 8, 128, True, F16, 4096, 4096, ALL, "triton"),

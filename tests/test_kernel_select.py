@@ -28,8 +28,9 @@ def _fake(name: str, **fields) -> Backend:
     return Backend(name=name, **spec)
 
 
-def test_torch_is_registered_and_is_the_fallback_on_cpu() -> None:
+def test_torch_is_registered_and_is_the_fallback_on_cpu(monkeypatch) -> None:
     assert "torch" in backend_names()
+    monkeypatch.delitem(registry._BACKENDS, "native")  # as on a machine without a C compiler
     backend = select(LayerSpec(bits=8, group_size=128, sym=False), PACKING, "cpu", torch.bfloat16, 256, 512)
     assert backend.name == "torch" and backend.quant_linear is TorchQuantLinear  # asymmetric 8-bit: no CPU kernel
     assert select(W4, "auto_round", torch.device("cpu"), torch.float32, 256, 512, requested="torch").name == "torch"
@@ -95,7 +96,8 @@ def test_priority_missing_package_and_hint(monkeypatch, caplog) -> None:
         chosen = select(W4, PACKING, "cpu", torch.bfloat16, 256, 640)
     assert chosen.name == "medium"
     assert "faster if installed: fast" in caplog.text
-    # what the descriptor does not allow falls back to torch
+    # what no descriptor allows falls back to torch (asymmetric 8-bit, as on a machine without a C compiler)
+    monkeypatch.delitem(registry._BACKENDS, "native")
     assert select(LayerSpec(bits=8, sym=False), PACKING, "cpu", torch.bfloat16, 256, 640).name == "torch"
 
 
@@ -126,7 +128,8 @@ def test_one_info_line_per_distinct_choice(caplog, cpu_int4_backend) -> None:
             select(W4, PACKING, "cpu", torch.float32, in_f, out_f)
         select(LayerSpec(bits=8, group_size=128, sym=False), PACKING, "cpu", torch.float32, 256, 512)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernel backend")]
-    assert len(lines) == 2 and f"'{cpu_int4_backend}'" in lines[0] and "'torch'" in lines[1]
+    asym_8bit = "native" if cpu_int4_backend == "native" else "torch"
+    assert len(lines) == 2 and f"'{cpu_int4_backend}'" in lines[0] and f"'{asym_8bit}'" in lines[1]
 
 
 def test_environment_probes_run_on_real_memory_inside_a_meta_context() -> None:

@@ -12,6 +12,7 @@ from signround.kernels import candidates, cbuild, select
 from signround.kernels.native import (
     BLOCK_ROWS,
     DENSE_MIN_ROWS,
+    DENSE_MIN_ROWS_8BIT,
     SOURCE,
     NativeQuantLinear,
     kernel_problem,
@@ -44,11 +45,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 CASES = [
     (bits, gs, sym, packing)
-    for bits in (2, 3, 4)
+    for bits in (2, 3, 4, 8)
     for gs in (32, 128, -1)
     for sym in (True, False)
     for packing in ("auto_round", "gptq_v2", "awq_gemm", "pack-quantized")
-    if not (packing == "awq_gemm" and (sym or bits != 4)) and not (packing == "gptq_v2" and bits == 3 and gs == -1)
+    if not (packing == "awq_gemm" and (sym or bits != 4))
+    and not (packing == "gptq_v2" and bits == 3 and gs == -1)
+    and not (bits == 8 and gs == 128)  # keeps the matrix small: 8-bit at G32 and per channel
 ]
 
 
@@ -56,34 +59,40 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_torch_reference_on_both_paths(bits: int, group_size: int, sym: bool, packing: str, dtype) -> None:
     ref, fast = _layers(LayerSpec(bits=bits, group_size=group_size, sym=sym), packing, dtype)
-    x = torch.randn(2, DENSE_MIN_ROWS, IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dense_from = fast.dense_min_rows  # DENSE_MIN_ROWS, DENSE_MIN_ROWS_8BIT for 8-bit codes
+    assert dense_from == (DENSE_MIN_ROWS_8BIT if bits == 8 else DENSE_MIN_ROWS)
+    x = torch.randn(2, dense_from, IN, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         expected = ref(x)
-        for rows in (1, 3, DENSE_MIN_ROWS):  # the kernel for a few rows, the dense path from DENSE_MIN_ROWS
+        for rows in (1, 3, dense_from):  # the kernel for a few rows, the dense path from dense_from
             got = fast(x[:, :rows])
             assert got.shape == expected[:, :rows].shape and got.dtype == dtype
-            tol = TOL[dtype] if rows < DENSE_MIN_ROWS else max(TOL[dtype], 1e-2)  # dense path: a bf16 matmul
+            tol = TOL[dtype] if rows < dense_from else max(TOL[dtype], 1e-2)  # dense path: a bf16 matmul
             assert _rel_err(got, expected[:, :rows]) <= tol, rows
 
 
 @pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(16, 64, 16), (200, 96, 32), (64, 1536, 512)])
-def test_odd_shapes_tail_rows_and_groups(out_features: int, in_features: int, group_size: int) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_odd_shapes_tail_rows_and_groups(out_features: int, in_features: int, group_size: int, bits: int) -> None:
     """Rows that leave a partial block, groups of 16, groups wider than the kernel's loop."""
-    ref, fast = _layers(LayerSpec(bits=4, group_size=group_size, sym=False), "awq_gemm", torch.float32,
+    packing = "awq_gemm" if bits == 4 else "pack-quantized"  # layouts that hold any row count
+    ref, fast = _layers(LayerSpec(bits=bits, group_size=group_size, sym=bits == 8), packing, torch.float32,
                         out_features, in_features)  # fmt: skip
     x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert _rel_err(fast(x), ref(x)) <= TOL[torch.float32]
 
 
-def test_only_the_kernels_tables_stay_resident_and_saving_is_exact() -> None:
-    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=True), "auto_round", torch.float16, 128, 256)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_only_the_kernels_tables_stay_resident_and_saving_is_exact(bits: int) -> None:
+    ref, fast = _layers(LayerSpec(bits=bits, group_size=32, sym=True), "auto_round", torch.float16, 128, 256)
     assert fast.qweight is None and fast.qzeros is None and fast.scales is None
     assert fast.native_zeros is None  # symmetric: one zero point for the layer
     assert fast.native_scales.dtype == torch.float16  # the checkpoint's own scales, not a converted copy
     resident = sum(b.numel() * b.element_size() for name, b in fast.named_buffers() if name != "bias")
-    assert resident == 128 * 256 // 2 + 128 * (256 // 32) * 2  # codes at half a byte + fp16 scales, nothing else
-    assert resident / (128 * 256 * 2) < 0.3  # the issue's bound, as a fraction of fp16 bytes
+    assert resident == 128 * 256 * bits // 8 + 128 * (256 // 32) * 2  # the codes + fp16 scales, nothing else
+    if bits == 4:
+        assert resident / (128 * 256 * 2) < 0.3  # the issue's bound, as a fraction of fp16 bytes
     state = fast.state_dict()
     assert set(state) == set(ref.state_dict()) and all(torch.equal(state[k], v) for k, v in ref.state_dict().items())
 
@@ -150,14 +159,16 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_the_portable_build_without_avx512_gives_the_same_results(dtype) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_portable_build_without_avx512_gives_the_same_results(dtype, bits: int) -> None:
     """The plain-C loop (CPUs without AVX-512), built here with ``-march=x86-64-v2`` and without the compiler's
     ``_Float16`` (so the hand-written fp16 conversions run too), against the torch reference."""
     if cbuild.platform.machine() != "x86_64":
         pytest.skip("the portable build is checked on x86-64 (where the native build takes the AVX-512 path)")
     portable = load_kernel(march="x86-64-v2", defines=("-U__FLT16_MAX__",))
     assert portable.signround_wq_simd() == 0
-    ref, fast = _layers(LayerSpec(bits=4, group_size=32, sym=False), "awq_gemm", dtype, 200, 96)
+    packing = "awq_gemm" if bits == 4 else "pack-quantized"
+    ref, fast = _layers(LayerSpec(bits=bits, group_size=32, sym=bits == 8), packing, dtype, 200, 96)
     x = (torch.randn(3, 96, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
     x[0, :4] = torch.tensor([1e-6, -3e-7, 6e-8, 0.0])  # fp16 subnormals on the way in
     y = torch.empty(3, 200, dtype=dtype)
@@ -178,8 +189,11 @@ def test_selection_prefers_it_on_cpu_and_names_why_not_elsewhere() -> None:
     )
     reasons = {b.name: r for b, r in candidates(w4, "auto_round", "cuda", torch.float16, 576, 1536)}
     assert reasons["native"] == "device 'cuda' not in ['cpu']"
-    reasons = {b.name: r for b, r in candidates(LayerSpec(bits=8), "auto_round", "cpu", torch.float32, 576, 1536)}
-    assert reasons["native"] == "bits=8 not in [2, 3, 4]"
+    w8_asym = LayerSpec(bits=8, group_size=32, sym=False)  # torch_int8 takes symmetric layers only
+    assert select(w8_asym, "auto_round", "cpu", torch.float32, 576, 1536).name == "native"
+    reasons = {b.name: r for b, r in candidates(LayerSpec(bits=4, group_size=9, sym=True), "pack-quantized", "cpu",
+                                                torch.float32, 576, 1536)}  # fmt: skip
+    assert reasons["native"] == "group of 9 input features is odd (the kernel reads inputs in pairs)"
 
 
 def test_build_is_cached_and_failures_name_the_compiler(tmp_path, monkeypatch) -> None:

@@ -82,7 +82,10 @@ def test_an_unaligned_input_view_is_copied_not_misread() -> None:
         assert _rel_err(fast(x), ref(x.clone())) <= BF16_TOL
 
 
-def test_selection_takes_symmetric_8_bit_cpu_layers_whose_groups_fit_the_kernel() -> None:
+def test_selection_takes_symmetric_8_bit_cpu_layers_whose_groups_fit_the_kernel(monkeypatch) -> None:
+    from signround.kernels import registry
+
+    monkeypatch.delitem(registry._BACKENDS, "native")  # ranks above torch_int8 where a C compiler exists
     w8 = LayerSpec(bits=8, group_size=32, sym=True)
     assert select(w8, "auto_round:auto_gptq", "cpu", torch.float32, IN, OUT).name == "torch_int8"
     reasons = {b.name: r for b, r in candidates(LayerSpec(bits=8, group_size=40), "auto_round", "cpu",

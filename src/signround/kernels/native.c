@@ -1,8 +1,11 @@
-/* W4A16 matrix-vector kernel for CPU decode, compiled on the user's machine at first use (see native.py).
+/* Weight-only quantized (W4A16 / W8A16) matrix-vector kernel for CPU decode, compiled on the user's machine at
+ * first use (see native.py).
  *
  * Layout (built by native.py from any checkpoint format):
- *   codes  uint8 [blocks][K/2][64]: byte (p, lane) of block b holds row b*64+lane's codes for inputs 2p (low
- *          nibble) and 2p+1 (high nibble); one cache line per input pair and block, read strictly in order.
+ *   codes  4-bit (2/3/4-bit codes): uint8 [blocks][K/2][64]: byte (p, lane) of block b holds row b*64+lane's codes
+ *          for inputs 2p (low nibble) and 2p+1 (high nibble): one cache line per input pair and block;
+ *          8-bit: uint8 [blocks][K][64]: byte (k, lane) holds row b*64+lane's code for input k: one line per input.
+ *          Either way a block is read strictly in order, one input pair at a time.
  *   scales [blocks][groups][64] float16 (the checkpoint's own values) or float32.
  *   zeros  uint8 [blocks][groups][64], or NULL with one `zero` for every group (symmetric layers).
  * Rows past N are padding (zero codes and scales) and are not stored.
@@ -125,38 +128,74 @@ static inline float load_scale(const void *scales, int half, long i) {
 #endif
 }
 
+/* Bytes of one block's codes per input pair: one cache line of nibbles, or two lines of bytes. */
+#define PAIR_BYTES(bits) ((bits) == 8 ? 2 * BLOCK : BLOCK)
+
+static inline __attribute__((always_inline)) float code_lo(const int bits, const uint8_t *c, int lane) {
+    return bits == 8 ? (float)c[lane] : (float)(c[lane] & 0xF);
+}
+
+static inline __attribute__((always_inline)) float code_hi(const int bits, const uint8_t *c, int lane) {
+    return bits == 8 ? (float)c[BLOCK + lane] : (float)(c[lane] >> 4);
+}
+
+#ifdef SR_AVX512
+/* The codes of tile t (16 rows) for the pair's two inputs, as floats.  4-bit: a table lookup (vpermps reads the low
+ * 4 bits of each lane, so the low nibble needs no mask and neither nibble an int-to-float conversion). */
+static inline __attribute__((always_inline)) void unpack_pair(const int bits, const uint8_t *c, int t,
+                                                              __m512 code_values, __m512 *lo, __m512 *hi) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * t)));
+    if (bits == 8) {
+        *lo = _mm512_cvtepi32_ps(v);
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + BLOCK + 16 * t))));
+    } else {
+        *lo = _mm512_permutexvar_ps(v, code_values);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code_values);
+    }
+}
+
+static inline __attribute__((always_inline)) void prefetch_pair(const int bits, const uint8_t *c) {
+    for (int line = 0; line < PAIR_BYTES(bits); line += BLOCK)
+        _mm_prefetch((const char *)(c + SR_PREFETCH * BLOCK + line), _MM_HINT_T0);
+}
+
+static inline __attribute__((always_inline)) void group_scale_zero(const void *scales, int half, const uint8_t *zeros,
+                                                                   int zero, long at, __m512 *s, __m512 *z) {
+    if (half) *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scales + at)));
+    else *s = _mm512_loadu_ps((const float *)scales + at);
+    if (zeros) *z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at))));
+    else *z = _mm512_set1_ps((float)zero);
+}
+#endif
+
 /* One block of 64 rows for one activation row: out[lane] = y of row b*64+lane. */
-static void block_row(const float *xf, const float *xsum, int K, int G, const uint8_t *codes, const void *scales,
-                      int half, const uint8_t *zeros, int zero, float *out) {
+static inline __attribute__((always_inline)) void block_row(const int bits, const float *xf, const float *xsum, int K,
+                                                            int G, const uint8_t *codes, const void *scales, int half,
+                                                            const uint8_t *zeros, int zero, float *out) {
     const int groups = K / G, pairs_per_group = G / 2;
 #ifdef SR_AVX512
     __m512 y[4];
     for (int t = 0; t < 4; t++) y[t] = _mm512_setzero_ps();
-    /* code -> float by table lookup: vpermps reads the low 4 bits of each lane, so the low nibble needs no mask
-     * and neither nibble an int-to-float conversion */
     const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int g = 0; g < groups; g++) {
         __m512 a0[4], a1[4]; /* even / odd inputs: two chains per tile hide the FMA latency */
         for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm512_setzero_ps();
-        const uint8_t *c = codes + (long)g * pairs_per_group * BLOCK;
+        const uint8_t *c = codes + (long)g * pairs_per_group * PAIR_BYTES(bits);
         const float *xg = xf + (long)g * G;
-        for (int p = 0; p < pairs_per_group; p++, c += BLOCK) {
-            _mm_prefetch((const char *)(c + SR_PREFETCH * BLOCK), _MM_HINT_T0);
+        for (int p = 0; p < pairs_per_group; p++, c += PAIR_BYTES(bits)) {
+            prefetch_pair(bits, c);
             const __m512 x0 = _mm512_set1_ps(xg[2 * p]), x1 = _mm512_set1_ps(xg[2 * p + 1]);
             for (int t = 0; t < 4; t++) {
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * t)));
-                a0[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, code_values), x0, a0[t]);
-                a1[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code_values), x1, a1[t]);
+                __m512 lo, hi;
+                unpack_pair(bits, c, t, code_values, &lo, &hi);
+                a0[t] = _mm512_fmadd_ps(lo, x0, a0[t]);
+                a1[t] = _mm512_fmadd_ps(hi, x1, a1[t]);
             }
         }
         const __m512 gs = _mm512_set1_ps(xsum[g]);
         for (int t = 0; t < 4; t++) {
-            const long at = ((long)g * BLOCK) + 16 * t;
             __m512 s, z;
-            if (half) s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scales + at)));
-            else s = _mm512_loadu_ps((const float *)scales + at);
-            if (zeros) z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at))));
-            else z = _mm512_set1_ps((float)zero);
+            group_scale_zero(scales, half, zeros, zero, (long)g * BLOCK + 16 * t, &s, &z);
             y[t] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, gs, _mm512_add_ps(a0[t], a1[t])), y[t]);
         }
     }
@@ -165,11 +204,11 @@ static void block_row(const float *xf, const float *xsum, int K, int G, const ui
     for (int lane = 0; lane < BLOCK; lane++) out[lane] = 0.0f;
     for (int g = 0; g < groups; g++) {
         float acc[BLOCK] = {0};
-        const uint8_t *c = codes + (long)g * pairs_per_group * BLOCK;
+        const uint8_t *c = codes + (long)g * pairs_per_group * PAIR_BYTES(bits);
         const float *xg = xf + (long)g * G;
-        for (int p = 0; p < pairs_per_group; p++, c += BLOCK) {
+        for (int p = 0; p < pairs_per_group; p++, c += PAIR_BYTES(bits)) {
             const float x0 = xg[2 * p], x1 = xg[2 * p + 1];
-            for (int lane = 0; lane < BLOCK; lane++) acc[lane] += (float)(c[lane] & 0xF) * x0 + (float)(c[lane] >> 4) * x1;
+            for (int lane = 0; lane < BLOCK; lane++) acc[lane] += code_lo(bits, c, lane) * x0 + code_hi(bits, c, lane) * x1;
         }
         for (int lane = 0; lane < BLOCK; lane++) {
             const long at = (long)g * BLOCK + lane;
@@ -184,28 +223,26 @@ static void block_row(const float *xf, const float *xsum, int K, int G, const ui
 #define SR_MAX_ROWS 4
 /* R (2..4) activation rows against one block: each unpacked code feeds R FMAs, so a few rows (batched decode,
  * short prompts) cost well under R single-row passes.  One accumulator chain per row and tile: with R >= 2 the
- * 4R independent chains hide the FMA latency.  R is a constant at every call site, so the loops over rows unroll
- * and the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void block_rows(const int R, const float *xf, const float *xsum,
-                                                             int K, int G, const uint8_t *codes, const void *scales,
-                                                             int half, const uint8_t *zeros, int zero, float *out) {
+ * 4R independent chains hide the FMA latency.  R and bits are constants at every call site, so the loops over
+ * rows unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void block_rows(const int bits, const int R, const float *xf,
+                                                             const float *xsum, int K, int G, const uint8_t *codes,
+                                                             const void *scales, int half, const uint8_t *zeros,
+                                                             int zero, float *out) {
     const int groups = K / G, pairs_per_group = G / 2;
-    /* code -> float by table lookup: vpermps reads the low 4 bits of each lane, so the low nibble needs no mask
-     * and neither nibble an int-to-float conversion */
     const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int i = 0; i < R * BLOCK; i++) out[i] = 0.0f;
     for (int g = 0; g < groups; g++) {
         __m512 a[SR_MAX_ROWS][4];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_ps();
-        const uint8_t *c = codes + (long)g * pairs_per_group * BLOCK;
-        for (int p = 0; p < pairs_per_group; p++, c += BLOCK) {
-            _mm_prefetch((const char *)(c + SR_PREFETCH * BLOCK), _MM_HINT_T0);
+        const uint8_t *c = codes + (long)g * pairs_per_group * PAIR_BYTES(bits);
+        for (int p = 0; p < pairs_per_group; p++, c += PAIR_BYTES(bits)) {
+            prefetch_pair(bits, c);
             const long k = (long)g * G + 2 * p;
             for (int t = 0; t < 4; t++) {
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * t)));
-                const __m512 lo = _mm512_permutexvar_ps(v, code_values);
-                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code_values);
+                __m512 lo, hi;
+                unpack_pair(bits, c, t, code_values, &lo, &hi);
                 for (int r = 0; r < R; r++) {
                     a[r][t] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[r * (long)K + k]), a[r][t]);
                     a[r][t] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xf[r * (long)K + k + 1]), a[r][t]);
@@ -213,12 +250,8 @@ static inline __attribute__((always_inline)) void block_rows(const int R, const 
             }
         }
         for (int t = 0; t < 4; t++) {
-            const long at = ((long)g * BLOCK) + 16 * t;
             __m512 s, z;
-            if (half) s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scales + at)));
-            else s = _mm512_loadu_ps((const float *)scales + at);
-            if (zeros) z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at))));
-            else z = _mm512_set1_ps((float)zero);
+            group_scale_zero(scales, half, zeros, zero, (long)g * BLOCK + 16 * t, &s, &z);
             for (int r = 0; r < R; r++) {
                 float *o = out + r * BLOCK + 16 * t;
                 const __m512 gs = _mm512_set1_ps(xsum[r * (long)groups + g]);
@@ -229,15 +262,42 @@ static inline __attribute__((always_inline)) void block_rows(const int R, const 
 }
 #endif
 
+/* Up to SR_MAX_ROWS activation rows (1 without AVX-512) against one block; returns how many it took. */
+static int block_step(int bits, int rows_left, const float *xf, const float *xsum, int K, int G, const uint8_t *codes,
+                      const void *scales, int half, const uint8_t *zeros, int zero, float *out) {
+#ifdef SR_AVX512
+#define SR_ROWS(B, R) block_rows(B, R, xf, xsum, K, G, codes, scales, half, zeros, zero, out)
+    const int R = rows_left < SR_MAX_ROWS ? rows_left : SR_MAX_ROWS;
+    if (R > 1) {
+        if (bits == 8) {
+            if (R == 4) SR_ROWS(8, 4);
+            else if (R == 3) SR_ROWS(8, 3);
+            else SR_ROWS(8, 2);
+        } else {
+            if (R == 4) SR_ROWS(4, 4);
+            else if (R == 3) SR_ROWS(4, 3);
+            else SR_ROWS(4, 2);
+        }
+        return R;
+    }
+#undef SR_ROWS
+#else
+    (void)rows_left;
+#endif
+    if (bits == 8) block_row(8, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    else block_row(4, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    return 1;
+}
+
 /* One layer's constant arguments, written once at load (an int64 tensor on the Python side), so that a decode call
  * passes five arguments through ctypes instead of twelve. */
-enum { L_K, L_N, L_G, L_CODES, L_SCALES, L_HALF, L_ZEROS, L_ZERO, L_FIELDS };
+enum { L_K, L_N, L_G, L_CODES, L_SCALES, L_HALF, L_ZEROS, L_ZERO, L_BITS, L_FIELDS };
 #define LAYER_PTR(layer, field) ((const void *)(intptr_t)(layer)[field])
 
 /* y[M, N] = x[M, K] @ dequant(W)^T; returns 0, or -1 if the float32 copy of x cannot be allocated. */
 int signround_wq_gemm(const void *x, int dtype, int M, const int64_t *layer, void *y) {
     const int K = (int)layer[L_K], N = (int)layer[L_N], G = (int)layer[L_G], half = (int)layer[L_HALF];
-    const int zero = (int)layer[L_ZERO];
+    const int zero = (int)layer[L_ZERO], bits = (int)layer[L_BITS];
     const uint8_t *codes = LAYER_PTR(layer, L_CODES), *zeros = LAYER_PTR(layer, L_ZEROS);
     const void *scales = LAYER_PTR(layer, L_SCALES);
     const int groups = K / G, blocks = (N + BLOCK - 1) / BLOCK;
@@ -254,7 +314,7 @@ int signround_wq_gemm(const void *x, int dtype, int M, const int64_t *layer, voi
             xsum[(long)m * groups + g] = s;
         }
     }
-    const long block_codes = (long)K / 2 * BLOCK, block_table = (long)groups * BLOCK;
+    const long block_codes = (long)K / 2 * PAIR_BYTES(bits), block_table = (long)groups * BLOCK;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
         float out[4 * BLOCK];
@@ -263,16 +323,8 @@ int signround_wq_gemm(const void *x, int dtype, int M, const int64_t *layer, voi
                              : (const void *)((const float *)scales + b * block_table);
         const uint8_t *c = codes + b * block_codes, *z = zeros ? zeros + b * block_table : NULL;
         for (int m = 0; m < M;) {
-            const float *xm = xf + (long)m * K, *sm = xsum + (long)m * groups;
-            int step = 1;
-#ifdef SR_AVX512
-            step = M - m < SR_MAX_ROWS ? M - m : SR_MAX_ROWS;
-            if (step == 4) block_rows(4, xm, sm, K, G, c, s, half, z, zero, out);
-            else if (step == 3) block_rows(3, xm, sm, K, G, c, s, half, z, zero, out);
-            else if (step == 2) block_rows(2, xm, sm, K, G, c, s, half, z, zero, out);
-            else
-#endif
-                block_row(xm, sm, K, G, c, s, half, z, zero, out);
+            const int step = block_step(bits, M - m, xf + (long)m * K, xsum + (long)m * groups, K, G, c, s, half, z,
+                                        zero, out);
             for (int r = 0; r < step; r++)
                 store_row(out + r * BLOCK, rows, dtype, (char *)y + act_bytes * ((size_t)(m + r) * N + (size_t)b * BLOCK));
             m += step;
@@ -287,11 +339,11 @@ int signround_wq_gemm(const void *x, int dtype, int M, const int64_t *layer, voi
  * output rows side by side: each input's 64 values are read from one cache line and written contiguously. */
 void signround_wq_dequant(const int64_t *layer, void *wt, int dtype) {
     const int K = (int)layer[L_K], N = (int)layer[L_N], G = (int)layer[L_G], half = (int)layer[L_HALF];
-    const int zero = (int)layer[L_ZERO];
+    const int zero = (int)layer[L_ZERO], bits = (int)layer[L_BITS];
     const uint8_t *codes = LAYER_PTR(layer, L_CODES), *zeros = LAYER_PTR(layer, L_ZEROS);
     const void *scales = LAYER_PTR(layer, L_SCALES);
     const int groups = K / G, blocks = (N + BLOCK - 1) / BLOCK;
-    const long block_codes = (long)K / 2 * BLOCK, block_table = (long)groups * BLOCK;
+    const long block_codes = (long)K / 2 * PAIR_BYTES(bits), block_table = (long)groups * BLOCK;
     const size_t out_bytes = dtype == SR_F32 ? 4 : 2;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
@@ -304,10 +356,17 @@ void signround_wq_dequant(const int64_t *layer, void *wt, int dtype) {
                 z[lane] = zeros ? (float)zeros[at + lane] : (float)zero;
             }
             for (int k = g * G; k < (g + 1) * G; k += 2) {
-                const uint8_t *c = codes + b * block_codes + (long)(k / 2) * BLOCK;
-                for (int lane = 0; lane < BLOCK; lane++) {
-                    lo[lane] = ((float)(c[lane] & 0xF) - z[lane]) * s[lane];
-                    hi[lane] = ((float)(c[lane] >> 4) - z[lane]) * s[lane];
+                const uint8_t *c = codes + b * block_codes + (long)(k / 2) * PAIR_BYTES(bits);
+                if (bits == 8) {
+                    for (int lane = 0; lane < BLOCK; lane++) {
+                        lo[lane] = (code_lo(8, c, lane) - z[lane]) * s[lane];
+                        hi[lane] = (code_hi(8, c, lane) - z[lane]) * s[lane];
+                    }
+                } else {
+                    for (int lane = 0; lane < BLOCK; lane++) {
+                        lo[lane] = (code_lo(4, c, lane) - z[lane]) * s[lane];
+                        hi[lane] = (code_hi(4, c, lane) - z[lane]) * s[lane];
+                    }
                 }
                 store_row(lo, rows, dtype, (char *)wt + out_bytes * ((size_t)k * N + (size_t)b * BLOCK));
                 store_row(hi, rows, dtype, (char *)wt + out_bytes * ((size_t)(k + 1) * N + (size_t)b * BLOCK));

@@ -37,6 +37,7 @@ from .repacked import RepackedQuantLinear
 __all__ = [
     "BLOCK_ROWS",
     "DENSE_MIN_ROWS",
+    "DENSE_MIN_ROWS_8BIT",
     "NATIVE_BACKEND",
     "NativeQuantLinear",
     "kernel_problem",
@@ -45,10 +46,12 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("native.c")
 BLOCK_ROWS = 64  # output rows per block of the layout (BLOCK in native.c)
-# Rows (tokens) from which dequantize + dense matmul beats the kernel (bench/speed.py --crossover, docs/backends.md)
+# Rows (tokens) from which dequantize + dense matmul beats the kernel, per code width: 8-bit codes take twice the
+# dequantizing (bench/speed.py --crossover, docs/backends.md)
 DENSE_MIN_ROWS = 32
+DENSE_MIN_ROWS_8BIT = 64
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # SR_F32 / SR_BF16 / SR_F16
-_LAYER_FIELDS = 8  # the C side's layer descriptor (L_FIELDS): K, N, G, codes, scales, half, zeros, zero
+_LAYER_FIELDS = 9  # the C side's layer descriptor (L_FIELDS): K, N, G, codes, scales, half, zeros, zero, bits
 
 
 def load_kernel(march: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
@@ -128,7 +131,11 @@ class NativeQuantLinear(RepackedQuantLinear):
         blocks = -(-out // BLOCK_ROWS)
         pad = blocks * BLOCK_ROWS - out
         codes = qt.codes.to(torch.uint8)
-        pairs = codes[:, 0::2] | (codes[:, 1::2] << 4)  # input 2p in the low nibble, 2p + 1 in the high one
+        # 2/3/4-bit codes two to a byte (input 2p in the low nibble, 2p + 1 in the high one); 8-bit ones a byte each
+        self.code_bits = 8 if qt.spec.bits == 8 else 4
+        if self.code_bits == 8:
+            self.dense_min_rows = DENSE_MIN_ROWS_8BIT
+        packed = codes.contiguous() if self.code_bits == 8 else codes[:, 0::2] | (codes[:, 1::2] << 4)
 
         def by_block(table: torch.Tensor) -> torch.Tensor:  # [out, cols] -> [blocks, cols, 64], zero padding rows
             rows = F.pad(table, (0, 0, 0, pad))
@@ -137,7 +144,7 @@ class NativeQuantLinear(RepackedQuantLinear):
         self.scale_dtype = qt.scales.dtype
         # fp16 scales as they are (2 bytes); anything else as float32, which holds bf16 / fp32 values exactly
         table_dtype = torch.float16 if qt.scales.dtype == torch.float16 else torch.float32
-        self.register_buffer("native_codes", by_block(pairs), persistent=False)
+        self.register_buffer("native_codes", by_block(packed), persistent=False)
         self.register_buffer("native_scales", by_block(qt.scales.to(table_dtype)), persistent=False)
         zeros = None if self._uniform_zero is not None else by_block(qt.zeros.to(torch.uint8))
         self.register_buffer("native_zeros", zeros, persistent=False)
@@ -160,6 +167,7 @@ class NativeQuantLinear(RepackedQuantLinear):
             int(scales.dtype == torch.float16),
             zeros.data_ptr() if zeros is not None else 0,
             self._uniform_zero or 0,
+            self.code_bits,
         ]
         assert len(fields) == _LAYER_FIELDS
         self.layer_args = torch.tensor(fields, dtype=torch.int64, device="cpu")
@@ -180,8 +188,10 @@ class NativeQuantLinear(RepackedQuantLinear):
             self._refresh_pointers()
 
     def kernel_codes(self) -> torch.Tensor:
-        pairs = self.native_codes.transpose(1, 2).reshape(-1, self.in_features // 2)[: self.out_features]
-        return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).view(self.out_features, self.in_features)
+        rows = self.native_codes.transpose(1, 2).reshape(-1, self.native_codes.shape[1])[: self.out_features]
+        if self.code_bits == 8:
+            return rows
+        return torch.stack([rows & 0xF, rows >> 4], dim=-1).view(self.out_features, self.in_features)
 
     def kernel_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         def rows(table: torch.Tensor) -> torch.Tensor:  # [blocks, groups, 64] -> [out, groups]
@@ -236,7 +246,7 @@ NATIVE_BACKEND = register_backend(
         name="native",
         quant_linear=NativeQuantLinear,
         devices=("cpu",),
-        bits=(2, 3, 4),  # 2/3-bit codes fit the 4-bit layout exactly
+        bits=(2, 3, 4, 8),  # 2/3-bit codes fit the 4-bit layout exactly
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         packings=None,  # any registered packer: post_init unpacks through it
         check=_shape_reason,
