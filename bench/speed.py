@@ -107,7 +107,7 @@ def crossover(threads: int) -> None:
                     f"{cls.backend_name} (W{bits}G32): dense from {layer.dense_min_rows} rows; µs per call, best of 3"
                 )
                 print(f"{'out x in':>10} {'rows':>5} {'kernel':>9} {'dense':>9} {'dense/kernel':>13}")
-            for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+            for rows in (1, 2, 4, 8, 16, 32, 48, 64, 128, 256, 512):
                 x = torch.randn(rows, in_f, dtype=torch.bfloat16)
                 times = {}
                 for path, threshold in (("kernel", 1 << 30), ("dense", 0)):

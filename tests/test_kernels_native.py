@@ -12,7 +12,6 @@ from signround.kernels import candidates, cbuild, select
 from signround.kernels.native import (
     BLOCK_ROWS,
     DENSE_MIN_ROWS,
-    DENSE_MIN_ROWS_8BIT,
     SOURCE,
     NativeQuantLinear,
     kernel_problem,
@@ -59,8 +58,8 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_torch_reference_on_both_paths(bits: int, group_size: int, sym: bool, packing: str, dtype) -> None:
     ref, fast = _layers(LayerSpec(bits=bits, group_size=group_size, sym=sym), packing, dtype)
-    dense_from = fast.dense_min_rows  # DENSE_MIN_ROWS, DENSE_MIN_ROWS_8BIT for 8-bit codes
-    assert dense_from == (DENSE_MIN_ROWS_8BIT if bits == 8 else DENSE_MIN_ROWS)
+    dense_from = fast.dense_min_rows
+    assert dense_from == DENSE_MIN_ROWS
     x = torch.randn(2, dense_from, IN, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         expected = ref(x)

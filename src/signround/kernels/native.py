@@ -37,7 +37,6 @@ from .repacked import RepackedQuantLinear
 __all__ = [
     "BLOCK_ROWS",
     "DENSE_MIN_ROWS",
-    "DENSE_MIN_ROWS_8BIT",
     "NATIVE_BACKEND",
     "NativeQuantLinear",
     "kernel_problem",
@@ -46,10 +45,9 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("native.c")
 BLOCK_ROWS = 64  # output rows per block of the layout (BLOCK in native.c)
-# Rows (tokens) from which dequantize + dense matmul beats the kernel, per code width: 8-bit codes take twice the
-# dequantizing (bench/speed.py --crossover, docs/backends.md)
-DENSE_MIN_ROWS = 32
-DENSE_MIN_ROWS_8BIT = 64
+# Rows (tokens) from which dequantize + dense matmul beats the kernel, 4- and 8-bit codes alike: dense/kernel
+# 0.96-1.11 at 48 rows on SmolLM2's shapes (bench/speed.py --crossover, docs/backends.md)
+DENSE_MIN_ROWS = 48
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # SR_F32 / SR_BF16 / SR_F16
 _LAYER_FIELDS = 9  # the C side's layer descriptor (L_FIELDS): K, N, G, codes, scales, half, zeros, zero, bits
 
@@ -133,8 +131,6 @@ class NativeQuantLinear(RepackedQuantLinear):
         codes = qt.codes.to(torch.uint8)
         # 2/3/4-bit codes two to a byte (input 2p in the low nibble, 2p + 1 in the high one); 8-bit ones a byte each
         self.code_bits = 8 if qt.spec.bits == 8 else 4
-        if self.code_bits == 8:
-            self.dense_min_rows = DENSE_MIN_ROWS_8BIT
         packed = codes.contiguous() if self.code_bits == 8 else codes[:, 0::2] | (codes[:, 1::2] << 4)
 
         def by_block(table: torch.Tensor) -> torch.Tensor:  # [out, cols] -> [blocks, cols, 64], zero padding rows
