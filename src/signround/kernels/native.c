@@ -262,31 +262,34 @@ static inline __attribute__((always_inline)) void block_rows(const int bits, con
 }
 #endif
 
-/* Up to SR_MAX_ROWS activation rows (1 without AVX-512) against one block; returns how many it took. */
-static int block_step(int bits, int rows_left, const float *xf, const float *xsum, int K, int G, const uint8_t *codes,
-                      const void *scales, int half, const uint8_t *zeros, int zero, float *out) {
+/* Up to SR_MAX_ROWS activation rows (1 without AVX-512) against one block; returns how many it took.  `bits` is a
+ * constant in each of the two specialisations below, so each holds one code width's loops only. */
+static inline __attribute__((always_inline)) int block_step(const int bits, int rows_left, const float *xf,
+                                                            const float *xsum, int K, int G, const uint8_t *codes,
+                                                            const void *scales, int half, const uint8_t *zeros,
+                                                            int zero, float *out) {
 #ifdef SR_AVX512
-#define SR_ROWS(B, R) block_rows(B, R, xf, xsum, K, G, codes, scales, half, zeros, zero, out)
     const int R = rows_left < SR_MAX_ROWS ? rows_left : SR_MAX_ROWS;
-    if (R > 1) {
-        if (bits == 8) {
-            if (R == 4) SR_ROWS(8, 4);
-            else if (R == 3) SR_ROWS(8, 3);
-            else SR_ROWS(8, 2);
-        } else {
-            if (R == 4) SR_ROWS(4, 4);
-            else if (R == 3) SR_ROWS(4, 3);
-            else SR_ROWS(4, 2);
-        }
-        return R;
-    }
-#undef SR_ROWS
+    if (R == 4) block_rows(bits, 4, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    else if (R == 3) block_rows(bits, 3, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    else if (R == 2) block_rows(bits, 2, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    else block_row(bits, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    return R;
 #else
     (void)rows_left;
-#endif
-    if (bits == 8) block_row(8, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
-    else block_row(4, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    block_row(bits, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
     return 1;
+#endif
+}
+
+static int block_step4(int rows_left, const float *xf, const float *xsum, int K, int G, const uint8_t *codes,
+                       const void *scales, int half, const uint8_t *zeros, int zero, float *out) {
+    return block_step(4, rows_left, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+}
+
+static int block_step8(int rows_left, const float *xf, const float *xsum, int K, int G, const uint8_t *codes,
+                       const void *scales, int half, const uint8_t *zeros, int zero, float *out) {
+    return block_step(8, rows_left, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
 }
 
 /* One layer's constant arguments, written once at load (an int64 tensor on the Python side), so that a decode call
@@ -323,8 +326,9 @@ int signround_wq_gemm(const void *x, int dtype, int M, const int64_t *layer, voi
                              : (const void *)((const float *)scales + b * block_table);
         const uint8_t *c = codes + b * block_codes, *z = zeros ? zeros + b * block_table : NULL;
         for (int m = 0; m < M;) {
-            const int step = block_step(bits, M - m, xf + (long)m * K, xsum + (long)m * groups, K, G, c, s, half, z,
-                                        zero, out);
+            const float *xm = xf + (long)m * K, *sm = xsum + (long)m * groups;
+            const int step = bits == 8 ? block_step8(M - m, xm, sm, K, G, c, s, half, z, zero, out)
+                                       : block_step4(M - m, xm, sm, K, G, c, s, half, z, zero, out);
             for (int r = 0; r < step; r++)
                 store_row(out + r * BLOCK, rows, dtype, (char *)y + act_bytes * ((size_t)(m + r) * N + (size_t)b * BLOCK));
             m += step;
