@@ -1,4 +1,4 @@
-"""CPU backend for 2/3/4-bit layers on our own matrix-vector kernel (``native.c``), compiled for this CPU.
+"""CPU backend for 2/3/4/8-bit layers on our own matrix-vector kernel (``native.c``), compiled for this CPU.
 
 Why a kernel of our own next to torch_int4 (``aten._weight_int4pack_mm_for_cpu``): decode reads every weight once
 per token, so bytes per weight and the arithmetic per byte decide, and aten's kernel loses on both.
@@ -14,9 +14,11 @@ per token, so bytes per weight and the arithmetic per byte decide, and aten's ke
   fast for bf16 inputs), so the result matches the torch reference to float32 summation order.
 
 The library is built at first use by :mod:`.cbuild` (``cc -O3 -march=native -fopenmp``); without a C compiler,
-or if the built kernel fails its self-test, :func:`kernel_problem` says so and selection falls back to torch_int4.
-Long inputs (prefill) take the dense path of :class:`RepackedQuantLinear` from ``DENSE_MIN_ROWS`` rows on.
-2- and 3-bit codes are held as 4-bit ones (any code below 16 is the same arithmetic).
+or if the built kernel fails its self-test, :func:`kernel_problem` says so and selection falls back to torch_int4
+/ torch_int8.  Long inputs (prefill) take the dense path of :class:`RepackedQuantLinear` from ``DENSE_MIN_ROWS``
+rows on.  2- and 3-bit codes are held as 4-bit ones (any code below 16 is the same arithmetic); 8-bit codes take a
+byte each (torch_int8 makes one kernel call per group and takes symmetric layers only; this kernel reads the layer
+in one pass, either kind).
 """
 
 from __future__ import annotations
@@ -101,22 +103,23 @@ def kernel_problem() -> str | None:
 
     cpu = torch.device("cpu")
     g = torch.Generator(cpu).manual_seed(0)
-    spec = LayerSpec(bits=4, group_size=32, sym=False)
-    codes = torch.randint(0, 16, (96, 64), generator=g, dtype=torch.int32, device=cpu)  # a tail block of 32 rows
-    scales = (torch.rand(96, 2, generator=g, device=cpu) * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 16, (96, 2), generator=g, dtype=torch.int32, device=cpu)
-    qt = QuantizedTensor(codes, scales, zeros, spec)
-    x = torch.randn(3, 64, generator=g, device=cpu)
-    expected = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
-    got = NativeQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
-    err = float((got - expected).abs().max() / expected.abs().max())
-    if not err < 1e-5:
-        return f"native kernel built here disagrees with the torch reference (relative error {err:.2e})"
+    for bits in (4, 8):  # asymmetric, 96 rows: a full block and a tail block of 32
+        levels = 2**bits
+        codes = torch.randint(0, levels, (96, 64), generator=g, dtype=torch.int32, device=cpu)
+        scales = (torch.rand(96, 2, generator=g, device=cpu) * 0.01 + 0.001).half()
+        zeros = torch.randint(0, levels, (96, 2), generator=g, dtype=torch.int32, device=cpu)
+        qt = QuantizedTensor(codes, scales, zeros, LayerSpec(bits=bits, group_size=32, sym=False))
+        x = torch.randn(3, 64, generator=g, device=cpu)
+        expected = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
+        got = NativeQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)(x)
+        err = float((got - expected).abs().max() / expected.abs().max())
+        if not err < 1e-5:
+            return f"native kernel built here disagrees with the torch reference at {bits} bits (error {err:.2e})"
     return None
 
 
 class NativeQuantLinear(RepackedQuantLinear):
-    """2/3/4-bit layers through ``native.c``; repacked once at load into its row-block layout."""
+    """2/3/4/8-bit layers through ``native.c``; repacked once at load into its row-block layout."""
 
     backend_name = "native"
     dense_min_rows: int = DENSE_MIN_ROWS
