@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from kernel_pairs import reference_and_kernel, rel_err
 
 from signround.kernels import candidates, cbuild, select
 from signround.kernels.native import (
@@ -30,16 +31,8 @@ OUT, IN = 96, 256  # 96 rows: one full block of 64 and a tail block of 32
 
 
 def _layers(spec: LayerSpec, packing: str, dtype: torch.dtype, out_features: int = OUT, in_features: int = IN):
-    g = torch.Generator().manual_seed(spec.bits * 100 + spec.group_size)
-    qt = quantize(torch.randn(out_features, in_features, generator=g) * 0.05, spec)
-    bias = torch.randn(out_features, generator=g) * 0.1
-    ref = TorchQuantLinear.from_quantized(qt, packing, bias, dtype)
-    fast = NativeQuantLinear.from_quantized(qt, packing, bias, dtype)
-    return ref, fast
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    seed = spec.bits * 100 + spec.group_size
+    return reference_and_kernel(NativeQuantLinear, spec, packing, dtype, out_features, in_features, seed)
 
 
 CASES = [
@@ -67,7 +60,7 @@ def test_matches_torch_reference_on_both_paths(bits: int, group_size: int, sym: 
             got = fast(x[:, :rows])
             assert got.shape == expected[:, :rows].shape and got.dtype == dtype
             tol = TOL[dtype] if rows < dense_from else max(TOL[dtype], 1e-2)  # dense path: a bf16 matmul
-            assert _rel_err(got, expected[:, :rows]) <= tol, rows
+            assert rel_err(got, expected[:, :rows]) <= tol, rows
 
 
 @pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(16, 64, 16), (200, 96, 32), (64, 1536, 512)])
@@ -79,7 +72,7 @@ def test_odd_shapes_tail_rows_and_groups(out_features: int, in_features: int, gr
                         out_features, in_features)  # fmt: skip
     x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert _rel_err(fast(x), ref(x)) <= TOL[torch.float32]
+        assert rel_err(fast(x), ref(x)) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -110,7 +103,7 @@ def test_asymmetric_zero_points_and_non_fp16_scales_round_trip_exactly() -> None
     assert back.scales.dtype == torch.bfloat16 and torch.equal(back.scales, qt.scales)
     x = torch.randn(2, IN, generator=g)
     with torch.no_grad():
-        assert _rel_err(fast(x), x @ dequantize(qt).float().t()) <= TOL[torch.float32]
+        assert rel_err(fast(x), x @ dequantize(qt).float().t()) <= TOL[torch.float32]
 
 
 def test_copies_and_dtype_casts_keep_computing_on_their_own_buffers() -> None:
@@ -126,10 +119,10 @@ def test_copies_and_dtype_casts_keep_computing_on_their_own_buffers() -> None:
         del fast  # the copies must not read the original's (now freed) memory
         for layer in (clone, restored):
             assert layer.native_codes.data_ptr() == int(layer.layer_args[3]) and layer._layer_ptr != fast_args
-            assert _rel_err(layer(x), expected) <= TOL[torch.float32]
+            assert rel_err(layer(x), expected) <= TOL[torch.float32]
         clone.to(torch.bfloat16)
         assert clone.native_scales.dtype == torch.float16  # quantization state keeps its dtype
-        assert _rel_err(clone(x.bfloat16()), expected) <= TOL[torch.bfloat16]
+        assert rel_err(clone(x.bfloat16()), expected) <= TOL[torch.bfloat16]
 
 
 def test_unaligned_and_strided_inputs() -> None:
@@ -139,7 +132,7 @@ def test_unaligned_and_strided_inputs() -> None:
     strided = backing[: 2 * IN].view(IN, 2)[:, 0].view(1, IN)  # every other value: not contiguous
     with torch.no_grad():
         for x in (unaligned, strided):
-            assert _rel_err(fast(x), ref(x.contiguous())) <= TOL[torch.bfloat16]
+            assert rel_err(fast(x), ref(x.contiguous())) <= TOL[torch.bfloat16]
         x64 = torch.randn(1, IN, dtype=torch.float64)  # a dtype the kernel does not read: computed in float32
         assert fast(x64).dtype == torch.float64
 
@@ -154,7 +147,7 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
         expected = ref(x)
         for rows in (1, 8, x.shape[1]):  # the kernel, then (48 rows) the dense path
             tol = TOL[torch.float32] if rows < DENSE_MIN_ROWS else 1e-2
-            assert _rel_err(fast(x[:, :rows]), expected[:, :rows]) <= tol
+            assert rel_err(fast(x[:, :rows]), expected[:, :rows]) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -175,9 +168,9 @@ def test_the_portable_build_without_avx512_gives_the_same_results(dtype, bits: i
                                         3, fast._layer_ptr, y.data_ptr()) == 0  # fmt: skip
     with torch.no_grad():
         expected = ref(x) - ref.bias.to(dtype)
-        assert _rel_err(y, expected) <= TOL[dtype]
+        assert rel_err(y, expected) <= TOL[dtype]
         if dtype != torch.float32:  # and the AVX-512 build with the compiler's conversions
-            assert _rel_err(y, fast.kernel_forward(x)) <= TOL[dtype]
+            assert rel_err(y, fast.kernel_forward(x)) <= TOL[dtype]
 
 
 def test_selection_prefers_it_on_cpu_and_names_why_not_elsewhere() -> None:

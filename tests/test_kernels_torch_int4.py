@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_pairs import reference_and_kernel, rel_err
 
 from signround.kernels.torch import TorchQuantLinear
 from signround.kernels.torch_int4 import (
@@ -27,17 +28,8 @@ BF16_TOL = 1e-2
 
 
 def _layers(spec: LayerSpec, packing: str, dtype: torch.dtype, out_features: int = 96, in_features: int = 256):
-    g = torch.Generator().manual_seed(spec.bits * 100 + spec.group_size)
-    w = torch.randn(out_features, in_features, generator=g) * 0.05
-    qt = quantize(w, spec)
-    bias = torch.randn(out_features, generator=g) * 0.1
-    ref = TorchQuantLinear.from_quantized(qt, packing, bias, dtype)
-    fast = TorchInt4QuantLinear.from_quantized(qt, packing, bias, dtype)
-    return ref, fast
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    seed = spec.bits * 100 + spec.group_size
+    return reference_and_kernel(TorchInt4QuantLinear, spec, packing, dtype, out_features, in_features, seed)
 
 
 CASES = [
@@ -56,7 +48,7 @@ def test_matches_torch_reference_fp32(group_size: int, sym: bool, packing: str) 
     with torch.no_grad():
         expected, got = ref(x), fast(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    assert _rel_err(got, expected) <= BF16_TOL
+    assert rel_err(got, expected) <= BF16_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -66,7 +58,7 @@ def test_matches_torch_reference_half(dtype: torch.dtype) -> None:
     with torch.no_grad():
         expected, got = ref(x), fast(x)
     assert got.dtype == dtype
-    assert _rel_err(got, expected) <= BF16_TOL
+    assert rel_err(got, expected) <= BF16_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -116,10 +108,10 @@ def test_long_inputs_take_the_dense_path_and_agree(dtype: torch.dtype) -> None:
     with torch.no_grad():
         dense, expected = fast(x), ref(x)
         kernel = torch.cat([fast(x[i : i + 1]) for i in range(x.shape[0])])  # one row at a time: the int4 kernel
-    assert _rel_err(dense, expected) <= BF16_TOL
-    assert _rel_err(kernel, dense) <= BF16_TOL
+    assert rel_err(dense, expected) <= BF16_TOL
+    assert rel_err(kernel, dense) <= BF16_TOL
     weight = fast.dense_weight().float()
-    assert _rel_err(weight, dequantize(ref.quantized_tensor(), torch.float32)) <= BF16_TOL
+    assert rel_err(weight, dequantize(ref.quantized_tensor(), torch.float32)) <= BF16_TOL
 
 
 def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
@@ -133,7 +125,7 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
         for rows in (1, x.shape[1]):  # the int4 kernel (decode) and, at 48 rows with the threshold lowered, dense
             fast.dense_min_rows = 2 if rows > 1 else 1 << 30
             got = fast(x[:, :rows])
-            assert _rel_err(got, expected[:, :rows]) <= BF16_TOL
+            assert rel_err(got, expected[:, :rows]) <= BF16_TOL
 
 
 @pytest.mark.parametrize(
@@ -147,7 +139,7 @@ def test_2_and_3_bit_layers_run_as_4_bit_and_save_exactly(bits: int, sym: bool, 
         expected = ref(x)
         for threshold in (1 << 30, 1):  # the int4 kernel, then the dense path
             fast.dense_min_rows = threshold
-            assert _rel_err(fast(x), expected) <= BF16_TOL
+            assert rel_err(fast(x), expected) <= BF16_TOL
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
 
 
@@ -167,7 +159,7 @@ def test_dtype_casts_leave_quantization_state_alone(layer_cls) -> None:
     assert {name: buf.dtype for name, buf in layer.named_buffers() if name != "bias"} == dtypes
     assert layer.bias.dtype == torch.bfloat16
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
-    assert got.dtype == torch.bfloat16 and _rel_err(got, expected) <= BF16_TOL
+    assert got.dtype == torch.bfloat16 and rel_err(got, expected) <= BF16_TOL
 
 
 def test_without_native_bf16_the_dense_path_computes_in_fp32(monkeypatch) -> None:
@@ -180,7 +172,7 @@ def test_without_native_bf16_the_dense_path_computes_in_fp32(monkeypatch) -> Non
     x = torch.randn(DENSE_MIN_ROWS, 256, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
-        assert _rel_err(fast(x[:3]), ref(x[:3])) <= BF16_TOL
+        assert rel_err(fast(x[:3]), ref(x[:3])) <= BF16_TOL
 
 
 def test_symmetric_layers_keep_no_zero_points_and_still_save_exactly() -> None:
@@ -206,7 +198,7 @@ def test_groups_larger_than_the_kernels_run_as_several_kernel_groups(group_size,
     with torch.no_grad():
         for threshold in (1 << 30, 1):  # the int4 kernel, then the dense path
             fast.dense_min_rows = threshold
-            assert _rel_err(fast(x), ref(x)) <= BF16_TOL
+            assert rel_err(fast(x), ref(x)) <= BF16_TOL
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
 
 

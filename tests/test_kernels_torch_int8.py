@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_pairs import reference_and_kernel, rel_err
 
 from signround.kernels import candidates, select
 from signround.kernels.torch import TorchQuantLinear
@@ -20,17 +21,7 @@ OUT, IN = 96, 256
 
 
 def _layers(spec: LayerSpec, packing: str, dtype: torch.dtype, weight: torch.Tensor | None = None):
-    g = torch.Generator().manual_seed(spec.group_size + 8)
-    w = torch.randn(OUT, IN, generator=g) * 0.05 if weight is None else weight
-    qt = quantize(w, spec)
-    bias = torch.randn(OUT, generator=g) * 0.1
-    ref = TorchQuantLinear.from_quantized(qt, packing, bias, dtype)
-    fast = TorchInt8QuantLinear.from_quantized(qt, packing, bias, dtype)
-    return ref, fast
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    return reference_and_kernel(TorchInt8QuantLinear, spec, packing, dtype, OUT, IN, spec.group_size + 8, weight)
 
 
 @pytest.mark.parametrize("group_size", [16, 32, 128, -1])
@@ -45,7 +36,7 @@ def test_matches_torch_reference_on_both_paths(group_size: int, packing: str, dt
         for rows in (1, 5, DENSE_MIN_ROWS):  # per-group kernel calls for a few rows, the dense path from 16
             got = fast(x[:, :rows])
             assert got.shape == expected[:, :rows].shape and got.dtype == dtype
-            assert _rel_err(got, expected[:, :rows]) <= tol, rows
+            assert rel_err(got, expected[:, :rows]) <= tol, rows
 
 
 def test_only_one_copy_of_the_codes_stays_resident_and_saving_is_exact() -> None:
@@ -68,7 +59,7 @@ def test_zero_points_off_the_midpoint_are_exact_too() -> None:
     assert fast.zero_term is not None and fast.saved_zeros is not None
     x = torch.randn(4, IN, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        assert _rel_err(fast(x), ref(x)) <= BF16_TOL
+        assert rel_err(fast(x), ref(x)) <= BF16_TOL
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in ref.state_dict().items())
 
 
@@ -79,7 +70,7 @@ def test_an_unaligned_input_view_is_copied_not_misread() -> None:
     x = backing[3:].view(1, IN)  # 6 bytes past an aligned start
     assert x.data_ptr() % 32
     with torch.no_grad():
-        assert _rel_err(fast(x), ref(x.clone())) <= BF16_TOL
+        assert rel_err(fast(x), ref(x.clone())) <= BF16_TOL
 
 
 def test_selection_takes_symmetric_8_bit_cpu_layers_whose_groups_fit_the_kernel(monkeypatch) -> None:
@@ -109,7 +100,7 @@ def test_dtype_casts_leave_quantization_state_alone() -> None:
         got = fast(x.bfloat16())
     assert {name: buf.dtype for name, buf in fast.named_buffers() if name != "bias"} == dtypes
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in before.items())
-    assert _rel_err(got, expected) <= BF16_TOL
+    assert rel_err(got, expected) <= BF16_TOL
 
 
 def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
@@ -121,4 +112,4 @@ def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
     with torch.no_grad():
         expected = ref(x)
         for rows in (1, 8, x.shape[1]):  # per-group kernel calls, then (48 rows) the dense path
-            assert _rel_err(fast(x[:, :rows]), expected[:, :rows]) <= BF16_TOL
+            assert rel_err(fast(x[:, :rows]), expected[:, :rows]) <= BF16_TOL

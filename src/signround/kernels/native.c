@@ -168,39 +168,59 @@ static inline __attribute__((always_inline)) void group_scale_zero(const void *s
 }
 #endif
 
-/* One block of 64 rows for one activation row: out[lane] = y of row b*64+lane. */
+#ifdef SR_AVX512
+#define SR_MAX_ROWS 4
+/* R (1..4) activation rows against one block of 64 rows: out[r * 64 + lane] = y of row b*64+lane for activation
+ * row r.  Each unpacked code feeds R FMAs, so a few rows (batched decode, short prompts) cost well under R
+ * single-row passes.  The 4R accumulator chains hide the FMA latency from R = 2 on; a single row splits its even
+ * and odd inputs over two chains instead.  R and bits are constants at every call site, so the loops over rows
+ * unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void block_rows(const int bits, const int R, const float *xf,
+                                                             const float *xsum, int K, int G, const uint8_t *codes,
+                                                             const void *scales, int half, const uint8_t *zeros,
+                                                             int zero, float *out) {
+    const int groups = K / G, pairs_per_group = G / 2;
+    const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int i = 0; i < R * BLOCK; i++) out[i] = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        __m512 a[SR_MAX_ROWS][4], odd[4];
+        for (int t = 0; t < 4; t++) {
+            odd[t] = _mm512_setzero_ps();
+            for (int r = 0; r < R; r++) a[r][t] = _mm512_setzero_ps();
+        }
+        const uint8_t *c = codes + (long)g * pairs_per_group * PAIR_BYTES(bits);
+        for (int p = 0; p < pairs_per_group; p++, c += PAIR_BYTES(bits)) {
+            prefetch_pair(bits, c);
+            const long k = (long)g * G + 2 * p;
+            for (int t = 0; t < 4; t++) {
+                __m512 lo, hi;
+                unpack_pair(bits, c, t, code_values, &lo, &hi);
+                for (int r = 0; r < R; r++) {
+                    a[r][t] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[r * (long)K + k]), a[r][t]);
+                    const __m512 x1 = _mm512_set1_ps(xf[r * (long)K + k + 1]);
+                    if (R == 1) odd[t] = _mm512_fmadd_ps(hi, x1, odd[t]);
+                    else a[r][t] = _mm512_fmadd_ps(hi, x1, a[r][t]);
+                }
+            }
+        }
+        for (int t = 0; t < 4; t++) {
+            __m512 s, z;
+            group_scale_zero(scales, half, zeros, zero, (long)g * BLOCK + 16 * t, &s, &z);
+            if (R == 1) a[0][t] = _mm512_add_ps(a[0][t], odd[t]);
+            for (int r = 0; r < R; r++) {
+                float *o = out + r * BLOCK + 16 * t;
+                const __m512 gs = _mm512_set1_ps(xsum[r * (long)groups + g]);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, gs, a[r][t]), _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+#else
+/* Without AVX-512: one activation row against one block, as a plain loop that -O3 -march=native vectorises. */
 static inline __attribute__((always_inline)) void block_row(const int bits, const float *xf, const float *xsum, int K,
                                                             int G, const uint8_t *codes, const void *scales, int half,
                                                             const uint8_t *zeros, int zero, float *out) {
     const int groups = K / G, pairs_per_group = G / 2;
-#ifdef SR_AVX512
-    __m512 y[4];
-    for (int t = 0; t < 4; t++) y[t] = _mm512_setzero_ps();
-    const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int g = 0; g < groups; g++) {
-        __m512 a0[4], a1[4]; /* even / odd inputs: two chains per tile hide the FMA latency */
-        for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm512_setzero_ps();
-        const uint8_t *c = codes + (long)g * pairs_per_group * PAIR_BYTES(bits);
-        const float *xg = xf + (long)g * G;
-        for (int p = 0; p < pairs_per_group; p++, c += PAIR_BYTES(bits)) {
-            prefetch_pair(bits, c);
-            const __m512 x0 = _mm512_set1_ps(xg[2 * p]), x1 = _mm512_set1_ps(xg[2 * p + 1]);
-            for (int t = 0; t < 4; t++) {
-                __m512 lo, hi;
-                unpack_pair(bits, c, t, code_values, &lo, &hi);
-                a0[t] = _mm512_fmadd_ps(lo, x0, a0[t]);
-                a1[t] = _mm512_fmadd_ps(hi, x1, a1[t]);
-            }
-        }
-        const __m512 gs = _mm512_set1_ps(xsum[g]);
-        for (int t = 0; t < 4; t++) {
-            __m512 s, z;
-            group_scale_zero(scales, half, zeros, zero, (long)g * BLOCK + 16 * t, &s, &z);
-            y[t] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, gs, _mm512_add_ps(a0[t], a1[t])), y[t]);
-        }
-    }
-    for (int t = 0; t < 4; t++) _mm512_storeu_ps(out + 16 * t, y[t]);
-#else
     for (int lane = 0; lane < BLOCK; lane++) out[lane] = 0.0f;
     for (int g = 0; g < groups; g++) {
         float acc[BLOCK] = {0};
@@ -214,49 +234,6 @@ static inline __attribute__((always_inline)) void block_row(const int bits, cons
             const long at = (long)g * BLOCK + lane;
             const float z = zeros ? (float)zeros[at] : (float)zero;
             out[lane] += load_scale(scales, half, at) * (acc[lane] - z * xsum[g]);
-        }
-    }
-#endif
-}
-
-#ifdef SR_AVX512
-#define SR_MAX_ROWS 4
-/* R (2..4) activation rows against one block: each unpacked code feeds R FMAs, so a few rows (batched decode,
- * short prompts) cost well under R single-row passes.  One accumulator chain per row and tile: with R >= 2 the
- * 4R independent chains hide the FMA latency.  R and bits are constants at every call site, so the loops over
- * rows unroll and the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void block_rows(const int bits, const int R, const float *xf,
-                                                             const float *xsum, int K, int G, const uint8_t *codes,
-                                                             const void *scales, int half, const uint8_t *zeros,
-                                                             int zero, float *out) {
-    const int groups = K / G, pairs_per_group = G / 2;
-    const __m512 code_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int i = 0; i < R * BLOCK; i++) out[i] = 0.0f;
-    for (int g = 0; g < groups; g++) {
-        __m512 a[SR_MAX_ROWS][4];
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_ps();
-        const uint8_t *c = codes + (long)g * pairs_per_group * PAIR_BYTES(bits);
-        for (int p = 0; p < pairs_per_group; p++, c += PAIR_BYTES(bits)) {
-            prefetch_pair(bits, c);
-            const long k = (long)g * G + 2 * p;
-            for (int t = 0; t < 4; t++) {
-                __m512 lo, hi;
-                unpack_pair(bits, c, t, code_values, &lo, &hi);
-                for (int r = 0; r < R; r++) {
-                    a[r][t] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xf[r * (long)K + k]), a[r][t]);
-                    a[r][t] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xf[r * (long)K + k + 1]), a[r][t]);
-                }
-            }
-        }
-        for (int t = 0; t < 4; t++) {
-            __m512 s, z;
-            group_scale_zero(scales, half, zeros, zero, (long)g * BLOCK + 16 * t, &s, &z);
-            for (int r = 0; r < R; r++) {
-                float *o = out + r * BLOCK + 16 * t;
-                const __m512 gs = _mm512_set1_ps(xsum[r * (long)groups + g]);
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, gs, a[r][t]), _mm512_loadu_ps(o)));
-            }
         }
     }
 }
@@ -273,7 +250,7 @@ static inline __attribute__((always_inline)) int block_step(const int bits, int 
     if (R == 4) block_rows(bits, 4, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
     else if (R == 3) block_rows(bits, 3, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
     else if (R == 2) block_rows(bits, 2, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
-    else block_row(bits, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
+    else block_rows(bits, 1, xf, xsum, K, G, codes, scales, half, zeros, zero, out);
     return R;
 #else
     (void)rows_left;

@@ -128,7 +128,7 @@ class NativeQuantLinear(RepackedQuantLinear):
 
     def repack(self, qt: QuantizedTensor) -> None:
         _loaded_library()  # built (or its error raised) before any state changes
-        out, groups = self.out_features, self.in_features // self.group_size
+        out = self.out_features
         blocks = -(-out // BLOCK_ROWS)
         pad = blocks * BLOCK_ROWS - out
         codes = qt.codes.to(torch.uint8)
@@ -147,7 +147,6 @@ class NativeQuantLinear(RepackedQuantLinear):
         self.register_buffer("native_scales", by_block(qt.scales.to(table_dtype)), persistent=False)
         zeros = None if self._uniform_zero is not None else by_block(qt.zeros.to(torch.uint8))
         self.register_buffer("native_zeros", zeros, persistent=False)
-        self._groups = groups
         self._refresh_pointers()
 
     def _refresh_pointers(self) -> None:
@@ -194,7 +193,7 @@ class NativeQuantLinear(RepackedQuantLinear):
 
     def kernel_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         def rows(table: torch.Tensor) -> torch.Tensor:  # [blocks, groups, 64] -> [out, groups]
-            return table.transpose(1, 2).reshape(-1, self._groups)[: self.out_features]
+            return table.transpose(1, 2).reshape(-1, table.shape[1])[: self.out_features]
 
         zeros = None if self.native_zeros is None else rows(self.native_zeros)
         return rows(self.native_scales).to(self.scale_dtype), zeros

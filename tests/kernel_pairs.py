@@ -1,0 +1,34 @@
+"""Shared by the CPU kernel tests: a layer on the torch reference and the same layer on the kernel under test."""
+
+from __future__ import annotations
+
+import torch
+
+from signround.kernels.base import QuantLinear
+from signround.kernels.torch import TorchQuantLinear
+from signround.quant.int import quantize
+from signround.schemes import LayerSpec
+
+
+def reference_and_kernel(
+    kernel: type[QuantLinear],
+    spec: LayerSpec,
+    packing: str,
+    dtype: torch.dtype,
+    out_features: int,
+    in_features: int,
+    seed: int,
+    weight: torch.Tensor | None = None,
+) -> tuple[QuantLinear, QuantLinear]:
+    """One quantized layer with a bias (random, or ``weight`` quantized), built on the reference and on ``kernel``."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) * 0.05 if weight is None else weight
+    qt = quantize(w, spec)
+    bias = torch.randn(out_features, generator=g) * 0.1
+    return (TorchQuantLinear.from_quantized(qt, packing, bias, dtype),
+            kernel.from_quantized(qt, packing, bias, dtype))  # fmt: skip
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|, in float64."""
+    return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
