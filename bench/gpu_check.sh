@@ -1,19 +1,49 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (the `device` tool; never CI).  The device image has CUDA torch,
-# transformers, accelerate, safetensors and triton but no network, so signround runs from src/ and gptqmodel is
-# used only if it was carried as wheels (.whl, see /work/.library/device/README.md).  Results go to $OUT.
-#   device run: bash bench/gpu_check.sh        (timeout_s 540 leaves room for one rerun in a 15-minute budget)
+# transformers, accelerate, safetensors, triton, nvcc and ninja but no network, so signround runs from src/ and
+# gptqmodel is used only if it was carried in .whl/ (see /work/.library/device/README.md): gptqmodel 7.6.0 and its
+# pure-Python needs as wheels built here (`pip wheel --no-deps gptqmodel==7.6.0 device-smi logbar tokenicer
+# defuser`, plus datasets, dill, multiprocess, httpx2 from PyPI; not torchao: transformers imports it, and with it
+# triton, at import), and PyPcre as its sdist, compiled there against the system libpcre2 (no cp312 wheel exists).
+# Results go to $OUT (at most 8 files come back).
+#   device run: bash bench/gpu_check.sh        (carry [".whl"], timeout_s 600: the whole 15-minute budget but the
+#   machine's start; the first run, 2026-11-26, with shorter build timeouts, lost Marlin fp16 to them)
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+start=$SECONDS
+stamp() { echo "[$((SECONDS - start)) s] $*"; }
+{
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    nproc; gcc --version | head -1; nvcc --version | tail -1
+    python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+if compgen -G ".whl/*" > /dev/null; then
+    timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
+        --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | tail -5 | tee -a "$OUT/device.txt"
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    stamp "wheels installed" | tee -a "$OUT/device.txt"
+    # GPTQModel compiles its CUDA extensions on first use, on the CPU: on the H100 machine (16 cores), built three
+    # at once, ExLlamaV2 took 109 s, Marlin bf16 222 s and Marlin fp16 more than 280 s (2026-11-26).  A build cut
+    # short is lost, and the next user starts it again, so they get time to finish; our Triton suite runs
+    # meanwhile, and every timing waits for them (they load the CPU, and eager decode is CPU-bound).
+    for ext in marlin_fp16 marlin_bf16 exllamav2; do
+        ( t0=$SECONDS; timeout 420 python3 -c "from gptqmodel import extension; print(extension.load(name='$ext'))" \
+            > "/tmp/prewarm_$ext.log" 2>&1; echo "$ext: rc=$? after $((SECONDS - t0)) s" >> /tmp/prewarm_rc.log ) &
+    done
 fi
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
-    | tee -a "$OUT/device.txt"
-# CUDA suites: our Triton kernel compiled for the GPU, GPTQModel's kernels when gptqmodel imports
-timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_triton.py tests/test_kernels_gptqmodel.py \
-    tests/test_kernel_select.py tests/test_kernel_matrix.py 2>&1 | tee "$OUT/pytest.txt"
-timeout 200 python3 bench/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.txt"
+stamp "triton suite" | tee "$OUT/pytest_triton.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_triton.py 2>&1 | tee -a "$OUT/pytest_triton.txt"
+wait
+stamp "prewarm done" | tee "$OUT/prewarm.txt"
+for f in /tmp/prewarm_rc.log /tmp/prewarm_[em]*.log; do [ -f "$f" ] && { echo "== $f"; tail -c 3000 "$f"; }; done \
+    | tr '\r' '\n' | grep -v "Compiling extension" >> "$OUT/prewarm.txt"
+stamp "gptqmodel + selection suites" | tee "$OUT/pytest.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gptqmodel.py tests/test_kernel_select.py \
+    tests/test_kernel_matrix.py 2>&1 | tr '\r' '\n' | grep -v "Compiling extension" | tee -a "$OUT/pytest.txt"
+stamp "layer bench" | tee "$OUT/gpu_kernels.txt"
+timeout 60 python3 bench/gpu_kernels.py 2>&1 | tr '\r' '\n' | grep -v "Compiling extension" | tee -a "$OUT/gpu_kernels.txt"
+stamp "model decode bench" | tee "$OUT/gpu_decode.txt"
+timeout 120 python3 bench/gpu_decode.py --new-tokens 64 2>&1 | tr '\r' '\n' | grep -v "Compiling extension" \
+    | tee -a "$OUT/gpu_decode.txt"
+stamp "end" | tee -a "$OUT/gpu_decode.txt"
