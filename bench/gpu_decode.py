@@ -6,8 +6,11 @@ random weights (``--shape``: the layer sizes of Llama-3-8B by default) and its d
 by RTN (4-bit, group 128, symmetric, our ``quantize``), then installed on each backend with ``install_quantized``,
 as a loaded checkpoint would be.
 
-* decode: greedy, batch 1, a 64-token prompt, then ``--new-tokens`` steps one at a time with the KV cache, eager
-  (no CUDA graphs, as plain ``generate`` runs); tokens/s of those steps, best of ``--repeats``;
+* decode: greedy, batch 1, a 64-token prompt, then ``--new-tokens`` steps one at a time with the KV cache;
+  tokens/s of those steps, best of ``--repeats``, two ways:
+  - eager, with transformers' dynamic cache, as plain ``generate`` runs;
+  - one CUDA graph replay per step, with a static cache: no Python and no launch cost, so the kernels' own time
+    (on CPU the same static-cache step runs eagerly, which checks that code path and its tokens);
 * weight bytes: every buffer and parameter the quantized layers keep on the run device (a GPTQModel kernel's
   included), as a fraction of the same layers in fp16;
 * agreement: the logits of the 64-token prompt against the ``torch`` reference backend (max |diff| / max |ref|,
@@ -25,6 +28,7 @@ import copy
 import inspect
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -54,27 +58,112 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def cache_names(model) -> tuple[str, str]:
-    """(forward keyword, output attribute) of the KV cache: transformers 5.24 renamed ``past_key_values`` to
+def cache_keyword(model) -> str:
+    """The KV cache's forward keyword (and output attribute): transformers 5.24 renamed ``past_key_values`` to
     ``cache``; the lent machine's transformers may be older than ours."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return name, name
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
-def decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    kw, attr = cache_names(model)
+def eager_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Tokens/s of greedy decode with transformers' dynamic cache, and the ``new_tokens`` tokens it chose."""
+    kw = cache_keyword(model)
     out = model(prompt, use_cache=True)
-    cache, token = getattr(out, attr), out.logits[:, -1:].argmax(-1)
-    if prompt.is_cuda:
-        torch.cuda.synchronize()
+    cache, token = getattr(out, kw), out.logits[:, -1:].argmax(-1)
+    tokens = []
+    _sync(prompt.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(token, use_cache=True, **{kw: cache})
-        cache, token = getattr(out, attr), out.logits[:, -1:].argmax(-1)
-    if prompt.is_cuda:
-        torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - start)
+        cache, token = getattr(out, kw), out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    _sync(prompt.device)
+    return new_tokens / (time.perf_counter() - start), torch.cat(tokens, dim=1)
+
+
+WARMUP_STEPS = 2  # eager steps before a graph is captured (on a side stream, as CUDA graphs need)
+
+
+@torch.inference_mode()
+def static_decode(model, prompt: torch.Tensor, new_tokens: int, graph: bool) -> tuple[float, torch.Tensor]:
+    """Greedy decode with a static KV cache, each step one replay of a CUDA graph (``graph``) or an eager call.
+
+    Eager decode of a large model on a GPU is bound by Python and kernel launches, the same for every variant;
+    replaying one captured step removes both, leaving the kernels' own time.  The step (forward, argmax, token
+    write) reads and writes only fixed buffers: the cache advances its position in a tensor of its own.  The
+    tokens returned follow ``WARMUP_STEPS`` warm-up tokens, so they equal ``eager_decode``'s from that index on.
+    """
+    from transformers import StaticCache
+
+    kw = cache_keyword(model)
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + WARMUP_STEPS + new_tokens + 1)
+    token = model(prompt, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+
+    def step() -> None:
+        token.copy_(model(token, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1))
+
+    run = step
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        run = captured.replay
+    else:
+        for _ in range(WARMUP_STEPS):
+            step()
+    tokens = torch.empty(1, new_tokens, dtype=token.dtype, device=token.device)
+    _sync(prompt.device)
+    start = time.perf_counter()
+    for i in range(new_tokens):
+        run()
+        tokens[:, i : i + 1].copy_(token)
+    _sync(prompt.device)
+    return new_tokens / (time.perf_counter() - start), tokens
+
+
+@dataclass
+class Timing:
+    eager_tps: float
+    static_tps: float | None  # None: the static-cache / graph step failed (``note`` says why)
+    note: str
+
+    def row(self, fp16: Timing) -> str:
+        eager = f"{self.eager_tps:.1f}\t{self.eager_tps / fp16.eager_tps:.2f}"
+        if self.static_tps is None or fp16.static_tps is None:
+            return f"{eager}\t-\t-"
+        return f"{eager}\t{self.static_tps:.1f}\t{self.static_tps / fp16.static_tps:.2f}"
+
+
+def time_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, graph: bool) -> Timing:
+    """Best of ``repeats`` for eager and for static-cache (graph) decode, and whether the two chose the same tokens
+    (they need not: the static cache attends over a padded, masked length, which can flip a near tie)."""
+    eager_tps, eager_tokens = 0.0, None
+    for _ in range(repeats):
+        tps, eager_tokens = eager_decode(model, prompt, new_tokens + WARMUP_STEPS)
+        eager_tps = max(eager_tps, tps)
+    try:
+        static_tps, static_tokens = 0.0, None
+        for _ in range(repeats):
+            tps, static_tokens = static_decode(model, prompt, new_tokens, graph)
+            static_tps = max(static_tps, tps)
+    except Exception as exc:  # a kernel that cannot be captured in a graph gets a note, not a crash
+        return Timing(eager_tps, None, f"{'graph' if graph else 'static'}: {type(exc).__name__}: {str(exc)[:200]}")
+    same = eager_tokens[:, WARMUP_STEPS:] == static_tokens
+    first_diff = int((~same[0]).nonzero()[0]) if not bool(same.all()) else new_tokens
+    return Timing(
+        eager_tps, static_tps, f"{'graph' if graph else 'static'} tokens = eager's for {first_diff}/{new_tokens}"
+    )
 
 
 def layer_bytes(layers, device: torch.device) -> int:
@@ -119,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
           f"W4G128 sym RTN | fp16 | built in {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     g = torch.Generator(device=args.device).manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (1, 64), device=args.device, generator=g)
-    print("variant\tdecode tok/s\tvs fp16\tlayer bytes / fp16\tmax rel logit diff vs torch\targmax agreement\tnote")
-    fp16_tps = max(decode_tps(base, prompt, args.new_tokens) for _ in range(args.repeats))
-    print(f"fp16\t{fp16_tps:.1f}\t1.00\t1.000\t-\t-\t", flush=True)
+    graph = args.device == "cuda"  # elsewhere the static-cache step runs eagerly: a check of the same code path
+    print(
+        "variant\teager tok/s\tvs fp16\t" + ("graph" if graph else "static") + " tok/s\tvs fp16\t"
+        "layer bytes / fp16\tmax rel logit diff vs torch\targmax agreement\tnote"
+    )
+    fp16 = time_variant(base, prompt, args.new_tokens, args.repeats, graph)
+    print(f"fp16\t{fp16.row(fp16)}\t1.000\t-\t-\t{fp16.note}", flush=True)
     reference_logits = None
     for name in args.backends.split(","):
         try:
@@ -133,14 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             model = copy.deepcopy(base)
             installed = install_quantized(model, quantized, packing, backend=name, dtype=dtype)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
+            _sync(base.device)
             built = time.perf_counter() - t0
             with torch.inference_mode():
                 logits = model(prompt).logits.float()
-            tps = max(decode_tps(model, prompt, args.new_tokens) for _ in range(args.repeats))
+            timing = time_variant(model, prompt, args.new_tokens, args.repeats, graph)
         except Exception as exc:  # a backend that cannot build or run gets a row, not a crash
-            print(f"W4G128 {name}\t-\t-\t-\t-\t-\t{type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"W4G128 {name}\t-\t-\t-\t-\t-\t-\t-\t{type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
         if name == "torch":
             reference_logits = logits
@@ -150,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             agreement = f"{diff:.2e}\t{agree:.3f}"
         else:
             agreement = "(torch not yet run)\t-"
+        fraction = layer_bytes(installed.values(), base.device) / fp16_bytes
         print(
-            f"W4G128 {name}\t{tps:.1f}\t{tps / fp16_tps:.2f}\t{layer_bytes(installed.values(), base.device) / fp16_bytes:.3f}\t"
-            f"{agreement}\tinstalled in {built:.1f}s",
+            f"W4G128 {name}\t{timing.row(fp16)}\t{fraction:.3f}\t{agreement}\tinstalled in {built:.1f}s; {timing.note}",
             flush=True,
         )
         del model, installed
