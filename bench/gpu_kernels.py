@@ -11,6 +11,7 @@ Caveat: at M=1 a 4096 x 4096 4-bit layer (8 MiB) stays in an H100's L2 cache acr
 are best-case; compare backends with each other rather than with DRAM bandwidth.
 
     python bench/gpu_kernels.py [--shapes 4096x4096,4096x11008,11008x4096] [--dtype float16] [--iters 200]
+    python bench/gpu_kernels.py --triton-tiles      # our Triton kernel's launch shapes at one row
 """
 
 from __future__ import annotations
@@ -87,16 +88,63 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int) -> list[s
     return rows
 
 
+def triton_tile_sweep(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: str = "cuda") -> list[str]:
+    """Our Triton kernel at one row (decode) under several launch shapes, against fp16 ``F.linear``: the data for
+    ``default_tiles``' decode choice, which was set without a GPU.  At one row a tile of 64 outputs gives a
+    4096-output layer 64 programs, under half of an H100's 132 SMs; narrower tiles and deeper pipelines are
+    the candidates.  ``device="cpu"`` (under ``TRITON_INTERPRET=1``) only checks this code."""
+    from signround.kernels.triton import Tiles, dequant_matmul, pack_along_k
+    from signround.quant.int import dequantize, quantize
+    from signround.schemes import LayerSpec
+
+    spec = LayerSpec(bits=4, group_size=128, sym=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    qt = quantize(torch.randn(out_f, in_f, device=device, generator=g) * 0.02, spec)
+    weight, scales = pack_along_k(qt.codes, 4), qt.scales.t().contiguous()
+    zeros = qt.zeros.t().to(torch.uint8).contiguous()
+    x = torch.randn(1, in_f, device=device, dtype=dtype, generator=g)
+    dense = dequantize(qt, dtype)
+    with torch.no_grad():
+        base = cuda_us(lambda: F.linear(x, dense), iters)
+        expected = F.linear(x.float(), dense.float())
+    rows = []
+    for block_n in (16, 32, 64, 128):
+        for num_stages in (2, 4):
+            for num_warps in (2, 4):
+                tiles = Tiles(16, block_n, 128, num_warps=num_warps, num_stages=num_stages)
+                try:
+                    with torch.no_grad():
+                        got = dequant_matmul(x, weight, scales, zeros, None, 4, 128, tiles)
+                        us = cuda_us(lambda t=tiles: dequant_matmul(x, weight, scales, zeros, None, 4, 128, t), iters)
+                except Exception as exc:  # a launch shape the compiler refuses gets a row
+                    rows.append(f"{in_f}x{out_f}\t{tiles}\t-\t-\t{type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                rows.append(
+                    f"{in_f}x{out_f}\tBLOCK_N={block_n} stages={num_stages} warps={num_warps}\t{us:.1f}\t"
+                    f"{base / us:.2f}\t{rel_err(got, expected):.1e}"
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="in x out, comma separated")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--triton-tiles", action="store_true", help="only our Triton kernel's launch shapes at M=1")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(f"bench/gpu_kernels.py needs a CUDA GPU; torch {torch.__version__} sees none. Nothing to do.")
         return 0
     dtype = getattr(torch, args.dtype)
+    if args.triton_tiles:
+        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton W4G128 at M=1 | {args.dtype}")
+        print("shape\tlaunch shape\tM=1 us\tspeedup vs F.linear\tmax rel err vs fp32")
+        for shape in args.shapes.split(","):
+            in_f, out_f = (int(v) for v in shape.lower().split("x"))
+            for row in triton_tile_sweep(in_f, out_f, dtype, args.iters):
+                print(row, flush=True)
+        return 0
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | W4G128 sym | {args.dtype}")
     print("shape\tbackend\tmax rel err vs torch\tM=1 us\tspeedup\tM=512 us\tspeedup\tnote")
     for shape in args.shapes.split(","):
