@@ -205,11 +205,63 @@ def test_importing_needs_no_gptqmodel() -> None:
 
 @pytest.fixture
 def gptqmodel_installed(monkeypatch):
-    """Pretend the gptqmodel requirement is met (other requirements are still checked)."""
+    """Pretend the gptqmodel requirement is met and the CUDA toolkit its kernel build needs is there (other
+    requirements are still checked)."""
+    import signround.kernels.exllamav2 as exllamav2_module
+    import signround.kernels.marlin as marlin_module
+
     real = registry.missing_requirement
     monkeypatch.setattr(
         registry, "missing_requirement", lambda req: None if req == GPTQMODEL_REQUIREMENT else real(req)
     )
+    for module in (marlin_module, exllamav2_module):
+        monkeypatch.setattr(module, "cuda_toolkit_reason", lambda: None)
+
+
+def test_cuda_toolkit_is_found_where_the_kernel_build_looks(monkeypatch, tmp_path) -> None:
+    """GPTQModel compiles its kernels with torch's cpp_extension, which looks for nvcc under CUDA_HOME."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from signround.kernels.gptqmodel_bridge import cuda_toolkit_reason
+
+    def reason_with(cuda_home):
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+        cuda_toolkit_reason.cache_clear()
+        return cuda_toolkit_reason()
+
+    try:
+        assert "needs the CUDA toolkit's nvcc, which was not found" in reason_with(None)
+        assert f"CUDA_HOME={tmp_path} has no bin/nvcc" in reason_with(str(tmp_path))
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "nvcc").touch()
+        assert reason_with(str(tmp_path)) is None
+    finally:
+        cuda_toolkit_reason.cache_clear()
+
+
+@pytest.mark.usefixtures("gptqmodel_installed")
+def test_without_the_cuda_toolkit_the_layer_goes_to_the_next_backend(monkeypatch) -> None:
+    """A pip-only CUDA install has no nvcc: GPTQModel's first-use build would fail inside from_pretrained."""
+    import signround.kernels.exllamav2 as exllamav2_module
+    import signround.kernels.marlin as marlin_module
+
+    missing = "GPTQModel compiles its CUDA kernels at first use and needs the CUDA toolkit's nvcc, which was not found"
+    for module in (marlin_module, exllamav2_module):
+        monkeypatch.setattr(module, "cuda_toolkit_reason", lambda: missing)
+    reasons = _reasons(W4, "gptq", "cuda", FP16, 4096, 4096)
+    assert reasons["marlin"] == reasons["exllamav2"] == missing
+    assert select(W4, "gptq", "cuda", FP16, 4096, 4096).name not in ("marlin", "exllamav2")
+
+
+def test_first_build_is_announced_once_per_kernel(caplog) -> None:
+    from signround.kernels import gptqmodel_bridge
+
+    gptqmodel_bridge._BUILD_NOTICE_GIVEN.discard("marlin-test")
+    with caplog.at_level(logging.INFO, logger="signround.kernels.gptqmodel_bridge"):
+        gptqmodel_bridge.note_first_build("marlin-test")
+        gptqmodel_bridge.note_first_build("marlin-test")
+    notices = [r.getMessage() for r in caplog.records if "marlin-test" in r.getMessage()]
+    assert len(notices) == 1 and "first build takes minutes" in notices[0]
 
 
 @pytest.mark.skipif(

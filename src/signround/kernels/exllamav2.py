@@ -34,6 +34,7 @@ from .gptqmodel_bridge import (
     GPTQMODEL_REQUIREMENT,
     GptqModelQuantLinear,
     build_gptq_layer,
+    cuda_toolkit_reason,
     import_gptqmodel,
     platform_reason,
 )
@@ -79,7 +80,7 @@ def _check(spec: LayerSpec, in_features: int, out_features: int) -> str | None:
 
 
 def _environment() -> str | None:
-    return platform_reason("ExLlamaV2", ("linux", "win32"))
+    return platform_reason("ExLlamaV2", ("linux", "win32")) or cuda_toolkit_reason()
 
 
 EXLLAMAV2_BACKEND = register_backend(

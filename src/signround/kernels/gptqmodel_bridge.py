@@ -26,8 +26,10 @@ This module imports without gptqmodel installed; gptqmodel itself is imported in
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "GptqModelQuantLinear",
     "build_gptq_layer",
     "cuda_capabilities",
+    "cuda_toolkit_reason",
     "gptqmodel_tensors",
     "import_gptqmodel",
     "platform_reason",
@@ -129,6 +132,45 @@ def platform_reason(kernel: str, platforms: tuple[str, ...]) -> str | None:
     return None
 
 
+@cache
+def cuda_toolkit_reason() -> str | None:
+    """Why GPTQModel cannot build its CUDA kernels here (no CUDA toolkit), or None.
+
+    GPTQModel 7.6 ships Marlin and ExLlamaV2 as CUDA sources and compiles them at first use, through torch's
+    ``cpp_extension`` (``gptqmodel/utils/cpp.py``; cached under ``~/.cache/gptqmodel``).  Without ``nvcc`` that
+    build fails inside ``post_init``, halfway through ``from_pretrained``.  A pip-only CUDA install has no
+    ``nvcc``, so selection rules these kernels out first and the layer goes to the next backend.  The toolkit is
+    found the way the build looks for it (``CUDA_HOME`` / ``CUDA_PATH``, ``nvcc`` on ``PATH``,
+    ``/usr/local/cuda``).
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return (
+            "GPTQModel compiles its CUDA kernels at first use and needs the CUDA toolkit's nvcc, which was not found "
+            "(install the toolkit, or set CUDA_HOME)"
+        )
+    if not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return f"GPTQModel compiles its CUDA kernels at first use and needs nvcc; CUDA_HOME={CUDA_HOME} has no bin/nvcc"
+    return None
+
+
+_log = logging.getLogger(__name__)
+_BUILD_NOTICE_GIVEN: set[str] = set()
+
+
+def note_first_build(kernel: str) -> None:
+    """One INFO line per kernel and process before its first build, which can take minutes: a silent
+    ``from_pretrained`` that long looks hung."""
+    if kernel not in _BUILD_NOTICE_GIVEN:
+        _BUILD_NOTICE_GIVEN.add(kernel)
+        _log.info(
+            "signround: GPTQModel builds its %s CUDA kernel at first use; the first build takes minutes "
+            "(cached under ~/.cache/gptqmodel afterwards)",
+            kernel,
+        )
+
+
 class GptqModelQuantLinear(QuantLinear):
     """A QuantLinear whose ``forward`` runs a GPTQModel layer built in ``post_init`` by :meth:`_build_kernel`.
 
@@ -163,6 +205,7 @@ class GptqModelQuantLinear(QuantLinear):
 
     def post_init(self) -> None:
         qt = self.quantized_tensor()
+        note_first_build(self.backend_name)
         self.__dict__["_gptqmodel_layer"] = self._build_kernel(qt)
         self.__dict__["_gptqmodel_device"] = qt.codes.device
         if qt.codes.device.type in self.offload_checkpoint_on:

@@ -17,9 +17,9 @@ that ``select()`` never picks a layer whose ``post_init`` would fail:
 * On compute capability 7.5, Marlin has no bf16 path; bf16 layers there compute in fp16 (activations cast),
   as ExLlamaV2 always does.
 
-Platform, ROCm and compute capability are layer-independent, so the descriptor checks them in ``environment``;
-the tile rule is its per-layer ``check``.  Scales are held in the compute dtype (GPTQModel allocates them so): with bf16 activations the fp16 checkpoint
-scales are rounded to bf16.
+Platform, ROCm, compute capability and the CUDA toolkit that GPTQModel's build needs are layer-independent, so
+the descriptor checks them in ``environment``; the tile rule is its per-layer ``check``.  Scales are held in the
+compute dtype (GPTQModel allocates them so): with bf16 activations the fp16 checkpoint scales are rounded to bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .gptqmodel_bridge import (
     GptqModelQuantLinear,
     build_gptq_layer,
     cuda_capabilities,
+    cuda_toolkit_reason,
     import_gptqmodel,
     platform_reason,
 )
@@ -82,7 +83,7 @@ def _check(spec: LayerSpec, in_features: int, out_features: int) -> str | None:
 
 
 def _environment() -> str | None:
-    if reason := platform_reason("Marlin", ("linux",)):
+    if reason := platform_reason("Marlin", ("linux",)) or cuda_toolkit_reason():
         return reason
     old = [cap for cap in cuda_capabilities() if cap < MIN_CAPABILITY]
     if old:  # GPTQModel checks every visible device too; ours cannot tell here which one a layer will use
