@@ -91,8 +91,8 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int) -> list[s
 def triton_tile_sweep(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: str = "cuda") -> list[str]:
     """Our Triton kernel at one row (decode) under several launch shapes, against fp16 ``F.linear``: the data for
     ``default_tiles``' decode choice, which was set without a GPU.  At one row a tile of 64 outputs gives a
-    4096-output layer 64 programs, under half of an H100's 132 SMs; narrower tiles and deeper pipelines are
-    the candidates.  ``device="cpu"`` (under ``TRITON_INTERPRET=1``) only checks this code."""
+    4096-output layer 64 programs, under half of an H100's 132 SMs; narrower tiles, deeper pipelines and loading
+    each packed word once (``unpack_once``) are the candidates.  ``device="cpu"`` (under ``TRITON_INTERPRET=1``) only checks this code."""
     from signround.kernels.triton import Tiles, dequant_matmul, pack_along_k
     from signround.quant.int import dequantize, quantize
     from signround.schemes import LayerSpec
@@ -110,8 +110,8 @@ def triton_tile_sweep(in_f: int, out_f: int, dtype: torch.dtype, iters: int, dev
     rows = []
     for block_n in (16, 32, 64, 128):
         for num_stages in (2, 4):
-            for num_warps in (2, 4):
-                tiles = Tiles(16, block_n, 128, num_warps=num_warps, num_stages=num_stages)
+            for unpack_once in (False, True):
+                tiles = Tiles(16, block_n, 128, num_warps=4, num_stages=num_stages, unpack_once=unpack_once)
                 try:
                     with torch.no_grad():
                         got = dequant_matmul(x, weight, scales, zeros, None, 4, 128, tiles)
@@ -120,7 +120,7 @@ def triton_tile_sweep(in_f: int, out_f: int, dtype: torch.dtype, iters: int, dev
                     rows.append(f"{in_f}x{out_f}\t{tiles}\t-\t-\t{type(exc).__name__}: {str(exc)[:120]}")
                     continue
                 rows.append(
-                    f"{in_f}x{out_f}\tBLOCK_N={block_n} stages={num_stages} warps={num_warps}\t{us:.1f}\t"
+                    f"{in_f}x{out_f}\tBLOCK_N={block_n} stages={num_stages} unpack_once={unpack_once}\t{us:.1f}\t"
                     f"{base / us:.2f}\t{rel_err(got, expected):.1e}"
                 )
     return rows

@@ -13,6 +13,7 @@ Tolerances, as a fraction of the reference output's largest magnitude:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from signround.kernels.torch import TorchQuantLinear  # noqa: E402
 from signround.kernels.triton import (  # noqa: E402
     Tiles,
     TritonQuantLinear,
+    default_tiles,
     dequant_matmul,
     load_kernel,
     pack_along_k,
@@ -156,6 +158,26 @@ def test_kernel_on_odd_shapes_and_both_scale_paths(
         tiles,
     )
     assert _rel_err(got, F.linear(x, dequantize(qt), bias)) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("in_features", "out_features", "group_size", "tiles"), ODD)
+def test_unpacking_each_word_once_gives_the_same_output(
+    bits: int, in_features: int, out_features: int, group_size: int, tiles: Tiles | None, dtype: torch.dtype
+) -> None:
+    """``unpack_once`` (a decode candidate) shifts each loaded word into its codes in registers: the same codes,
+    the same dot, so the same output bit for bit, padded last words and both scale paths included."""
+    spec = LayerSpec(bits=bits, group_size=group_size, sym=False)
+    gen = torch.Generator().manual_seed(bits * 7 + in_features)
+    qt = quantize((torch.randn(out_features, in_features, generator=gen) * 0.05).to(DEVICE), spec)
+    gs = effective_group_size(group_size, in_features)
+    tables = (pack_along_k(qt.codes, bits), qt.scales.t().contiguous(), qt.zeros.t().to(torch.uint8).contiguous())
+    base = tiles or default_tiles(3, gs)
+    x = torch.randn(3, in_features, generator=gen).to(DEVICE, dtype)
+    plain = dequant_matmul(x, *tables, None, bits, gs, base)
+    once = dequant_matmul(x, *tables, None, bits, gs, dataclasses.replace(base, unpack_once=True))
+    assert torch.equal(plain, once)
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -100,6 +100,7 @@ def load_kernel() -> tuple[Any, bool]:
         HAS_BIAS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,
+        UNPACK_ONCE: tl.constexpr,
     ):
         """``y[M, N] = x[M, K] @ dequant(w)[K, N] (+ bias)``; one program per output tile, fp32 accumulator.
 
@@ -108,6 +109,9 @@ def load_kernel() -> tuple[Any, bool]:
         ``DOT_IN_FP32``: feed ``tl.dot`` fp32 copies of the (already rounded) operands — only for bf16 under the
         interpreter, whose ``tl.dot`` multiplies bf16 bit patterns (triton-lang/triton#11584); the products are
         exact in fp32 either way, so the result is what a bf16 tensor-core dot with fp32 accumulation gives.
+        ``UNPACK_ONCE``: load each packed word once and shift it into its ``32 / BITS`` codes in registers, instead
+        of loading it once per code and relying on the cache; the same codes, a candidate for decode where the
+        loads rather than the arithmetic may bound the kernel (``bench/gpu_kernels.py --triton-tiles``).
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -122,9 +126,16 @@ def load_kernel() -> tuple[Any, bool]:
             kn_ok = k_ok[:, None] & n_ok[None, :]
             x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            # a word is loaded once per code it holds (from cache); row k's code sits at bit (k % P) * BITS
-            words = tl.load(w_ptr + (offs_k // (32 // BITS))[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
-            codes = (words >> ((offs_k % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
+            if UNPACK_ONCE:  # BLOCK_K / P words per column, each shifted into its P codes: k = word * P + j
+                offs_w = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
+                w_ok = (offs_w < (K + (32 // BITS) - 1) // (32 // BITS))[:, None] & n_ok[None, :]
+                words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
+                shifts = tl.arange(0, 32 // BITS) * BITS
+                codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+                codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # rows past K hold pack_along_k's zero padding
+            else:  # a word is loaded once per code it holds (from cache); row k's code sits at bit (k % P) * BITS
+                words = tl.load(w_ptr + (offs_k // (32 // BITS))[:, None] * N + offs_n[None, :], mask=kn_ok, other=0)
+                codes = (words >> ((offs_k % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
             if ONE_GROUP_PER_TILE:
                 group_row = (k0 // group_size) * N + offs_n
                 scales = tl.load(scales_ptr + group_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -155,6 +166,7 @@ class Tiles:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    unpack_once: bool = False  # see the kernel's UNPACK_ONCE
 
 
 def default_tiles(m: int, group_size: int) -> Tiles:
@@ -252,6 +264,7 @@ def dequant_matmul(
             HAS_BIAS=bias is not None,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32: never TF32; halves: the default
             DOT_IN_FP32=interpreted and x.dtype == torch.bfloat16,
+            UNPACK_ONCE=t.unpack_once,
             num_warps=t.num_warps,
             num_stages=t.num_stages,
         )
