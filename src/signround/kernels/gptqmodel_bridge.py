@@ -165,8 +165,8 @@ def note_first_build(kernel: str) -> None:
     if kernel not in _BUILD_NOTICE_GIVEN:
         _BUILD_NOTICE_GIVEN.add(kernel)
         _log.info(
-            "signround: GPTQModel builds its %s CUDA kernel at first use; the first build takes minutes "
-            "(cached under ~/.cache/gptqmodel afterwards)",
+            "signround: the %s layers run GPTQModel's CUDA kernel, which it compiles on first use: the first build "
+            "takes minutes, later loads reuse ~/.cache/gptqmodel",
             kernel,
         )
 
