@@ -219,24 +219,48 @@ def gptqmodel_installed(monkeypatch):
 
 
 def test_cuda_toolkit_is_found_where_the_kernel_build_looks(monkeypatch, tmp_path) -> None:
-    """GPTQModel compiles its kernels with torch's cpp_extension, which looks for nvcc under CUDA_HOME."""
-    import torch.utils.cpp_extension as cpp_extension
+    """GPTQModel compiles its kernels with torch's cpp_extension: CUDA_HOME / CUDA_PATH, else nvcc on PATH, else
+    /usr/local/cuda, and the build needs bin/nvcc under it."""
+    from signround.kernels import gptqmodel_bridge
+    from signround.kernels.gptqmodel_bridge import cuda_home, cuda_toolkit_reason
 
-    from signround.kernels.gptqmodel_bridge import cuda_toolkit_reason
-
-    def reason_with(cuda_home):
-        monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+    def reason() -> str | None:
         cuda_toolkit_reason.cache_clear()
         return cuda_toolkit_reason()
 
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     try:
-        assert "needs the CUDA toolkit's nvcc, which was not found" in reason_with(None)
-        assert f"CUDA_HOME={tmp_path} has no bin/nvcc" in reason_with(str(tmp_path))
+        assert cuda_home() == str(tmp_path)
+        assert f"CUDA_HOME={tmp_path} has no bin/nvcc" in reason()
         (tmp_path / "bin").mkdir()
         (tmp_path / "bin" / "nvcc").touch()
-        assert reason_with(str(tmp_path)) is None
+        assert reason() is None
+        monkeypatch.delenv("CUDA_HOME")
+        monkeypatch.setenv("CUDA_PATH", str(tmp_path))
+        assert cuda_home() == str(tmp_path)
+        monkeypatch.delenv("CUDA_PATH")
+        monkeypatch.setattr(gptqmodel_bridge.shutil, "which", lambda name: str(tmp_path / "bin" / name))
+        assert cuda_home() == str(tmp_path)  # the folder above the nvcc on PATH
+        monkeypatch.setattr(gptqmodel_bridge.shutil, "which", lambda name: None)
+        monkeypatch.setattr(gptqmodel_bridge.os.path, "exists", lambda path: False)  # no /usr/local/cuda
+        assert cuda_home() is None
+        assert "needs the CUDA toolkit's nvcc, which was not found" in reason()
     finally:
         cuda_toolkit_reason.cache_clear()
+
+
+def test_cuda_home_agrees_with_torchs_build_lookup() -> None:
+    """Our lookup is written out (importing cpp_extension imports setuptools); it must find what torch's does.
+    Run in a fresh interpreter: cpp_extension cannot be imported once the standard library's distutils is."""
+    code = (  # CUDA_HOME itself is None on a CPU build of torch; the lookup it runs on CUDA builds is this one
+        "from torch.utils.cpp_extension import _find_cuda_home\n"
+        "from signround.kernels.gptqmodel_bridge import cuda_home\n"
+        "assert cuda_home() == _find_cuda_home(), (cuda_home(), _find_cuda_home())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.usefixtures("gptqmodel_installed")

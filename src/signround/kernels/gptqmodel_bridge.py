@@ -25,8 +25,11 @@ This module imports without gptqmodel installed; gptqmodel itself is imported in
 
 from __future__ import annotations
 
+import glob
 import importlib
 import logging
+import os
+import shutil
 import sys
 from functools import cache
 from pathlib import Path
@@ -46,6 +49,7 @@ __all__ = [
     "GptqModelQuantLinear",
     "build_gptq_layer",
     "cuda_capabilities",
+    "cuda_home",
     "cuda_toolkit_reason",
     "gptqmodel_tensors",
     "import_gptqmodel",
@@ -132,6 +136,24 @@ def platform_reason(kernel: str, platforms: tuple[str, ...]) -> str | None:
     return None
 
 
+def cuda_home() -> str | None:
+    """The CUDA toolkit's folder, found as torch's ``cpp_extension`` finds it for a build: ``CUDA_HOME`` or
+    ``CUDA_PATH``, else the folder above ``nvcc`` on ``PATH``, else ``/usr/local/cuda`` (on Windows the first
+    ``CUDA/v*`` under Program Files) if it exists.  Written out rather than imported: importing
+    ``torch.utils.cpp_extension`` imports setuptools, which is slow and fails outright in a process that already
+    loaded the standard library's distutils."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home is not None:
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        return os.path.dirname(os.path.dirname(nvcc))
+    if sys.platform == "win32":
+        found = sorted(glob.glob("C:/Program Files/NVIDIA GPU Computing Toolkit/CUDA/v*.*"))
+        return found[0] if found else None
+    return "/usr/local/cuda" if os.path.exists("/usr/local/cuda") else None
+
+
 @cache
 def cuda_toolkit_reason() -> str | None:
     """Why GPTQModel cannot build its CUDA kernels here (no CUDA toolkit), or None.
@@ -139,19 +161,17 @@ def cuda_toolkit_reason() -> str | None:
     GPTQModel 7.6 ships Marlin and ExLlamaV2 as CUDA sources and compiles them at first use, through torch's
     ``cpp_extension`` (``gptqmodel/utils/cpp.py``; cached under ``~/.cache/gptqmodel``).  Without ``nvcc`` that
     build fails inside ``post_init``, halfway through ``from_pretrained``.  A pip-only CUDA install has no
-    ``nvcc``, so selection rules these kernels out first and the layer goes to the next backend.  The toolkit is
-    found the way the build looks for it (``CUDA_HOME`` / ``CUDA_PATH``, ``nvcc`` on ``PATH``,
-    ``/usr/local/cuda``).
+    ``nvcc``, so selection rules these kernels out first and the layer goes to the next backend.
     """
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None:
+    home = cuda_home()
+    if home is None:
         return (
             "GPTQModel compiles its CUDA kernels at first use and needs the CUDA toolkit's nvcc, which was not found "
             "(install the toolkit, or set CUDA_HOME)"
         )
-    if not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return f"GPTQModel compiles its CUDA kernels at first use and needs nvcc; CUDA_HOME={CUDA_HOME} has no bin/nvcc"
+    nvcc = "nvcc.exe" if sys.platform == "win32" else "nvcc"
+    if not (Path(home) / "bin" / nvcc).exists():
+        return f"GPTQModel compiles its CUDA kernels at first use and needs nvcc; CUDA_HOME={home} has no bin/{nvcc}"
     return None
 
 
