@@ -45,13 +45,14 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int) -> list[str]:
+def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: str = "cuda") -> list[str]:
+    """One row per backend for one layer shape (``device="cpu"`` only checks this code: no CUDA backend runs)."""
     from signround.kernels import get_backend
     from signround.kernels.torch import TorchQuantLinear
     from signround.quant.int import dequantize, quantize
     from signround.schemes import LayerSpec
 
-    spec, packing, device = LayerSpec(bits=4, group_size=128, sym=True), "gptq", torch.device("cuda")
+    spec, packing = LayerSpec(bits=4, group_size=128, sym=True), "gptq"
     g = torch.Generator(device=device).manual_seed(0)
     qt = quantize(torch.randn(out_f, in_f, device=device, generator=g) * 0.02, spec)
     xs = {m: torch.randn(m, in_f, device=device, dtype=dtype, generator=g) for m in (1, 512)}
@@ -73,7 +74,8 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int) -> list[s
         try:
             t0 = time.perf_counter()
             layer = backend.quant_linear.from_quantized(qt, packing, None, dtype)
-            torch.cuda.synchronize()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
             built = time.perf_counter() - t0
             with torch.no_grad():
                 err = max(rel_err(layer(x), expected[m]) for m, x in xs.items())
@@ -92,7 +94,8 @@ def triton_tile_sweep(in_f: int, out_f: int, dtype: torch.dtype, iters: int, dev
     """Our Triton kernel at one row (decode) under several launch shapes, against fp16 ``F.linear``: the data for
     ``default_tiles``' decode choice, which was set without a GPU.  At one row a tile of 64 outputs gives a
     4096-output layer 64 programs, under half of an H100's 132 SMs; narrower tiles, deeper pipelines and loading
-    each packed word once (``unpack_once``) are the candidates.  ``device="cpu"`` (under ``TRITON_INTERPRET=1``) only checks this code."""
+    each packed word once (``unpack_once``) are the candidates.  ``device="cpu"`` (under ``TRITON_INTERPRET=1``)
+    only checks this code."""
     from signround.kernels.triton import Tiles, dequant_matmul, pack_along_k
     from signround.quant.int import dequantize, quantize
     from signround.schemes import LayerSpec

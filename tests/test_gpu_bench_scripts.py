@@ -63,3 +63,17 @@ def test_triton_tile_sweep_runs_every_launch_shape() -> None:
         shape, launch, _us, _speedup, err = row.split("\t")
         assert shape == "256x64" and launch.startswith("BLOCK_N=")
         assert float(err) < 1e-5, row  # fp32 activations: the reference's weights, summation order only
+
+
+def test_gpu_kernel_bench_rows_name_each_backend_or_why_it_cannot_run() -> None:
+    code = (
+        "import sys; sys.path.insert(0, 'bench')\n"
+        "import torch, gpu_kernels\n"
+        "gpu_kernels.cuda_us = lambda fn, iters, warmup=0: (fn(), 1.0)[1]  # CUDA events do not exist here\n"
+        "print('\\n'.join(gpu_kernels.bench_shape(256, 128, torch.float32, 1, device='cpu')))\n"
+    )
+    rows = {row.split("\t")[1]: row.split("\t") for row in _run(["-c", code]).splitlines()}
+    assert set(rows) == {"fp16 F.linear", "marlin", "exllamav2", "triton", "torch"}
+    assert float(rows["torch"][2]) == 0.0  # the reference against itself
+    assert "device 'cpu' not in ['cuda', 'xpu']" in rows["triton"][-1]
+    assert rows["marlin"][-1] and rows["exllamav2"][-1]  # a reason each (no CUDA here, or no gptqmodel)
