@@ -5,6 +5,8 @@ hpu on Gaudi), so a descriptor change that alters a choice fails here by name.""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def installed(monkeypatch):
     def setup(which: str) -> None:
         def availability(self: Backend) -> str | None:
             if self.name == "native" and which in (BARE, NO_CC):
-                return "native kernel unavailable: no C compiler found (cc / gcc / clang not on PATH)"
+                return "native kernel unavailable: no C compiler found (cc / gcc / clang not on PATH; install a C compiler, or set CC)"
             if (
                 which in (ALL, NO_CC)
                 or (not self.requires and self.environment is None)
@@ -134,3 +136,13 @@ def test_hpu_8bit_has_no_backend_and_lists_why(installed) -> None:
     with pytest.raises(ValueError, match="no kernel backend can run the layer") as err:
         select(LayerSpec(bits=8, group_size=128), PACKING, "hpu", BF16, 4096, 4096)
     assert "hpu: bits=8 not in [4]" in str(err.value) and "torch: device 'hpu'" in str(err.value)
+
+
+@pytest.mark.parametrize(("which", "hinted"), [(NO_CC, True), (ALL, False)])
+def test_a_missing_c_compiler_is_hinted_as_installable(installed, caplog, which: str, hinted: bool) -> None:
+    """Without a compiler the CPU layers go to torch_int4, and the INFO line says native would be faster."""
+    installed(which)
+    with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
+        chosen = select(LayerSpec(bits=4, group_size=64, sym=False), PACKING, "cpu", F32, 1024, 320)
+    assert chosen.name == ("torch_int4" if hinted else "native")
+    assert ("faster if installed: native (native kernel unavailable: no C compiler found" in caplog.text) is hinted

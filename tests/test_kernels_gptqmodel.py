@@ -264,17 +264,26 @@ def test_cuda_home_agrees_with_torchs_build_lookup() -> None:
 
 
 @pytest.mark.usefixtures("gptqmodel_installed")
-def test_without_the_cuda_toolkit_the_layer_goes_to_the_next_backend(monkeypatch) -> None:
+def test_without_the_cuda_toolkit_the_layer_goes_to_the_next_backend(monkeypatch, caplog) -> None:
     """A pip-only CUDA install has no nvcc: GPTQModel's first-use build would fail inside from_pretrained."""
     import signround.kernels.exllamav2 as exllamav2_module
     import signround.kernels.marlin as marlin_module
+    from signround.kernels import gptqmodel_bridge
 
-    missing = "GPTQModel compiles its CUDA kernels at first use and needs the CUDA toolkit's nvcc, which was not found"
+    monkeypatch.setattr(gptqmodel_bridge, "cuda_home", lambda: None)
+    gptqmodel_bridge.cuda_toolkit_reason.cache_clear()
+    try:
+        missing = gptqmodel_bridge.cuda_toolkit_reason()
+    finally:
+        gptqmodel_bridge.cuda_toolkit_reason.cache_clear()
+    assert missing is not None
     for module in (marlin_module, exllamav2_module):
         monkeypatch.setattr(module, "cuda_toolkit_reason", lambda: missing)
     reasons = _reasons(W4, "gptq", "cuda", FP16, 4096, 4096)
     assert reasons["marlin"] == reasons["exllamav2"] == missing
-    assert select(W4, "gptq", "cuda", FP16, 4096, 4096).name not in ("marlin", "exllamav2")
+    with caplog.at_level(logging.INFO, logger="signround.kernels.registry"):
+        assert select(W4, "gptq", "cuda", FP16, 4096, 4096).name not in ("marlin", "exllamav2")
+    assert f"faster if installed: marlin ({missing})" in caplog.text  # the toolkit is worth a hint
 
 
 def test_first_build_is_announced_once_per_kernel(caplog) -> None:

@@ -75,7 +75,7 @@ def build_library(source: Path, march: str = "native", defines: tuple[str, ...] 
     compiler = find_compiler()
     if compiler is None:
         wanted = f"$CC={os.environ['CC']!r}" if os.environ.get("CC") else " / ".join(_COMPILERS)
-        raise BuildError(f"no C compiler found ({wanted} not on PATH)")
+        raise BuildError(f"no C compiler found ({wanted} not on PATH; install a C compiler, or set CC)")
     try:
         text = source.read_bytes()
     except OSError as err:

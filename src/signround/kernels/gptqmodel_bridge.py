@@ -167,7 +167,7 @@ def cuda_toolkit_reason() -> str | None:
     if home is None:
         return (
             "GPTQModel compiles its CUDA kernels at first use and needs the CUDA toolkit's nvcc, which was not found "
-            "(install the toolkit, or set CUDA_HOME)"
+            "(install the CUDA toolkit, or set CUDA_HOME)"
         )
     nvcc = "nvcc.exe" if sys.platform == "win32" else "nvcc"
     if not (Path(home) / "bin" / nvcc).exists():

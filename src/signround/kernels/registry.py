@@ -190,13 +190,18 @@ def _layer_description(spec: LayerSpec, packing: str, device, dtype, in_features
     )
 
 
+# How an availability reason says that installing something would fix it (a package, the CUDA toolkit GPTQModel's
+# build needs, a C compiler for native).  Only those reasons become hints: a GPU too old or ROCm do not.
+_INSTALL_PHRASES = ("pip install", "install the CUDA toolkit", "install a C compiler")
+
+
 def _install_hint(ranked: list[tuple[Backend, str | None]], chosen: Backend) -> str:
-    """Name the best backend above ``chosen`` that only lacks a package (requirements are checked last, so a
-    "pip install" reason means every other check passed), with its pip line; empty if there is none."""
+    """Name the best backend above ``chosen`` that only lacks something installable (availability is checked
+    last, so such a reason means every layer check passed), with the reason; empty if there is none."""
     for backend, reason in ranked:
         if backend.priority <= chosen.priority:
             break
-        if reason and "pip install" in reason:
+        if reason and any(phrase in reason for phrase in _INSTALL_PHRASES):
             return f"; faster if installed: {backend.name} ({reason})"
     return ""
 
