@@ -6,8 +6,8 @@
 # defuser`, plus datasets, dill, multiprocess, httpx2 from PyPI; not torchao: transformers imports it, and with it
 # triton, at import), and PyPcre as its sdist, compiled there against the system libpcre2 (no cp312 wheel exists).
 # Results go to $OUT (at most 8 files come back).
-#   device run: bash bench/gpu_check.sh        (carry [".whl"], timeout_s 600: the whole 15-minute budget but the
-#   machine's start; the first run, 2026-11-26, with shorter build timeouts, lost Marlin fp16 to them)
+#   device run: bash bench/gpu_check.sh    carry [".whl", ".gpucache"], timeout_s 600: the whole 15-minute budget
+#   but the machine's start; the first run, 2026-11-26, with shorter build timeouts, lost Marlin fp16 to them)
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
@@ -17,13 +17,21 @@ stamp() { echo "[$((SECONDS - start)) s] $*"; }
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     nproc; gcc --version | head -1; nvcc --version | tail -1
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-} 2>&1 | tee "$OUT/device.txt"
+} 2>&1 | tee "$OUT/setup.txt"
 if compgen -G ".whl/*" > /dev/null; then
     # a second call on the same warm machine finds the install and GPTQModel's builds (~/.cache/gptqmodel) done
-    [ -d /tmp/site/gptqmodel ] || timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
-        --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | tail -5 | tee -a "$OUT/device.txt"
+    [ -d /tmp/site/gptqmodel ] || timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --no-build-isolation --target /tmp/site .whl/*.whl .whl/*.tar.gz 2>&1 | tail -5 \
+        | tee -a "$OUT/setup.txt"
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    stamp "wheels installed" | tee -a "$OUT/device.txt"
+    stamp "wheels installed" | tee -a "$OUT/setup.txt"
+    # GPTQModel's builds from an earlier loan, if carried back (archived below): its cache is keyed by
+    # sources, flags, torch, CUDA and GPU, so on the same image they load instead of compiling
+    if compgen -G ".gpucache/gptqmodel_*.tgz" > /dev/null; then
+        mkdir -p "$HOME/.cache/gptqmodel"
+        for t in .gpucache/gptqmodel_*.tgz; do tar xzf "$t" -C "$HOME/.cache/gptqmodel"; done
+        stamp "GPTQModel builds restored: $(ls .gpucache)" | tee -a "$OUT/setup.txt"
+    fi
     # GPTQModel compiles its CUDA extensions on first use, on the CPU: on the H100 machine (16 cores), built three
     # at once, ExLlamaV2 took 109 s, Marlin bf16 222 s and Marlin fp16 more than 280 s (2026-11-26).  A build cut
     # short is lost, and the next user starts it again, so they get time to finish; our Triton suite runs
@@ -38,9 +46,21 @@ if [ -z "${SKIP_TRITON_SUITE:-}" ]; then  # set it for a second call: the suite 
     timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_triton.py 2>&1 | tee -a "$OUT/pytest_triton.txt"
 fi
 wait
-stamp "prewarm done" | tee "$OUT/prewarm.txt"
+stamp "prewarm done" | tee -a "$OUT/setup.txt"
 for f in /tmp/prewarm_rc.log /tmp/prewarm_[em]*.log; do [ -f "$f" ] && { echo "== $f"; tail -c 3000 "$f"; }; done \
-    | tr '\r' '\n' | grep -v "Compiling extension" >> "$OUT/prewarm.txt"
+    | tr '\r' '\n' | grep -v "Compiling extension" >> "$OUT/setup.txt"
+# GPTQModel's built libraries, one archive per extension (8 files come back, 16 MiB each), saved as soon as the
+# builds end: copy them to .gpucache/ and carry it next time to skip the builds
+for dir in "$HOME"/.cache/gptqmodel/torch_extensions/*/; do
+    name=$(basename "$dir")
+    (cd "$HOME/.cache/gptqmodel" && find "torch_extensions/$name" -name '*.so' -print0 \
+        | tar czf "$OUT/gptqmodel_$name.tgz" --null -T -) 2>/dev/null
+    size=$(stat -c %s "$OUT/gptqmodel_$name.tgz" 2>/dev/null || echo 0)
+    if [ "$size" -le 1024 ] || [ "$size" -gt $((16 * 1024 * 1024)) ]; then
+        echo "GPTQModel build $name not archived ($size bytes)" | tee -a "$OUT/setup.txt"
+        rm -f "$OUT/gptqmodel_$name.tgz"
+    fi
+done
 stamp "gptqmodel + selection suites" | tee "$OUT/pytest.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gptqmodel.py tests/test_kernel_select.py \
     tests/test_kernel_matrix.py 2>&1 | tr '\r' '\n' | grep -v "Compiling extension" | tee -a "$OUT/pytest.txt"
