@@ -4,7 +4,7 @@
 # Most ship only as sdists, so the pure-Python ones are built into wheels here; PyPcre is a C extension with no
 # wheel for the device's Python 3.12, so it travels as its sdist and gpu_check.sh compiles it there.
 # torchao is left out on purpose: transformers imports it when present, and triton with it, at import time.
-#   bash bench/gpu_wheels.sh         then: device run "bash bench/gpu_check.sh" with carry [".whl"]
+#   bash bench/gpu_wheels.sh         then: device run "bash bench/gpu_check.sh" with carry [".whl", ".gpucache"]
 set -euo pipefail
 PY="${PY:-.venv/bin/python}"
 SDISTS="gptqmodel==7.6.0 pypcre==0.6.4 device-smi==0.5.7 logbar==0.4.15 tokenicer==0.0.14 defuser==0.0.28"
