@@ -40,7 +40,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
     config = LlamaConfig(
@@ -48,13 +48,8 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in fp16 directly: an 8B model in fp32 would need 32 GB first
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device(device):  # built in fp16 directly: an 8B model in fp32 would need 32 GB first
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -148,6 +143,7 @@ class Timing:
 def time_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, graph: bool) -> Timing:
     """Best of ``repeats`` for eager and for static-cache (graph) decode, and whether the two chose the same tokens
     (they need not: the static cache attends over a padded, masked length, which can flip a near tie)."""
+    mode = "graph" if graph else "static"
     eager_tps, eager_tokens = 0.0, None
     for _ in range(repeats):
         tps, eager_tokens = eager_decode(model, prompt, new_tokens + WARMUP_STEPS)
@@ -158,12 +154,10 @@ def time_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, gra
             tps, static_tokens = static_decode(model, prompt, new_tokens, graph)
             static_tps = max(static_tps, tps)
     except Exception as exc:  # a kernel that cannot be captured in a graph gets a note, not a crash
-        return Timing(eager_tps, None, f"{'graph' if graph else 'static'}: {type(exc).__name__}: {str(exc)[:200]}")
+        return Timing(eager_tps, None, f"{mode}: {type(exc).__name__}: {str(exc)[:200]}")
     same = eager_tokens[:, WARMUP_STEPS:] == static_tokens
     first_diff = int((~same[0]).nonzero()[0]) if not bool(same.all()) else new_tokens
-    return Timing(
-        eager_tps, static_tps, f"{'graph' if graph else 'static'} tokens = eager's for {first_diff}/{new_tokens}"
-    )
+    return Timing(eager_tps, static_tps, f"{mode} tokens = eager's for {first_diff}/{new_tokens}")
 
 
 def layer_bytes(layers, device: torch.device) -> int:
@@ -181,7 +175,7 @@ def layer_bytes(layers, device: torch.device) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from signround.kernels import get_backend
+    from signround.kernels import select
     from signround.layers import install_quantized
     from signround.quant.int import quantize
     from signround.schemes import LayerSpec
@@ -218,11 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     reference_logits = None
     for name in args.backends.split(","):
         try:
-            backend = get_backend(name)
-            first = base.get_submodule(names[0])
-            reason = backend.reject_reason(spec, packing, args.device, dtype, first.in_features, first.out_features)
-            if reason:
-                raise RuntimeError(reason)
+            first = base.get_submodule(names[0])  # refused before the model is copied, with the reason
+            select(spec, packing, args.device, dtype, first.in_features, first.out_features, requested=name)
             t0 = time.perf_counter()
             model = copy.deepcopy(base)
             installed = install_quantized(model, quantized, packing, backend=name, dtype=dtype)

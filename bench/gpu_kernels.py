@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("marlin", "exllamav2", "triton", "torch")
+BACKEND_HEADER = "shape\tbackend\tmax rel err vs torch\tM=1 us\tspeedup\tM=512 us\tspeedup\tnote"
+TILE_HEADER = "shape\tlaunch shape\tM=1 us\tspeedup vs F.linear\tmax rel err vs fp32"
 
 
 def cuda_us(fn: Callable[[], object], iters: int, warmup: int = 10) -> float:
@@ -141,18 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dtype = getattr(torch, args.dtype)
     if args.triton_tiles:
-        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton W4G128 at M=1 | {args.dtype}")
-        print("shape\tlaunch shape\tM=1 us\tspeedup vs F.linear\tmax rel err vs fp32")
-        for shape in args.shapes.split(","):
-            in_f, out_f = (int(v) for v in shape.lower().split("x"))
-            for row in triton_tile_sweep(in_f, out_f, dtype, args.iters):
-                print(row, flush=True)
-        return 0
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | W4G128 sym | {args.dtype}")
-    print("shape\tbackend\tmax rel err vs torch\tM=1 us\tspeedup\tM=512 us\tspeedup\tnote")
+        title, header, rows_for = "triton W4G128 at M=1", TILE_HEADER, triton_tile_sweep
+    else:
+        title, header, rows_for = "W4G128 sym", BACKEND_HEADER, bench_shape
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {title} | {args.dtype}")
+    print(header)
     for shape in args.shapes.split(","):
         in_f, out_f = (int(v) for v in shape.lower().split("x"))
-        for row in bench_shape(in_f, out_f, dtype, args.iters):
+        for row in rows_for(in_f, out_f, dtype, args.iters):
             print(row, flush=True)
     return 0
 

@@ -289,7 +289,7 @@ def test_without_the_cuda_toolkit_the_layer_goes_to_the_next_backend(monkeypatch
 def test_first_build_is_announced_once_per_kernel(caplog) -> None:
     from signround.kernels import gptqmodel_bridge
 
-    gptqmodel_bridge._BUILD_NOTICE_GIVEN.discard("marlin-test")
+    gptqmodel_bridge.note_first_build.cache_clear()
     with caplog.at_level(logging.INFO, logger="signround.kernels.gptqmodel_bridge"):
         gptqmodel_bridge.note_first_build("marlin-test")
         gptqmodel_bridge.note_first_build("marlin-test")

@@ -176,19 +176,17 @@ def cuda_toolkit_reason() -> str | None:
 
 
 _log = logging.getLogger(__name__)
-_BUILD_NOTICE_GIVEN: set[str] = set()
 
 
+@cache  # once per kernel and process, as the registry logs each choice once
 def note_first_build(kernel: str) -> None:
     """One INFO line per kernel and process before its first build, which can take minutes: a silent
     ``from_pretrained`` that long looks hung."""
-    if kernel not in _BUILD_NOTICE_GIVEN:
-        _BUILD_NOTICE_GIVEN.add(kernel)
-        _log.info(
-            "signround: the %s layers run GPTQModel's CUDA kernel, which it compiles on first use: the first build "
-            "takes minutes, later loads reuse ~/.cache/gptqmodel",
-            kernel,
-        )
+    _log.info(
+        "signround: the %s layers run GPTQModel's CUDA kernel, which it compiles on first use: the first build "
+        "takes minutes, later loads reuse ~/.cache/gptqmodel",
+        kernel,
+    )
 
 
 class GptqModelQuantLinear(QuantLinear):
