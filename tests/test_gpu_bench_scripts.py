@@ -31,8 +31,9 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def test_gpu_check_script_parses() -> None:
-    done = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh", "gpu_prebuild.sh"])
+def test_gpu_shell_scripts_parse(script: str) -> None:
+    done = subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
@@ -77,3 +78,57 @@ def test_gpu_kernel_bench_rows_name_each_backend_or_why_it_cannot_run() -> None:
     assert float(rows["torch"][2]) == 0.0  # the reference against itself
     assert "device 'cpu' not in ['cuda', 'xpu']" in rows["triton"][-1]
     assert rows["marlin"][-1] and rows["exllamav2"][-1]  # a reason each (no CUDA here, or no gptqmodel)
+
+
+def _gpu_prebuilt():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_prebuilt
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return gpu_prebuilt
+
+
+def test_prebuilt_kernels_are_refused_for_another_torch_or_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    gpu_prebuilt = _gpu_prebuilt()
+    assert "this is torch" in gpu_prebuilt.mismatch({"torch": "0.0.0+cu999", "arch": "9.0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_prebuilt.mismatch({"torch": torch.__version__, "arch": "9.0"}) == "no CUDA device here"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
+    assert "this GPU is 8.0" in gpu_prebuilt.mismatch({"torch": torch.__version__, "arch": "9.0"})
+    assert gpu_prebuilt.mismatch({"torch": torch.__version__, "arch": "8.0;9.0+PTX"}) is None
+
+
+def test_prebuilt_kernels_install_where_the_loader_looks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``install`` copies each checked library into the folder GPTQModel's loader computes on that machine."""
+    import hashlib
+    import json
+
+    gpu_prebuilt = _gpu_prebuilt()
+    carried = tmp_path / "prebuilt"
+    carried.mkdir()
+    libraries = {}
+    for name, payload in (("marlin_fp16", b"built"), ("exllamav2", b"tampered")):
+        (carried / f"{name}.so").write_bytes(payload)
+        libraries[name] = {"file": f"{name}.so", "binary": f"gptqmodel_{name}_ops.so",
+                           "sha256": hashlib.sha256(b"built").hexdigest()}  # fmt: skip
+    (carried / gpu_prebuilt.MANIFEST).write_text(json.dumps({"libraries": libraries}))
+
+    class LoaderFolder:  # stands in for GPTQModel's TorchOpsJitExtension, whose cache folder is a hash
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def build_root(self) -> Path:
+            return tmp_path / "cache" / self.name / "0123abcd"
+
+    monkeypatch.setattr(gpu_prebuilt, "_extension", LoaderFolder)
+    monkeypatch.setattr(gpu_prebuilt, "mismatch", lambda manifest: None)
+    assert gpu_prebuilt.install(carried) == 0
+    assert (tmp_path / "cache/marlin_fp16/0123abcd/gptqmodel_marlin_fp16_ops.so").read_bytes() == b"built"
+    assert not (tmp_path / "cache/exllamav2").exists()  # its checksum did not match
+
+    monkeypatch.setattr(gpu_prebuilt, "mismatch", lambda manifest: "built for torch 9.9")
+    assert gpu_prebuilt.install(carried) == 1
