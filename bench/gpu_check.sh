@@ -47,7 +47,7 @@ if compgen -G ".whl/*" > /dev/null; then
         ( t0=$SECONDS; timeout 420 python3 -c "from gptqmodel import extension; print(extension.load(name='$ext'))" \
             > "/tmp/prewarm_$ext.log" 2>&1; echo "$ext: rc=$? after $((SECONDS - t0)) s" >> /tmp/prewarm_rc.log ) &
     done
-    sleep 20
+    for _ in $(seq 20); do jobs -r | grep -q . || break; sleep 1; done  # loaded, or compiling
 fi
 # each step's timeout is cut to what is left of the call (DEADLINE seconds, a little under the run's timeout_s),
 # so the steps after a slow one still start; the most wanted results come first

@@ -19,4 +19,6 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/pip" install -q --no-deps .whl/*.whl .whl/pypcre-*.tar.gz
 fi
 "$VENV/bin/python" bench/gpu_prebuilt.py build .gpucache/prebuilt "$@" 2>&1 | tr '\r' '\n' | grep -v "Compiling extension"
+# installed as on an H100 and loaded through GPTQModel's own loader, which must find them rather than compile
+"$VENV/bin/python" bench/gpu_prebuilt.py check .gpucache/prebuilt 2>&1 | grep -E "^(exllamav2|marlin)|not installed"
 du -sh .gpucache/prebuilt

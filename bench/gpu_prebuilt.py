@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -39,6 +40,13 @@ def _extension(name: str):
     return extension._extension_for_name(name)
 
 
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -55,14 +63,15 @@ def build(out_dir: Path, arch: str, names: tuple[str, ...]) -> int:
     torch.cuda.is_available = lambda: True
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest.update(
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        gptqmodel=gptqmodel.__version__,
-        arch=arch,
-    )
-    libraries = manifest.setdefault("libraries", {})
+    manifest = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gptqmodel": gptqmodel.__version__,
+        "arch": arch,
+    }
+    earlier = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    same_target = all(earlier.get(key) == value for key, value in manifest.items())
+    libraries = manifest["libraries"] = earlier.get("libraries", {}) if same_target else {}
     failed = []
     for name in names:
         ext = _extension(name)
@@ -88,6 +97,9 @@ def mismatch(manifest: dict) -> str | None:
 
     if manifest.get("torch") != torch.__version__:
         return f"built for torch {manifest.get('torch')}, this is torch {torch.__version__}"
+    gptqmodel = _installed_version("gptqmodel")
+    if manifest.get("gptqmodel") != gptqmodel:
+        return f"built from gptqmodel {manifest.get('gptqmodel')}, this is gptqmodel {gptqmodel}"
     if not torch.cuda.is_available():
         return "no CUDA device here"
     major, minor = torch.cuda.get_device_capability()

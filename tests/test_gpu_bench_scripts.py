@@ -93,13 +93,16 @@ def test_prebuilt_kernels_are_refused_for_another_torch_or_gpu(monkeypatch: pyte
     import torch
 
     gpu_prebuilt = _gpu_prebuilt()
-    assert "this is torch" in gpu_prebuilt.mismatch({"torch": "0.0.0+cu999", "arch": "9.0"})
+    here = {"torch": torch.__version__, "gptqmodel": "7.6.0", "arch": "9.0"}
+    assert "this is torch" in gpu_prebuilt.mismatch({**here, "torch": "0.0.0+cu999"})
+    monkeypatch.setattr(gpu_prebuilt, "_installed_version", lambda package: "7.6.0")
+    assert "this is gptqmodel 7.6.0" in gpu_prebuilt.mismatch({**here, "gptqmodel": "7.5.1"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_prebuilt.mismatch({"torch": torch.__version__, "arch": "9.0"}) == "no CUDA device here"
+    assert gpu_prebuilt.mismatch(here) == "no CUDA device here"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
-    assert "this GPU is 8.0" in gpu_prebuilt.mismatch({"torch": torch.__version__, "arch": "9.0"})
-    assert gpu_prebuilt.mismatch({"torch": torch.__version__, "arch": "8.0;9.0+PTX"}) is None
+    assert "this GPU is 8.0" in gpu_prebuilt.mismatch(here)
+    assert gpu_prebuilt.mismatch({**here, "arch": "8.0;9.0+PTX"}) is None
 
 
 def test_prebuilt_kernels_install_where_the_loader_looks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

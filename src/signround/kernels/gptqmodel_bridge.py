@@ -79,10 +79,25 @@ def gptqmodel_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def import_gptqmodel(module: str) -> ModuleType:
-    """Import a gptqmodel module, or raise ImportError with the pip line when the required version is missing."""
+    """Import a gptqmodel module, or raise ImportError with the pip line when the required version is missing.
+
+    The process environment comes back as it was.  Importing gptqmodel 7.6.0 rewrites it: ``HF_HOME`` and the hub
+    cache variables point to a folder under /tmp (its tokenizer helper's), and ``PYTORCH_ALLOC_CONF``,
+    ``CUDA_DEVICE_ORDER``, ``KMP_DUPLICATE_LIB_OK`` and ``TORCHINDUCTOR_CACHE_DIR`` are set.  Its kernels need none
+    of these, while the user's process and every subprocess it starts would inherit them, for instance a hub cache
+    that is not theirs, or another GPU numbering where CUDA starts after the load.
+    """
     if reason := missing_requirement(GPTQMODEL_REQUIREMENT):
         raise ImportError(reason)
-    return importlib.import_module(module)
+    environment = dict(os.environ)
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name in os.environ.keys() - environment.keys():
+            del os.environ[name]
+        for name, value in environment.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def build_gptq_layer(cls: type[nn.Module], qt: QuantizedTensor, compute_dtype: torch.dtype, **kwargs: Any) -> nn.Module:
