@@ -38,9 +38,15 @@ def test_gpu_shell_scripts_parse(script: str) -> None:
 
 
 def test_gpu_decode_runs_its_static_cache_path_and_reports_unusable_backends() -> None:
-    out = _run(["bench/gpu_decode.py", "--shape", "tiny", "--device", "cpu", "--backends", "torch,marlin",
-                "--new-tokens", "6", "--repeats", "1"])  # fmt: skip
-    rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines() if "\t" in line}
+    def decode_rows(*extra: str) -> dict[str, list[str]]:
+        out = _run(["bench/gpu_decode.py", "--shape", "tiny", "--device", "cpu", "--backends", "torch,marlin",
+                    "--new-tokens", "6", "--repeats", "1", *extra])  # fmt: skip
+        return {line.split("\t")[0]: line.split("\t") for line in out.splitlines() if "\t" in line}
+
+    untimed = decode_rows()["W4G128 torch"]  # by default the reference gives its logits and bytes, not a speed
+    assert untimed[1:5] == ["-"] * 4 and untimed[-1].endswith("not timed (--untimed)")
+    assert 0.2 < float(untimed[5]) < 0.3
+    rows = decode_rows("--untimed", "")
     assert rows["fp16"][-1] == "static tokens = eager's for 6/6"
     torch_row = rows["W4G128 torch"]
     assert float(torch_row[1]) > 0 and float(torch_row[3]) > 0  # eager and static tok/s
