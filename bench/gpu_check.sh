@@ -84,7 +84,7 @@ for dir in "$HOME"/.cache/gptqmodel/torch_extensions/*/; do
 done
 step 150 pytest.txt "gptqmodel + selection suites" python3 -m pytest -q -p no:cacheprovider -rs \
     tests/test_kernels_gptqmodel.py tests/test_kernel_select.py tests/test_kernel_matrix.py
-step 60 gpu_kernels.txt "layer bench" python3 bench/gpu_kernels.py
+step 90 gpu_kernels.txt "layer bench" python3 bench/gpu_kernels.py
 step 200 gpu_decode.txt "model decode bench" python3 bench/gpu_decode.py --new-tokens 64
 step 90 gpu_kernels.txt "triton launch shapes at one row" python3 bench/gpu_kernels.py --triton-tiles
 triton_suite

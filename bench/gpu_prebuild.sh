@@ -7,7 +7,9 @@
 #   bash bench/gpu_prebuild.sh       then: device run "bash bench/gpu_check.sh" with carry [".whl", ".gpucache"]
 set -euo pipefail
 VENV="${GPU_BUILD_VENV:-$HOME/.cache/signround/gpubuild}"
-PY312="${PY312:-python3.12}"
+PY312="${PY312:-python3.12}"  # the device's Python; a pyenv shim without that version selected does not run
+"$PY312" -c "" 2>/dev/null || PY312=$(ls "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+[ -n "$PY312" ] || { echo "needs Python 3.12, the device's: set PY312" >&2; exit 1; }
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "no nvcc under CUDA_HOME=$CUDA_HOME: set CUDA_HOME to a CUDA 13 toolkit" >&2; exit 1; }
 [ -f .whl/gptqmodel-7.6.0-py3-none-any.whl ] || bash bench/gpu_wheels.sh

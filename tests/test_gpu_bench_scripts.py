@@ -60,7 +60,7 @@ def test_triton_tile_sweep_runs_every_launch_shape() -> None:
     code = (
         "import sys; sys.path.insert(0, 'bench')\n"
         "import torch, gpu_kernels\n"
-        "gpu_kernels.cuda_us = lambda fn, iters, warmup=0: (fn(), 1.0)[1]  # CUDA events do not exist here\n"
+        "gpu_kernels.cuda_us = lambda fns, iters, graph=False: ([f() for f in fns], 1.0)[1]  # no CUDA events here\n"
         "rows = gpu_kernels.triton_tile_sweep(256, 64, torch.float32, 1, device='cpu')\n"
         "print('\\n'.join(rows))\n"
     )
@@ -76,12 +76,13 @@ def test_gpu_kernel_bench_rows_name_each_backend_or_why_it_cannot_run() -> None:
     code = (
         "import sys; sys.path.insert(0, 'bench')\n"
         "import torch, gpu_kernels\n"
-        "gpu_kernels.cuda_us = lambda fn, iters, warmup=0: (fn(), 1.0)[1]  # CUDA events do not exist here\n"
+        "gpu_kernels.cuda_us = lambda fns, iters, graph=False: ([f() for f in fns], 1.0)[1]  # no CUDA events here\n"
         "print('\\n'.join(gpu_kernels.bench_shape(256, 128, torch.float32, 1, device='cpu')))\n"
     )
     rows = {row.split("\t")[1]: row.split("\t") for row in _run(["-c", code]).splitlines()}
     assert set(rows) == {"fp16 F.linear", "marlin", "exllamav2", "triton", "torch"}
     assert float(rows["torch"][2]) == 0.0  # the reference against itself
+    assert rows["torch"][5] == "1.0" and rows["torch"][-1].endswith("1 copies")  # graph-replay column; no L2 here
     assert "device 'cpu' not in ['cuda', 'xpu']" in rows["triton"][-1]
     assert rows["marlin"][-1] and rows["exllamav2"][-1]  # a reason each (no CUDA here, or no gptqmodel)
 
@@ -141,3 +142,18 @@ def test_prebuilt_kernels_install_where_the_loader_looks(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(gpu_prebuilt, "mismatch", lambda manifest: "built for torch 9.9")
     assert gpu_prebuilt.install(carried) == 1
+
+
+def test_kernel_bench_calls_enough_copies_to_read_dram_not_l2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_kernels
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    h100 = types.SimpleNamespace(L2_cache_size=50 * 2**20)
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda device: h100)
+    assert gpu_kernels.copies_beyond_l2(8 * 2**20, "cuda") == 13  # a 4096x4096 4-bit layer: 104 MiB > 2 x L2
+    assert gpu_kernels.copies_beyond_l2(90 * 2**20, "cuda") == 2  # its 11008x4096 fp16 weight
+    assert gpu_kernels.copies_beyond_l2(8 * 2**20, "cpu") == 1
