@@ -169,16 +169,23 @@ class Tiles:
     unpack_once: bool = False  # see the kernel's UNPACK_ONCE
 
 
-def default_tiles(m: int, group_size: int) -> Tiles:
+def default_tiles(m: int, group_size: int, dtype: torch.dtype = torch.float16) -> Tiles:
     """A fixed heuristic rather than autotuning (which would time every config on first call, and in the
     interpreter run each one): small ``BLOCK_M`` for decode (``m`` of a few tokens), wider tiles for prefill;
-    ``BLOCK_K`` the largest of 128/64/32/16 dividing the group, so one scale row serves a tile."""
+    ``BLOCK_K`` the largest of 128/64/32/16 dividing the group, so one scale row serves a tile.
+
+    Register budgets, from the compiler for sm_80 and sm_90 (``bench/triton_compile.py``; no spills in any of
+    these, a test keeps it so): 64-row tiles take 8 warps (with 4, a 64x64x128 tile spilled on sm_80), and fp32
+    activations, whose exact ("ieee") dot needs far more registers, take ``BLOCK_K`` 32 and 8 warps."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 64 else 128
     block_k = next((b for b in (128, 64, 32, 16) if group_size % b == 0), 64)
     if m > 64:
         block_k = min(block_k, 64)  # keeps a 64x128 tile's registers in budget
-    return Tiles(block_m, block_n, block_k, num_warps=4 if m <= 64 else 8)
+    num_warps = 4 if m <= 32 else 8
+    if dtype == torch.float32:
+        block_m, block_k, num_warps = min(block_m, 32), min(block_k, 32), 8
+    return Tiles(block_m, block_n, block_k, num_warps=num_warps)
 
 
 def pack_along_k(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -239,7 +246,7 @@ def dequant_matmul(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y  # an empty batch: nothing to launch
-    t = tiles or default_tiles(m, group_size)
+    t = tiles or default_tiles(m, group_size, x.dtype)
     one_group_per_tile = group_size % t.block_k == 0 or group_size >= k
     grid = (-(-m // t.block_m), -(-n // t.block_n))
     with _device_context(x.device):
