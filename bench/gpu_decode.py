@@ -24,7 +24,9 @@ A backend that cannot run (package missing, kernel build failure) gets a row say
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import inspect
 import sys
 import time
@@ -174,6 +176,28 @@ def layer_bytes(layers, device: torch.device) -> int:
     return total
 
 
+@contextlib.contextmanager
+def triton_decode_option(option: str):
+    """``triton+unpack_once``: our Triton backend with its decode tiles (16 rows or fewer) loading each packed word
+    once, the candidate that ``bench/gpu_kernels.py --triton-tiles`` times per layer, here over a whole model."""
+    if not option:
+        yield
+        return
+    from signround.kernels import triton as triton_backend
+
+    default_tiles = triton_backend.default_tiles
+
+    def tiles(m: int, group_size: int, dtype: torch.dtype = torch.float16):
+        chosen = default_tiles(m, group_size, dtype)
+        return dataclasses.replace(chosen, unpack_once=True) if m <= 16 else chosen
+
+    triton_backend.default_tiles = tiles
+    try:
+        yield
+    finally:
+        triton_backend.default_tiles = default_tiles
+
+
 def main(argv: list[str] | None = None) -> int:
     from signround.kernels import select
     from signround.layers import install_quantized
@@ -182,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    parser.add_argument("--backends", default="torch,marlin,exllamav2,triton")
+    parser.add_argument("--backends", default="torch,marlin,exllamav2,triton,triton+unpack_once")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
@@ -193,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
+    for variant in args.backends.split(","):
+        name, _, option = variant.partition("+")
+        if option and (name, option) != ("triton", "unpack_once"):
+            parser.error(f"unknown variant {variant!r}: a backend name, or 'triton+unpack_once'")
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"bench/gpu_decode.py needs a CUDA GPU; torch {torch.__version__} sees none. Nothing to do.")
         return 0
@@ -216,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     fp16 = time_variant(base, prompt, args.new_tokens, args.repeats, graph)
     print(f"fp16\t{fp16.row(fp16)}\t1.000\t-\t-\t{fp16.note}", flush=True)
     reference_logits = None
-    for name in args.backends.split(","):
+    for variant in args.backends.split(","):
+        name, _, option = variant.partition("+")
         try:
             first = base.get_submodule(names[0])  # refused before the model is copied, with the reason
             select(spec, packing, args.device, dtype, first.in_features, first.out_features, requested=name)
@@ -225,14 +254,15 @@ def main(argv: list[str] | None = None) -> int:
             installed = install_quantized(model, quantized, packing, backend=name, dtype=dtype)
             _sync(base.device)
             built = time.perf_counter() - t0
-            with torch.inference_mode():
-                logits = model(prompt).logits.float()
-            untimed = name in args.untimed.split(",")
-            timing = None if untimed else time_variant(model, prompt, args.new_tokens, args.repeats, graph)
+            untimed = variant in args.untimed.split(",")
+            with triton_decode_option(option):
+                with torch.inference_mode():
+                    logits = model(prompt).logits.float()
+                timing = None if untimed else time_variant(model, prompt, args.new_tokens, args.repeats, graph)
         except Exception as exc:  # a backend that cannot build or run gets a row, not a crash
-            print(f"W4G128 {name}\t-\t-\t-\t-\t-\t-\t-\t{type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"W4G128 {variant}\t-\t-\t-\t-\t-\t-\t-\t{type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
-        if name == "torch":
+        if variant == "torch":
             reference_logits = logits
         if reference_logits is not None:
             diff = float((logits - reference_logits).abs().max() / reference_logits.abs().max())
@@ -242,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             agreement = "(torch not yet run)\t-"
         fraction = layer_bytes(installed.values(), base.device) / fp16_bytes
         speed, note = (timing.row(fp16), timing.note) if timing else ("-\t-\t-\t-", "not timed (--untimed)")
-        print(f"W4G128 {name}\t{speed}\t{fraction:.3f}\t{agreement}\tinstalled in {built:.1f}s; {note}", flush=True)
+        print(f"W4G128 {variant}\t{speed}\t{fraction:.3f}\t{agreement}\tinstalled in {built:.1f}s; {note}", flush=True)
         del model, installed
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -55,6 +55,22 @@ def test_gpu_decode_runs_its_static_cache_path_and_reports_unusable_backends() -
     assert "device 'cpu' not in ['cuda']" in rows["W4G128 marlin"][-1]
 
 
+def test_gpu_decode_triton_variant_loads_each_word_once_only_at_decode() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from signround.kernels import triton as triton_backend
+
+    with gpu_decode.triton_decode_option("unpack_once"):
+        assert triton_backend.default_tiles(1, 128).unpack_once
+        assert not triton_backend.default_tiles(512, 128).unpack_once
+    assert not triton_backend.default_tiles(1, 128).unpack_once  # put back
+    with pytest.raises(SystemExit):
+        gpu_decode.main(["--device", "cpu", "--shape", "tiny", "--backends", "marlin+unpack_once"])
+
+
 def test_triton_tile_sweep_runs_every_launch_shape() -> None:
     pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.0')")
     code = (
