@@ -71,9 +71,9 @@ for f in /tmp/prewarm_rc.log /tmp/prewarm_[em]*.log; do [ -f "$f" ] && { echo "=
     | tr '\r' '\n' | grep -v "Compiling extension" >> "$OUT/setup.txt"
 # GPTQModel's libraries built here, if any, one archive per extension (8 files come back, 16 MiB each), saved as
 # soon as the builds end: copy them to .gpucache/ and carry it next time to skip the builds
-for dir in "$HOME"/.cache/gptqmodel/torch_extensions/*/; do
+for name in marlin_fp16 marlin_bf16 exllamav2; do  # the CUDA kernels only: 8 files come back in all
+    dir="$HOME/.cache/gptqmodel/torch_extensions/$name"
     [ -d "$dir" ] && [ -n "$(find "$dir" -name build.ninja -print -quit)" ] || continue  # not compiled here
-    name=$(basename "$dir")
     (cd "$HOME/.cache/gptqmodel" && find "torch_extensions/$name" -name '*.so' -print0 \
         | tar czf "$OUT/gptqmodel_$name.tgz" --null -T -) 2>/dev/null
     size=$(stat -c %s "$OUT/gptqmodel_$name.tgz" 2>/dev/null || echo 0)

@@ -43,6 +43,12 @@ def copies_beyond_l2(nbytes: int, device: str) -> int:
     return max(1, -(-2 * l2 // nbytes))
 
 
+def with_copies(tensors: tuple[torch.Tensor, ...], device: str) -> list[tuple[torch.Tensor, ...]]:
+    """``tensors`` and as many clones of them as make the whole exceed twice the L2 (one on CPU)."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies_beyond_l2(nbytes, device) - 1)]
+
+
 def cuda_us(fns: list[Callable[[], object]], iters: int, warmup: int = 10, graph: bool = False) -> float:
     """Mean microseconds per call over ``iters`` calls cycling through ``fns``, timed with CUDA events: eager
     back-to-back calls, or (``graph``) one CUDA graph that holds the same calls, replayed."""
@@ -99,12 +105,11 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: s
     xs = {m: torch.randn(m, in_f, device=device, dtype=dtype, generator=g) for m in (1, 512)}
     dense = dequantize(qt, dtype)
     ref = TorchQuantLinear.from_quantized(qt, packing, None, dtype)
-    denses = [dense] + [
-        dense.clone() for _ in range(copies_beyond_l2(dense.numel() * dense.element_size(), device) - 1)
-    ]
     with torch.no_grad():
         expected = {m: ref(x) for m, x in xs.items()}
-        linears = {m: [lambda x=x, w=w: F.linear(x, w) for w in denses] for m, x in xs.items()}
+        linears = {
+            m: [lambda x=x, w=w: F.linear(x, w) for (w,) in with_copies((dense,), device)] for m, x in xs.items()
+        }
         base = {m: cuda_us(fns, iters) for m, fns in linears.items()}
         base_graph = cuda_us(linears[1], iters, graph=True)
     rows = [f"{in_f}x{out_f}\tfp16 F.linear\t-\t{base[1]:.1f}\t1.00\t{base_graph:.1f}\t1.00\t{base[512]:.1f}\t1.00\t"]
@@ -161,15 +166,11 @@ def triton_tile_sweep(in_f: int, out_f: int, dtype: torch.dtype, iters: int, dev
     g = torch.Generator(device=device).manual_seed(0)
     qt = quantize(torch.randn(out_f, in_f, device=device, generator=g) * 0.02, spec)
     packed = (pack_along_k(qt.codes, 4), qt.scales.t().contiguous(), qt.zeros.t().to(torch.uint8).contiguous())
-    copies = copies_beyond_l2(sum(t.numel() * t.element_size() for t in packed), device)
-    weights = [packed] + [tuple(t.clone() for t in packed) for _ in range(copies - 1)]
+    weights = with_copies(packed, device)
     x = torch.randn(1, in_f, device=device, dtype=dtype, generator=g)
     dense = dequantize(qt, dtype)
-    denses = [dense] + [
-        dense.clone() for _ in range(copies_beyond_l2(dense.numel() * dense.element_size(), device) - 1)
-    ]
     with torch.no_grad():
-        base = cuda_us([lambda w=w: F.linear(x, w) for w in denses], iters, graph=True)
+        base = cuda_us([lambda w=w: F.linear(x, w) for (w,) in with_copies((dense,), device)], iters, graph=True)
         expected = F.linear(x.float(), dense.float())
     rows = []
     for block_n in (16, 32, 64, 128):

@@ -91,6 +91,11 @@ def build(out_dir: Path, arch: str, names: tuple[str, ...]) -> int:
     return 1 if failed else 0
 
 
+def built_archs(manifest: dict) -> list[str]:
+    """The compute capabilities of ``TORCH_CUDA_ARCH_LIST`` the libraries hold code for (``9.0+PTX`` -> ``9.0``)."""
+    return [a.split("+")[0] for a in manifest.get("arch", "").replace(",", ";").split(";") if a]
+
+
 def mismatch(manifest: dict) -> str | None:
     """Why libraries built for ``manifest`` cannot load on this machine's torch and GPU, or None."""
     import torch
@@ -103,8 +108,7 @@ def mismatch(manifest: dict) -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device here"
     major, minor = torch.cuda.get_device_capability()
-    built_for = {a.split("+")[0] for a in manifest.get("arch", "").replace(",", ";").split(";") if a}
-    if f"{major}.{minor}" not in built_for:
+    if f"{major}.{minor}" not in built_archs(manifest):
         return f"built for compute capability {manifest.get('arch')}, this GPU is {major}.{minor}"
     return None
 
@@ -136,7 +140,7 @@ def check(src_dir: Path) -> int:
     import torch
     from gptqmodel.utils import cpp
 
-    major, minor = (int(part) for part in manifest["arch"].split(";")[0].split("+")[0].split("."))
+    major, minor = (int(part) for part in built_archs(manifest)[0].split("."))
     torch.cuda.is_available = lambda: True
     torch.cuda.get_device_capability = lambda device=None: (major, minor)
 
