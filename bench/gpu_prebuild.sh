@@ -5,6 +5,7 @@
 # device image's torch, 2.11.0+cu130 from PyPI: a one-time download of about 3 GB (torch and NVIDIA's libraries),
 # kept apart from .venv, whose torch stays the pinned CPU build.  Minutes on 2 cores; never part of CI.
 #   bash bench/gpu_prebuild.sh       then: device run "bash bench/gpu_check.sh" with carry [".whl", ".gpucache"]
+# Run again, it keeps the libraries already built for the same torch, gptqmodel and arch (--force rebuilds).
 set -euo pipefail
 VENV="${GPU_BUILD_VENV:-$HOME/.cache/signround/gpubuild}"
 PY312="${PY312:-python3.12}"  # the device's Python; a pyenv shim without that version selected does not run

@@ -51,8 +51,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(out_dir: Path, arch: str, names: tuple[str, ...]) -> int:
-    """Compile each extension for ``arch`` (e.g. ``9.0``: H100 and H200) and copy its library to ``out_dir``."""
+def build(out_dir: Path, arch: str, names: tuple[str, ...], force: bool = False) -> int:
+    """Compile each extension for ``arch`` (e.g. ``9.0``: H100 and H200) and copy its library to ``out_dir``;
+    one already there for the same torch, gptqmodel and arch, with its checksum, is kept unless ``force``."""
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     scratch = Path(tempfile.mkdtemp(prefix="gptqmodel_build_"))
     os.environ["GPTQMODEL_TORCH_EXTENSIONS_DIR"] = str(scratch)
@@ -74,6 +75,11 @@ def build(out_dir: Path, arch: str, names: tuple[str, ...]) -> int:
     libraries = manifest["libraries"] = earlier.get("libraries", {}) if same_target else {}
     failed = []
     for name in names:
+        kept = libraries.get(name)
+        library = out_dir / kept["file"] if kept else None
+        if not force and library and library.is_file() and _sha256(library) == kept["sha256"]:
+            print(f"{name}: {library} already built for this target (--force to rebuild)")
+            continue
         ext = _extension(name)
         started = time.perf_counter()
         if not ext.load():
@@ -167,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     build_parser.add_argument("out_dir", type=Path)
     build_parser.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST (9.0: H100 and H200)")
     build_parser.add_argument("--extensions", default=",".join(EXTENSIONS))
+    build_parser.add_argument("--force", action="store_true", help="rebuild libraries already built")
     install_parser = sub.add_parser("install", help="on the GPU machine, before any kernel loads")
     install_parser.add_argument("src_dir", type=Path)
     check_parser = sub.add_parser("check", help="here, in the build venv: install and load as on a GPU")
     check_parser.add_argument("src_dir", type=Path)
     args = parser.parse_args(argv)
     if args.command == "build":
-        return build(args.out_dir, args.arch, tuple(args.extensions.split(",")))
+        return build(args.out_dir, args.arch, tuple(args.extensions.split(",")), args.force)
     return {"install": install, "check": check}[args.command](args.src_dir)
 
 
