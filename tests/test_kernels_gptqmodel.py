@@ -229,6 +229,7 @@ def test_cuda_toolkit_is_found_where_the_kernel_build_looks(monkeypatch, tmp_pat
         return cuda_toolkit_reason()
 
     monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU torch: no nvcc version to compare (next test)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     try:
@@ -249,6 +250,33 @@ def test_cuda_toolkit_is_found_where_the_kernel_build_looks(monkeypatch, tmp_pat
         assert "needs the CUDA toolkit's nvcc, which was not found" in reason()
     finally:
         cuda_toolkit_reason.cache_clear()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the stand-in nvcc is a shell script")
+def test_an_nvcc_of_another_cuda_major_version_is_refused_as_torchs_build_refuses_it(monkeypatch, tmp_path) -> None:
+    """torch's cpp_extension runs `nvcc --version` and refuses a major version other than torch's own CUDA: a
+    CUDA 12 toolkit beside a cu130 torch would fail GPTQModel's build minutes into from_pretrained."""
+    from signround.kernels.gptqmodel_bridge import nvcc_version_reason
+
+    nvcc = tmp_path / "nvcc"
+
+    def banner(text: str) -> None:
+        nvcc.write_text(f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\necho '{text}'\n")
+        nvcc.chmod(0o755)
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    banner("Cuda compilation tools, release 12.4, V12.4.131")
+    reason = nvcc_version_reason(nvcc)
+    assert reason is not None and "CUDA 12.4" in reason and "install a CUDA 13.x toolkit" in reason
+    banner("Cuda compilation tools, release 13.1, V13.1.80")
+    assert nvcc_version_reason(nvcc) is None  # another minor version: torch only warns
+    banner("no release line")
+    assert nvcc_version_reason(nvcc) is None  # torch's check passes it too
+    nvcc.write_text("not a program")
+    nvcc.chmod(0o644)
+    assert "does not run" in nvcc_version_reason(nvcc)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert nvcc_version_reason(nvcc) is None  # a CPU torch builds nothing for CUDA
 
 
 def test_cuda_home_agrees_with_torchs_build_lookup() -> None:

@@ -29,7 +29,9 @@ import glob
 import importlib
 import logging
 import os
+import re
 import shutil
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -53,6 +55,7 @@ __all__ = [
     "cuda_toolkit_reason",
     "gptqmodel_tensors",
     "import_gptqmodel",
+    "nvcc_version_reason",
     "platform_reason",
 ]
 
@@ -187,7 +190,28 @@ def cuda_toolkit_reason() -> str | None:
     nvcc = "nvcc.exe" if sys.platform == "win32" else "nvcc"
     if not (Path(home) / "bin" / nvcc).exists():
         return f"GPTQModel compiles its CUDA kernels at first use and needs nvcc; CUDA_HOME={home} has no bin/{nvcc}"
-    return None
+    return nvcc_version_reason(Path(home) / "bin" / nvcc)
+
+
+def nvcc_version_reason(nvcc: Path) -> str | None:
+    """Why torch's ``cpp_extension`` would refuse to build with ``nvcc`` for this torch, or None: it runs
+    ``nvcc --version`` and refuses a CUDA major version other than the one torch was built with (12.x against
+    torch's 13.0, say; another minor only warns).  A CPU build of torch has nothing to compare."""
+    if not torch.version.cuda:
+        return None
+    try:
+        banner = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"GPTQModel compiles its CUDA kernels at first use with {nvcc}, which does not run ({exc})"
+    release = re.search(r"release (\d+)\.(\d+)", banner.stdout)
+    torch_major = torch.version.cuda.split(".")[0]
+    if release is None or release.group(1) == torch_major:
+        return None  # torch's build check passes an nvcc whose banner has no release either
+    return (
+        f"GPTQModel compiles its CUDA kernels at first use with {nvcc}, CUDA {release.group(1)}.{release.group(2)}, "
+        f"and torch will not build with it for this torch's CUDA {torch.version.cuda} (install a CUDA "
+        f"{torch_major}.x toolkit, or set CUDA_HOME to one)"
+    )
 
 
 _log = logging.getLogger(__name__)
