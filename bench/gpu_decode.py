@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
-    for variant in args.backends.split(","):
-        name, _, option = variant.partition("+")
+    variants = [(variant, *variant.partition("+")[::2]) for variant in args.backends.split(",")]  # name, option
+    for variant, name, option in variants:
         if option and (name, option) != ("triton", "unpack_once"):
             parser.error(f"unknown variant {variant!r}: a backend name, or 'triton+unpack_once'")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     fp16 = time_variant(base, prompt, args.new_tokens, args.repeats, graph)
     print(f"fp16\t{fp16.row(fp16)}\t1.000\t-\t-\t{fp16.note}", flush=True)
     reference_logits = None
-    for variant in args.backends.split(","):
-        name, _, option = variant.partition("+")
+    for variant, name, option in variants:
         try:
             first = base.get_submodule(names[0])  # refused before the model is copied, with the reason
             select(spec, packing, args.device, dtype, first.in_features, first.out_features, requested=name)

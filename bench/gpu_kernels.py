@@ -114,13 +114,14 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: s
         base_graph = cuda_us(linears[1], iters, graph=True)
     rows = [f"{in_f}x{out_f}\tfp16 F.linear\t-\t{base[1]:.1f}\t1.00\t{base_graph:.1f}\t1.00\t{base[512]:.1f}\t1.00\t"]
     for name in BACKENDS:
+        unusable = f"{in_f}x{out_f}\t{name}\t" + "-\t" * 7  # a row without figures; its note says why
         try:
             backend = get_backend(name)
         except ValueError as err:
-            rows.append(f"{in_f}x{out_f}\t{name}\t-\t-\t-\t-\t-\t-\t-\t{err}")
+            rows.append(f"{unusable}{err}")
             continue
         if reason := backend.reject_reason(spec, packing, device, dtype, in_f, out_f):
-            rows.append(f"{in_f}x{out_f}\t{name}\t-\t-\t-\t-\t-\t-\t-\t{reason}")
+            rows.append(f"{unusable}{reason}")
             continue
         try:
             t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: s
                 except Exception as exc:  # a kernel that cannot be captured keeps its eager figures
                     graph_us, graph = None, f"; graph: {type(exc).__name__}: {str(exc)[:120]}"
         except Exception as exc:  # a kernel that fails to build or run gets a row, not a crash
-            rows.append(f"{in_f}x{out_f}\t{name}\t-\t-\t-\t-\t-\t-\t-\t{type(exc).__name__}: {str(exc)[:200]}")
+            rows.append(f"{unusable}{type(exc).__name__}: {str(exc)[:200]}")
             continue
         graphed = f"{graph_us:.1f}\t{base_graph / graph_us:.2f}" if graph_us else "-\t-"
         rows.append(

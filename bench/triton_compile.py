@@ -80,7 +80,7 @@ def compile_case(case: Case, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from signround.kernels.triton import default_tiles, load_kernel
+    from signround.kernels.triton import default_tiles, load_kernel, one_group_per_tile_slice
 
     kernel, interpreted = load_kernel()
     if interpreted:
@@ -92,7 +92,7 @@ def compile_case(case: Case, arch: int) -> dict:
         "BLOCK_M": tiles.block_m,
         "BLOCK_N": tiles.block_n,
         "BLOCK_K": tiles.block_k,
-        "ONE_GROUP_PER_TILE": group % tiles.block_k == 0 or group >= IN_FEATURES,  # as dequant_matmul decides
+        "ONE_GROUP_PER_TILE": one_group_per_tile_slice(group, tiles.block_k, IN_FEATURES),
         "HAS_BIAS": False,
         "DOT_PRECISION": "ieee" if case.dtype == "float32" else None,
         "DOT_IN_FP32": False,

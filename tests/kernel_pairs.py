@@ -19,12 +19,14 @@ def reference_and_kernel(
     in_features: int,
     seed: int,
     weight: torch.Tensor | None = None,
+    with_bias: bool = True,
 ) -> tuple[QuantLinear, QuantLinear]:
-    """One quantized layer with a bias (random, or ``weight`` quantized), built on the reference and on ``kernel``."""
+    """One quantized layer (random, or ``weight`` quantized), with a random bias unless ``with_bias`` is false,
+    built on the reference and on ``kernel``."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=g) * 0.05 if weight is None else weight
     qt = quantize(w, spec)
-    bias = torch.randn(out_features, generator=g) * 0.1
+    bias = torch.randn(out_features, generator=g) * 0.1 if with_bias else None
     return (TorchQuantLinear.from_quantized(qt, packing, bias, dtype),
             kernel.from_quantized(qt, packing, bias, dtype))  # fmt: skip
 

@@ -18,7 +18,6 @@ from signround.kernels.native import (
     kernel_problem,
     load_kernel,
 )
-from signround.kernels.torch import TorchQuantLinear
 from signround.quant.int import dequantize, quantize
 from signround.schemes import LayerSpec
 
@@ -140,9 +139,10 @@ def test_unaligned_and_strided_inputs() -> None:
 def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
     """A trained layer (real weight statistics), with inputs of the scale the model feeds it."""
     weight, x = stories_q_proj
-    qt = quantize(weight, LayerSpec(bits=4, group_size=32, sym=True))
-    ref = TorchQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
-    fast = NativeQuantLinear.from_quantized(qt, "auto_round", None, torch.float32)
+    spec = LayerSpec(bits=4, group_size=32, sym=True)
+    ref, fast = reference_and_kernel(
+        NativeQuantLinear, spec, "auto_round", torch.float32, *weight.shape, 0, weight, with_bias=False
+    )
     with torch.no_grad():
         expected = ref(x)
         for rows in (1, 8, x.shape[1]):  # the kernel, then (48 rows) the dense path

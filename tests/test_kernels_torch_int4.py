@@ -117,9 +117,10 @@ def test_long_inputs_take_the_dense_path_and_agree(dtype: torch.dtype) -> None:
 def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
     """A trained layer (real weight statistics), with inputs of the scale the model feeds it."""
     weight, x = stories_q_proj
-    qt = quantize(weight, LayerSpec(bits=4, group_size=32, sym=True))
-    ref = TorchQuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.float32)
-    fast = TorchInt4QuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.float32)
+    spec = LayerSpec(bits=4, group_size=32, sym=True)
+    ref, fast = reference_and_kernel(
+        TorchInt4QuantLinear, spec, "auto_round:auto_gptq", torch.float32, *weight.shape, 0, weight, with_bias=False
+    )
     with torch.no_grad():
         expected = ref(x)
         for rows in (1, x.shape[1]):  # the int4 kernel (decode) and, at 48 rows with the threshold lowered, dense

@@ -7,9 +7,7 @@ import torch
 from kernel_pairs import reference_and_kernel, rel_err
 
 from signround.kernels import candidates, select
-from signround.kernels.torch import TorchQuantLinear
 from signround.kernels.torch_int8 import DENSE_MIN_ROWS, TorchInt8QuantLinear, kernel_available
-from signround.quant.int import quantize
 from signround.schemes import LayerSpec
 
 pytestmark = pytest.mark.skipif(kernel_available() is not None, reason=str(kernel_available()))
@@ -106,9 +104,10 @@ def test_dtype_casts_leave_quantization_state_alone() -> None:
 def test_matches_torch_reference_on_a_stories260k_layer(stories_q_proj) -> None:
     """A trained layer (real weight statistics), with inputs of the scale the model feeds it."""
     weight, x = stories_q_proj
-    qt = quantize(weight, LayerSpec(bits=8, group_size=32, sym=True))
-    ref = TorchQuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.float32)
-    fast = TorchInt8QuantLinear.from_quantized(qt, "auto_round:auto_gptq", None, torch.float32)
+    spec = LayerSpec(bits=8, group_size=32, sym=True)
+    ref, fast = reference_and_kernel(
+        TorchInt8QuantLinear, spec, "auto_round:auto_gptq", torch.float32, *weight.shape, 0, weight, with_bias=False
+    )
     with torch.no_grad():
         expected = ref(x)
         for rows in (1, 8, x.shape[1]):  # per-group kernel calls, then (48 rows) the dense path

@@ -49,6 +49,7 @@ __all__ = [
     "default_tiles",
     "dequant_matmul",
     "load_kernel",
+    "one_group_per_tile_slice",
     "pack_along_k",
 ]
 
@@ -188,6 +189,12 @@ def default_tiles(m: int, group_size: int, dtype: torch.dtype = torch.float16) -
     return Tiles(block_m, block_n, block_k, num_warps=num_warps)
 
 
+def one_group_per_tile_slice(group_size: int, block_k: int, in_features: int) -> bool:
+    """Whether every ``block_k`` slice of the input lies in one quantization group (the kernel's
+    ``ONE_GROUP_PER_TILE``: one scale row per tile instead of a gather per input row)."""
+    return group_size % block_k == 0 or group_size >= in_features
+
+
 def pack_along_k(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``[out, in]`` (unsigned, < 2**bits) -> the kernel's int32 words ``[ceil(in / P), out]``, P = 32/bits.
 
@@ -247,7 +254,7 @@ def dequant_matmul(
     if m == 0:
         return y  # an empty batch: nothing to launch
     t = tiles or default_tiles(m, group_size, x.dtype)
-    one_group_per_tile = group_size % t.block_k == 0 or group_size >= k
+    one_group_per_tile = one_group_per_tile_slice(group_size, t.block_k, k)
     grid = (-(-m // t.block_m), -(-n // t.block_n))
     with _device_context(x.device):
         kernel[grid](
