@@ -82,8 +82,8 @@ for name in marlin_fp16 marlin_bf16 exllamav2; do  # the CUDA kernels only: 8 fi
         rm -f "$OUT/gptqmodel_$name.tgz"
     fi
 done
-step 150 pytest.txt "gptqmodel + selection suites" python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/test_kernels_gptqmodel.py tests/test_kernel_select.py tests/test_kernel_matrix.py
+step 150 pytest.txt "gptqmodel, torch + selection suites" python3 -m pytest -q -p no:cacheprovider -rs \
+    tests/test_kernels_gptqmodel.py tests/test_kernels_torch.py tests/test_kernel_select.py tests/test_kernel_matrix.py
 step 90 gpu_kernels.txt "layer bench" python3 bench/gpu_kernels.py
 step 200 gpu_decode.txt "model decode bench" python3 bench/gpu_decode.py --new-tokens 64
 step 90 gpu_kernels.txt "triton launch shapes at one row" python3 bench/gpu_kernels.py --triton-tiles

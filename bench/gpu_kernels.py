@@ -75,6 +75,21 @@ def cuda_us(fns: list[Callable[[], object]], iters: int, warmup: int = 10, graph
     return start.elapsed_time(end) * 1000.0 / iters
 
 
+def replay_matches_eager(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether a CUDA graph of ``layer`` captured on other input, replayed on ``x``, gives ``layer(x)``: a kernel
+    launched off torch's current stream is not recorded, its replay is empty, and a graph timing of it measures
+    nothing (GPTQModel's ExLlamaV2 timed 0.1 us that way before its layer refused capture)."""
+    static = torch.randn_like(x)
+    layer(static)
+    torch.cuda.synchronize()
+    captured = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(captured):
+        out = layer(static)
+    static.copy_(x)
+    captured.replay()
+    return bool(torch.allclose(out, layer(x), rtol=1e-3, atol=1e-3))
+
+
 def device_nbytes(layer: nn.Module, device: str) -> int:
     """Bytes of the layer's tensors on ``device``'s type, a GPTQModel kernel's included: the marlin / exllamav2
     wrappers hold that layer outside the module tree (and move our checkpoint tensors to the CPU)."""
@@ -139,6 +154,8 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: s
                 us = {m: cuda_us(fns, iters) for m, fns in calls.items()}
                 try:
                     graph_us, graph = cuda_us(calls[1], iters, graph=True), ""
+                    if not replay_matches_eager(layer, xs[1]):
+                        graph_us, graph = None, "; graph: its replay does not give the eager output (not captured)"
                 except Exception as exc:  # a kernel that cannot be captured keeps its eager figures
                     graph_us, graph = None, f"; graph: {type(exc).__name__}: {str(exc)[:120]}"
         except Exception as exc:  # a kernel that fails to build or run gets a row, not a crash

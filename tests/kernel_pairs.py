@@ -34,3 +34,24 @@ def reference_and_kernel(
 def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     """max |got - expected| / max |expected|, in float64."""
     return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+def graph_replay_and_eager(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer``'s output for ``x`` from a CUDA graph captured on other input (warmed up on a side stream, as
+    capture needs), and eagerly.  A kernel that leaves torch's current stream is not recorded, so its replay keeps
+    the output of the capture-time input and differs; equal outputs say the whole forward was captured."""
+    static = torch.randn_like(x)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(static)
+        static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone(), layer(x)

@@ -93,12 +93,19 @@ def test_gpu_kernel_bench_rows_name_each_backend_or_why_it_cannot_run() -> None:
         "import sys; sys.path.insert(0, 'bench')\n"
         "import torch, gpu_kernels\n"
         "gpu_kernels.cuda_us = lambda fns, iters, graph=False: ([f() for f in fns], 1.0)[1]  # no CUDA events here\n"
+        "gpu_kernels.replay_matches_eager = lambda layer, x: bool(layer(x).numel())  # nor CUDA graphs\n"
         "print('\\n'.join(gpu_kernels.bench_shape(256, 128, torch.float32, 1, device='cpu')))\n"
+        "gpu_kernels.replay_matches_eager = lambda layer, x: False  # a kernel the graph does not record\n"
+        "print('\\n'.join('uncaptured ' + r for r in gpu_kernels.bench_shape(256, 128, torch.float32, 1, device='cpu')))\n"
     )
-    rows = {row.split("\t")[1]: row.split("\t") for row in _run(["-c", code]).splitlines()}
+    out = _run(["-c", code]).splitlines()
+    uncaptured = {row.split("\t")[1]: row.split("\t") for row in out if row.startswith("uncaptured ")}
+    rows = {row.split("\t")[1]: row.split("\t") for row in out if not row.startswith("uncaptured ")}
     assert set(rows) == {"fp16 F.linear", "marlin", "exllamav2", "triton", "torch"}
     assert float(rows["torch"][2]) == 0.0  # the reference against itself
     assert rows["torch"][5] == "1.0" and rows["torch"][-1].endswith("1 copies")  # graph-replay column; no L2 here
+    assert uncaptured["torch"][5] == "-" and uncaptured["torch"][3] == "1.0"  # eager figures kept
+    assert uncaptured["torch"][-1].endswith("graph: its replay does not give the eager output (not captured)")
     assert "device 'cpu' not in ['cuda', 'xpu']" in rows["triton"][-1]
     assert rows["marlin"][-1] and rows["exllamav2"][-1]  # a reason each (no CUDA here, or no gptqmodel)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_pairs import graph_replay_and_eager
 from torch import nn
 
 from signround.kernels.torch import TorchQuantLinear
@@ -112,3 +113,82 @@ def test_check_loaded_names_layer_and_buffer(corrupt, needle) -> None:
 def test_constructor_refuses_a_shape_the_packing_cannot_hold() -> None:
     with pytest.raises(ValueError, match="out_features=100"):
         TorchQuantLinear(IN, 100, LayerSpec(bits=4), "auto_round", False, torch.float32, device="meta")
+
+
+# -- the per-forward path reads no stored value on the host ---------------------------------------------------------
+# Every packing with a spec it holds (awq_gemm: 4-bit asym only; gptq v1 / pack-quantized: both symmetries).
+PACKINGS = [
+    ("auto_round", LayerSpec(bits=4, group_size=32, sym=False)),
+    ("auto_round:auto_gptq", LayerSpec(bits=4, group_size=32, sym=True)),
+    ("auto_round:gptqmodel", LayerSpec(bits=4, group_size=32, sym=True)),
+    ("awq_gemm", LayerSpec(bits=4, group_size=32, sym=False)),
+    ("gptq", LayerSpec(bits=4, group_size=32, sym=True)),
+    ("gptq_v2", LayerSpec(bits=3, group_size=32, sym=False)),
+    ("pack-quantized", LayerSpec(bits=4, group_size=32, sym=True)),
+    ("pack-quantized", LayerSpec(bits=8, group_size=-1, sym=False)),
+]
+# ops that hand a tensor's value to Python: each one waits for the GPU and breaks a CUDA graph capture
+HOST_READS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.item"}
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.devices: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func.overloadpacket))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.devices.add(t.device.type)
+        return out
+
+
+def _packed_layer(packing: str, spec: LayerSpec, device: str = "cpu") -> TorchQuantLinear:
+    qt = quantize(torch.randn(OUT, IN, generator=torch.Generator().manual_seed(1)) * 0.02, spec)
+    if device == "meta":
+        return TorchQuantLinear(IN, OUT, spec, packing, False, torch.float32, device="meta")
+    layer = TorchQuantLinear.from_quantized(qt, packing, None, torch.float32)
+    layer.check_loaded("x")
+    return layer
+
+
+@pytest.mark.parametrize(("packing", "spec"), PACKINGS, ids=[f"{p}-w{s.bits}g{s.group_size}" for p, s in PACKINGS])
+def test_forward_reads_no_stored_value_on_the_host(packing: str, spec: LayerSpec) -> None:
+    """The torch backend unpacks on every forward: a host read there (g_idx compared on the CPU, ``int()`` of a
+    stored shape) cost the GPU a synchronisation per layer per token and made the layer uncapturable."""
+    layer = _packed_layer(packing, spec)
+    with torch.no_grad(), _RecordOps() as record:
+        layer(torch.randn(2, IN))
+    assert record.ops and not HOST_READS & set(record.ops), sorted(HOST_READS & set(record.ops))
+    # on the meta device every tensor the forward makes must be on meta: a factory call without a device would
+    # make a host tensor (copied to the GPU each call there)
+    meta = _packed_layer(packing, spec, device="meta")
+    with torch.no_grad(), _RecordOps() as record:
+        out = meta(torch.empty(2, IN, device="meta"))
+    assert out.shape == (2, OUT) and record.devices == {"meta"}, record.devices
+
+
+def test_check_loaded_reads_stored_values_through_the_packer() -> None:
+    spec = LayerSpec(bits=4, group_size=32, sym=True)
+    layer = _packed_layer("gptq", spec)
+    layer.g_idx.copy_(layer.g_idx.flip(0))  # as a desc_act checkpoint stores it
+    layer(torch.randn(1, IN))  # the forward does not look
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.mlp\.up_proj'.*act-order"):
+        layer.check_loaded("model.layers.0.mlp.up_proj")
+    other = _packed_layer("pack-quantized", spec)
+    other.weight_shape.copy_(torch.tensor([IN, OUT]))
+    with pytest.raises(ValueError, match=r"weight_shape \[128, 96\] does not match the layer \(96, 128\)"):
+        other.check_loaded("x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("packing", "spec"), PACKINGS, ids=[f"{p}-w{s.bits}g{s.group_size}" for p, s in PACKINGS])
+def test_cuda_graph_replay_equals_eager(packing: str, spec: LayerSpec) -> None:
+    qt = quantize(torch.randn(OUT, IN, generator=torch.Generator().manual_seed(1)).cuda() * 0.02, spec)
+    layer = TorchQuantLinear.from_quantized(qt, packing, None, torch.float16)
+    x = torch.randn(3, IN, device="cuda", dtype=torch.float16)
+    replayed, eager = graph_replay_and_eager(layer, x)
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=0)

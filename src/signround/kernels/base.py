@@ -96,14 +96,20 @@ class QuantLinear(nn.Module):
     def quantized_tensor(self) -> QuantizedTensor:
         """The layer's codes, scales and zeros, unpacked from the checkpoint-format buffers (or their CPU copy,
         on the layer's device, after :meth:`offload_checkpoint`)."""
-        offloaded = self.__dict__.get("_checkpoint_on_cpu")
-        if offloaded is None:
-            layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
-            tensors = {name: getattr(self, name) for name in layout}
-            return self.packer.unpack(tensors, self.spec, self.in_features, self.out_features)
-        qt = self.packer.unpack(offloaded, self.spec, self.in_features, self.out_features)
+        tensors = self.checkpoint_tensors()
+        qt = self.packer.unpack(tensors, self.spec, self.in_features, self.out_features)
+        if not self.checkpoint_offloaded:
+            return qt
         device = self.device_marker.device
         return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint-format tensors by name: the registered buffers, or their CPU copy once offloaded."""
+        offloaded = self.__dict__.get("_checkpoint_on_cpu")
+        if offloaded is not None:
+            return dict(offloaded)
+        layout = self.packer.tensor_shapes_dtypes(self.spec, self.in_features, self.out_features)
+        return {name: getattr(self, name) for name in layout}
 
     # -- one copy of the weights on an accelerator ------------------------------------------------------------------
     @property
@@ -169,6 +175,7 @@ class QuantLinear(nn.Module):
             if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
                 raise ValueError(f"{where} holds non-finite values (NaN or inf)")
         try:  # what only the packer can judge (g_idx order, stored shapes, value ranges)
+            self.packer.check_values(self.checkpoint_tensors(), self.spec, self.in_features, self.out_features)
             self.quantized_tensor()
         except ValueError as err:
             raise ValueError(f"layer {layer_name!r}: {err}") from err

@@ -15,6 +15,11 @@ Limits, mirroring GPTQModel 7.6 (``gptqmodel/nn_modules/qlinear/exllamav2.py`` a
   bf16 activations beyond fp16's range (65504) overflow.  Scales are fp16, as our checkpoints store them.
 * GPTQModel hands the kernel the ``g_idx`` and the kernel keeps a 16-bit row permutation, so ``in_features`` must
   stay below 65536.
+* The kernels launch on CUDA's legacy default stream, not on torch's current stream.  So a layer runs only on the
+  default stream: on another stream it would race with the work around it, and inside a CUDA graph capture (which
+  runs on a side stream) nothing of it is recorded, the replay leaving the output stale (on an H100, 2026-11-26,
+  ``bench/gpu_decode.py``'s graph replay chose no token of the eager decode's).  ``forward`` raises there, naming
+  the backends that can (marlin, triton).
 * Above 50 rows the kernel dequantizes the whole weight into a scratch buffer and calls cuBLAS.  That buffer is
   shared by the layers of one device (as GPTQModel's ``gptqmodel_post_init`` shares one), grown when a larger
   layer comes, and freed with the last layer that uses it.
@@ -58,6 +63,19 @@ def _scratch_space(device: torch.device, nbytes: int) -> Any:
     return space
 
 
+def stream_reason(device: torch.device) -> str | None:
+    """Why an ExLlamaV2 layer must not run now on ``device``: torch's current stream is not the default one."""
+    if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+        return None
+    capturing = " (a CUDA graph is being captured)" if torch.cuda.is_current_stream_capturing() else ""
+    return (
+        f"backend 'exllamav2' runs only on the default CUDA stream, and torch's current stream is another{capturing}: "
+        "GPTQModel's ExLlamaV2 kernels launch on the default stream, so their work would race with this stream's "
+        "or be left out of the graph; load the model with backend='marlin' or 'triton' to run on other streams "
+        "or in CUDA graphs"
+    )
+
+
 class ExllamaV2QuantLinear(GptqModelQuantLinear):
     """4-bit layers through GPTQModel's ``ExllamaV2Linear``; its matrix handle is built once at load."""
 
@@ -71,6 +89,11 @@ class ExllamaV2QuantLinear(GptqModelQuantLinear):
         layer.post_init(scratch_space=scratch)
         self.__dict__["_scratch"] = scratch  # the kernel's handle points into it
         return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if reason := stream_reason(x.device):
+            raise RuntimeError(reason)
+        return super().forward(x)
 
 
 def _check(spec: LayerSpec, in_features: int, out_features: int) -> str | None:

@@ -115,20 +115,26 @@ class CompressedTensorsPacker(Packer):
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
     ) -> QuantizedTensor:
         self.check_tensors(tensors, spec, in_features, out_features)
-        shape = tensors["weight_shape"]
-        if shape.device.type != "meta" and tuple(int(v) for v in shape) != (out_features, in_features):
-            raise ValueError(f"weight_shape {shape.tolist()} does not match the layer ({out_features}, {in_features})")
         codes = unpack_int32(tensors["weight_packed"], spec.bits, dim=1)
-        if spec.sym:
-            zeros = torch.full(tensors["weight_scale"].shape, 2 ** (spec.bits - 1), dtype=torch.int32)
+        if spec.sym:  # made where the codes are: a host tensor copied in would cost a copy and a sync per forward
+            zeros = torch.full(
+                tensors["weight_scale"].shape, 2 ** (spec.bits - 1), dtype=torch.int32, device=codes.device
+            )
         else:
             zeros = unpack_int32(tensors["weight_zero_point"], spec.bits, dim=0).to(torch.int32)
         return QuantizedTensor(
             codes=codes.contiguous(),
             scales=tensors["weight_scale"].contiguous(),
-            zeros=zeros.to(codes.device),
+            zeros=zeros,
             spec=spec,
         )
+
+    def check_values(
+        self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
+    ) -> None:
+        shape = tensors["weight_shape"]
+        if shape.device.type != "meta" and tuple(int(v) for v in shape) != (out_features, in_features):
+            raise ValueError(f"weight_shape {shape.tolist()} does not match the layer ({out_features}, {in_features})")
 
     def quantization_config(
         self, default: LayerSpec, overrides: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any]

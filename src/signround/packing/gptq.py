@@ -61,10 +61,9 @@ class _GptqLayout(_AutoRoundLayout):
         tensors["g_idx"] = trivial_g_idx(qt.codes.shape[1], qt.spec.group_size).to(qt.codes.device)
         return tensors
 
-    def unpack(
+    def check_values(
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
-    ) -> QuantizedTensor:
-        qt = super().unpack(tensors, spec, in_features, out_features)
+    ) -> None:
         g_idx = tensors["g_idx"]
         if g_idx.device.type != "meta" and not torch.equal(
             g_idx.cpu().to(torch.int32), trivial_g_idx(in_features, spec.group_size)
@@ -73,7 +72,6 @@ class _GptqLayout(_AutoRoundLayout):
                 f"packing {self.name!r}: g_idx is not i // group_size ({spec.group_size}): the checkpoint was "
                 "quantized with act-order (desc_act), which signround does not load"
             )
-        return qt
 
     # -- config -------------------------------------------------------------------------------------------------
     def quantization_config(

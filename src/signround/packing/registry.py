@@ -74,7 +74,18 @@ class Packer(ABC):
     def unpack(
         self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
     ) -> QuantizedTensor:
-        """Inverse of :meth:`pack`; raises ``ValueError`` naming a missing or mis-shaped tensor."""
+        """Inverse of :meth:`pack`; raises ``ValueError`` naming a missing or mis-shaped tensor.
+
+        The torch backend calls this on every forward, so it reads shapes and dtypes only, never a stored value on
+        the host: a read would synchronise the GPU each call and cannot be captured in a CUDA graph.  Checks of
+        stored values go in :meth:`check_values`, which loaders call once."""
+
+    def check_values(  # noqa: B027 - an optional hook: most layouts store no value to check
+        self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
+    ) -> None:
+        """Raise ``ValueError`` when a stored value says the layer is not what this packer unpacks (a permuted
+        ``g_idx``, a ``weight_shape`` of another layer).  Reads values on the host, so it runs once per layer at
+        load (``QuantLinear.check_loaded``), not per forward; meta tensors are skipped.  Default: nothing to check."""
 
     @abstractmethod
     def quantization_config(
