@@ -84,7 +84,7 @@ def test_triton_tile_sweep_runs_every_launch_shape() -> None:
     assert len(rows) == 16, rows
     for row in rows:
         shape, launch, _us, _speedup, err = row.split("\t")
-        assert shape == "256x64" and launch.startswith("BLOCK_N=")
+        assert shape == "256x64" and launch.startswith("BLOCK_N="), row  # an error row names its exception
         assert float(err) < 1e-5, row  # fp32 activations: the reference's weights, summation order only
 
 
