@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from gpu_kernels import device_nbytes  # bench/ is the script's folder, so on sys.path
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
@@ -162,20 +163,6 @@ def time_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, gra
     return Timing(eager_tps, static_tps, f"{mode} tokens = eager's for {first_diff}/{new_tokens}")
 
 
-def layer_bytes(layers, device: torch.device) -> int:
-    """Bytes the layers keep on ``device``: their buffers and parameters, plus those of a GPTQModel kernel layer,
-    which the marlin / exllamav2 wrappers hold outside the module tree (their checkpoint tensors move to CPU)."""
-    seen, total = set(), 0
-    for m in layers:
-        kernel = getattr(m, "kernel", None)
-        modules = [m] + ([kernel] if isinstance(kernel, torch.nn.Module) else [])
-        for t in (t for mod in modules for t in [*mod.buffers(), *mod.parameters()]):
-            if t.device == device and t.numel() and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
-
-
 @contextlib.contextmanager
 def triton_decode_option(option: str):
     """``triton+unpack_once``: our Triton backend with its decode tiles (16 rows or fewer) loading each packed word
@@ -230,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n, m in base.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
     names = [f"model.layers.{n}" for n in names]
     quantized = {n: quantize(base.get_submodule(n).weight, spec) for n in names}
-    fp16_bytes = layer_bytes((base.get_submodule(n) for n in names), base.device)
+    fp16_bytes = device_nbytes((base.get_submodule(n) for n in names), base.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"{device_name} | torch {torch.__version__} | {args.shape} random weights, {len(names)} Linear layers "
           f"W4G128 sym RTN | fp16 | built in {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
@@ -269,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             agreement = f"{diff:.2e}\t{agree:.3f}"
         else:
             agreement = "(torch not yet run)\t-"
-        fraction = layer_bytes(installed.values(), base.device) / fp16_bytes
+        fraction = device_nbytes(installed.values(), base.device) / fp16_bytes
         speed, note = (timing.row(fp16), timing.note) if timing else ("-\t-\t-\t-", "not timed (--untimed)")
         print(f"W4G128 {variant}\t{speed}\t{fraction:.3f}\t{agreement}\tinstalled in {built:.1f}s; {note}", flush=True)
         del model, installed

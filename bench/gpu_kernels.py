@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -90,15 +90,18 @@ def replay_matches_eager(layer: Callable[[torch.Tensor], torch.Tensor], x: torch
     return bool(torch.allclose(out, layer(x), rtol=1e-3, atol=1e-3))
 
 
-def device_nbytes(layer: nn.Module, device: str) -> int:
-    """Bytes of the layer's tensors on ``device``'s type, a GPTQModel kernel's included: the marlin / exllamav2
-    wrappers hold that layer outside the module tree (and move our checkpoint tensors to the CPU)."""
-    modules = [m for m in (layer, getattr(layer, "kernel", None)) if isinstance(m, nn.Module)]
+def device_nbytes(layers: Iterable[nn.Module], device: torch.device | str) -> int:
+    """Bytes of the layers' tensors on ``device``'s type, each tensor once, a GPTQModel kernel's included: the
+    marlin / exllamav2 wrappers hold that layer outside the module tree (and move our checkpoint tensors to the
+    CPU).  Also ``bench/gpu_decode.py``'s weight-bytes column."""
+    device_type = torch.device(device).type
     on_device = {
         t.data_ptr(): t.numel() * t.element_size()
-        for m in modules
+        for layer in layers
+        for m in (layer, getattr(layer, "kernel", None))
+        if isinstance(m, nn.Module)
         for t in [*m.buffers(), *m.parameters()]
-        if t.device.type == torch.device(device).type
+        if t.device.type == device_type and t.numel()
     }
     return sum(on_device.values())
 
@@ -144,7 +147,7 @@ def bench_shape(in_f: int, out_f: int, dtype: torch.dtype, iters: int, device: s
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             built = time.perf_counter() - t0
-            copies = copies_beyond_l2(device_nbytes(layer, device), device)
+            copies = copies_beyond_l2(device_nbytes([layer], device), device)
             layers = [layer] + [
                 backend.quant_linear.from_quantized(qt, packing, None, dtype) for _ in range(copies - 1)
             ]

@@ -2,7 +2,7 @@
 
 Why: GPTQModel 7.6 compiles Marlin and ExLlamaV2 from source at first use.  On the lent H100 (16 cores) the builds
 took 109 s (ExLlamaV2), 222 s (Marlin bf16) and more than 280 s (Marlin fp16, cut) of a 15-minute loan, and Marlin
-never ran.  The device image's torch (2.11.0+cu130) is a PyPI wheel, and this machine has nvcc 13.0, so the same
+never ran on that loan (on the next, installed from here, all three loaded in 19 s).  The device image's torch (2.11.0+cu130) is a PyPI wheel, and this machine has nvcc 13.0, so the same
 libraries can be compiled here ahead of time, where minutes cost nothing.
 
     build (here, in a venv with torch==2.11.0 and gptqmodel 7.6.0; ``bash bench/gpu_prebuild.sh`` makes it):
@@ -14,7 +14,8 @@ libraries can be compiled here ahead of time, where minutes cost nothing.
 (``TorchOpsJitExtension.build_root()``, a hash of torch, CUDA, GPU, sources and flags), where its loader looks for a
 built library before compiling (``_try_load_prebuilt_library``).  A library that does not load there (another
 torch) is skipped by that loader, which then compiles as before: nothing is lost but the time.  ``install`` also
-refuses, naming the difference, when the device's torch, CUDA or GPU architecture is not the one built for.
+refuses, naming the difference, when the device's torch (with its CUDA), gptqmodel or GPU architecture is not the
+one built for.
 """
 
 from __future__ import annotations

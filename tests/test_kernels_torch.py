@@ -146,10 +146,8 @@ class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _packed_layer(packing: str, spec: LayerSpec, device: str = "cpu") -> TorchQuantLinear:
+def _packed_layer(packing: str, spec: LayerSpec) -> TorchQuantLinear:
     qt = quantize(torch.randn(OUT, IN, generator=torch.Generator().manual_seed(1)) * 0.02, spec)
-    if device == "meta":
-        return TorchQuantLinear(IN, OUT, spec, packing, False, torch.float32, device="meta")
     layer = TorchQuantLinear.from_quantized(qt, packing, None, torch.float32)
     layer.check_loaded("x")
     return layer
@@ -165,7 +163,7 @@ def test_forward_reads_no_stored_value_on_the_host(packing: str, spec: LayerSpec
     assert record.ops and not HOST_READS & set(record.ops), sorted(HOST_READS & set(record.ops))
     # on the meta device every tensor the forward makes must be on meta: a factory call without a device would
     # make a host tensor (copied to the GPU each call there)
-    meta = _packed_layer(packing, spec, device="meta")
+    meta = TorchQuantLinear(IN, OUT, spec, packing, False, torch.float32, device="meta")
     with torch.no_grad(), _RecordOps() as record:
         out = meta(torch.empty(2, IN, device="meta"))
     assert out.shape == (2, OUT) and record.devices == {"meta"}, record.devices
