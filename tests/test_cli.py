@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +116,168 @@ def test_quantize_optimised_rtn_with_calibration(tmp_path, stories_dir, shakespe
         assert torch.isfinite(model(torch.tensor([[1, 5, 9, 13]])).logits).all()
 
 
-def test_quantize_refuses_bad_scheme_before_loading(tmp_path, stories_dir) -> None:
-    with pytest.raises(ValueError, match=r"unknown scheme 'W5A16'; accepted: W4A16"):
-        main(["--model", str(stories_dir), "--scheme", "W5A16", "--output_dir", str(tmp_path / "out")])
-    assert list(tmp_path.iterdir()) == []
+def _run(argv: list[str]) -> int:
+    """``main`` in-process, as the console script would exit (argparse exits through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def _error_line(capsys) -> str:
+    """The one line a user error prints; nothing else on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("signround: error: ")
+    return lines[0]
+
+
+# Each is refused before the model is loaded: exit status 2, one line naming the bad value.
+USER_ERRORS = [
+    (["--bits", "5"], ["bits=5", "[2, 3, 4, 8]"]),
+    (["--scheme", "W5A16"], ["'W5A16'", "W4A16"]),
+    (["--nsamples", "0"], ["nsamples", "got 0"]),
+    (["--format", "gguf"], ["'gguf'", "auto_round"]),
+    (["--dataset", "{missing}"], ["does not exist", "nope.txt"]),
+    (["--layer_config", '{"x": {"bitz": 8}}'], ["bitz", "'bits'"]),
+    (["--layer_config", "{bad json"], ["--layer_config", "not valid JSON"]),
+    (["--layer_config", "[1, 2]"], ["--layer_config", "JSON object"]),
+    (["--ignore_layers", "lm_head", "--layer_config", '{"k_proj": 3}'], ["got 3", "scheme name"]),
+    (["--bits", "five"], ["--bits", "'five'"]),
+    (["--eval_ppl", "{missing}"], ["--eval_ppl", "nope.txt"]),
+]
+
+
+@pytest.mark.parametrize(("flags", "fragments"), USER_ERRORS, ids=lambda v: " ".join(v)[:40])
+def test_user_errors_are_one_line_and_exit_2(tmp_path, stories_dir, capsys, monkeypatch, flags, fragments) -> None:
+    monkeypatch.delenv("SIGNROUND_DEBUG", raising=False)
+    import signround.api
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(signround.api, "_load_model", no_loading)
+    flags = [f.replace("{missing}", str(tmp_path / "nope.txt")) for f in flags]
+    out = tmp_path / "out"
+    assert _run(["--model", str(stories_dir), *flags, "--output_dir", str(out)]) == 2
+    line = _error_line(capsys)
+    for fragment in fragments:
+        assert fragment in line
+    assert not out.exists()
+
+
+def test_missing_model_directory_is_one_line(tmp_path, capsys) -> None:
+    assert _run(["--model", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "no_model" in _error_line(capsys)
+    assert _run(["--model", __file__, "--output_dir", str(tmp_path / "out")]) == 2
+    assert "is a file" in _error_line(capsys)
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path, stories_dir, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert _run(["--model", str(stories_dir), "--output_dir", str(blocker / "out")]) == 2
+    assert "not a directory" in _error_line(capsys)
+
+
+def test_argparse_errors_are_one_line_too(capsys) -> None:
+    assert _run(["--bits", "4"]) == 2  # no --model
+    assert "--model" in _error_line(capsys)
+    assert _run(["list", "nothing"]) == 2
+    line = _error_line(capsys)
+    assert "'nothing'" in line and "signround list --help" in line
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(tmp_path, stories_dir, capsys, monkeypatch, how) -> None:
+    argv = ["--model", str(stories_dir), "--bits", "5", "--output_dir", str(tmp_path / "out")]
+    if how == "flag":
+        argv.insert(0, "--debug")  # accepted anywhere, also before the subcommand's own flags
+    else:
+        monkeypatch.setenv("SIGNROUND_DEBUG", "1")
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: bits=5" in err
+    assert err.splitlines()[-1] == "signround: error: bits=5 is not supported; accepted: [2, 3, 4, 8]"
+
+
+def test_debug_flag_is_accepted_by_subcommands(capsys) -> None:
+    assert main(["list", "schemes", "--debug"]) == 0
+    assert "W4A16" in capsys.readouterr().out
+
+
+def test_internal_errors_keep_their_traceback_and_exit_1(capsys, monkeypatch) -> None:
+    import signround.cli
+
+    def broken(argv):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(signround.cli, "quantize_main", broken)
+    assert _run(["--model", "m"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "signround: internal error: RuntimeError: boom"
+
+
+def test_interrupt_exits_130(capsys, monkeypatch) -> None:
+    import signround.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(signround.cli, "quantize_main", interrupted)
+    assert _run(["--model", "m"]) == 130
+    assert capsys.readouterr().err == "signround: interrupted\n"
+
+
+def test_console_script_bad_bits_is_one_line(tmp_path, stories_dir) -> None:
+    """The installed ``signround`` command, in a real process."""
+    script = Path(sys.executable).with_name("signround")
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    env = {k: v for k, v in os.environ.items() if k != "SIGNROUND_DEBUG"}
+    argv = [str(script), "--model", str(stories_dir), "--bits", "5", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["signround: error: bits=5 is not supported; accepted: [2, 3, 4, 8]"]
+    assert proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+# -- per-layer flags ---------------------------------------------------------------------------------------------
+def test_layer_flags_reach_the_config() -> None:
+    from signround import AutoRoundConfig
+
+    kwargs = _kwargs(
+        "--ignore_layers", "lm_head,mlp.down_proj", "--fp_layers", "k_proj", "--to_quant_block_names",
+        "model.language_model.layers", "--quant_nontext_module", "--layer_config", '{"q_proj": "W8A16"}',
+    )  # fmt: skip
+    assert kwargs == {
+        "ignore_layers": "lm_head,mlp.down_proj",
+        "fp_layers": "k_proj",
+        "to_quant_block_names": "model.language_model.layers",
+        "quant_nontext_module": True,
+        "layer_config": {"q_proj": "W8A16"},
+    }
+    cfg = AutoRoundConfig(**kwargs)
+    assert cfg.ignore_layers == ["lm_head", "mlp.down_proj", "k_proj"]
+    assert cfg.layer_config == {
+        "q_proj": "W8A16",
+        "lm_head": {"bits": 16},
+        "mlp.down_proj": {"bits": 16},
+        "k_proj": {"bits": 16},
+    }
+    assert (cfg.to_quant_block_names, cfg.quant_nontext_module) == (["model.language_model.layers"], True)
+    assert "quant_nontext_module" not in _kwargs()  # store_true flags pass nothing unless given
+
+
+def test_layer_config_key_matching_nothing_names_close_layers(tmp_path, stories_dir, capsys) -> None:
+    argv = ["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--group_size", "32"]
+    assert _run([*argv, "--ignore_layers", "self_attn.k_prj", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]  # after the model-loading progress bar
+    assert line.startswith("signround: error: layer_config key 'self_attn.k_prj' matches no layer")
+    assert "self_attn.k_proj" in line
+    assert not (tmp_path / "out").exists()

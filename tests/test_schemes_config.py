@@ -128,6 +128,7 @@ def test_layer_override_forms() -> None:
     assert layer_override("W8A16") == {"bits": 8, "group_size": 128, "sym": True}
     assert layer_override("BF16") == {"bits": 16}
     assert layer_override({"bits": 16}) == {"bits": 16}
+    assert layer_override(16) == {"bits": 16}  # the reference's shorthand for "keep in 16 bit"
 
 
 # -- serialisation -------------------------------------------------------------------------------------------------

@@ -22,17 +22,28 @@ from torch import nn
 from .config import AutoRoundConfig
 from .data import load_calibration
 from .layers import install_quantized
+from .models import block_lists, find_blocks, inventory, quantizable_layers, to_linear, unfuse_experts
 from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
 from .tuning.block import TuneOptions
-from .tuning.engine import TuneReport, find_blocks, quantizable_layers, rtn_only
+from .tuning.engine import TuneReport, rtn_only
 from .tuning.engine import run as run_tuning
 
 logger = logging.getLogger(__name__)
 
 
+def prepare_model(model: nn.Module) -> dict[str, Any]:
+    """Make every quantizable weight an ``nn.Linear`` the later stages can tune and pack: fused MoE experts
+    become per-expert Linear layers named as on disk (:mod:`signround.models.experts`).  Idempotent."""
+    return unfuse_experts(model)
+
+
 def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
-    """Which layers to quantize and how; layers a requested format cannot hold stay in 16 bit (one warning)."""
+    """Which layers to quantize and how, for every Linear-like weight of ``model`` (kept ones with their reason).
+
+    Layers a requested format cannot hold stay in 16 bit (one warning); a plan that quantizes nothing is an error.
+    Planned GPT-2-style Conv1D layers become nn.Linear here (a Conv1D is a transposed Linear).
+    """
     default = config.default_spec()
     packers = [format_packer(f, default) for f in config.formats()]
 
@@ -43,17 +54,44 @@ def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
                 return reason
         return None
 
-    plan = resolve_plan(quantizable_layers(model, config.quant_lm_head), default, config.layer_config, can_hold)
-    if default is not None and not plan.layers and plan.skipped:
-        reasons = sorted({s.reason for s in plan.skipped})
-        raise ValueError(f"no layer of this model can be quantized with {default}: {'; '.join(reasons)}")
-    if plan.skipped:
-        by_reason: dict[str, list[str]] = {}
-        for skipped in plan.skipped:
-            by_reason.setdefault(skipped.reason, []).append(skipped.name)
-        listed = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
-        logger.warning("%d layers kept in 16 bit — %s", len(plan.skipped), listed)
+    prepare_model(model)
+    inv = inventory(
+        model,
+        config.quant_lm_head,
+        config.to_quant_block_names,
+        config.quant_nontext_module,
+    )
+    plan = resolve_plan(inv.candidates, default, config.layer_config, can_hold, strict_keys=True, other_layers=inv.kept)
+    if default is not None and not plan.layers:
+        reasons = sorted({s.reason for s in plan.skipped}) or ["no Linear-like layer inside its decoder blocks"]
+        raise ValueError(f"no layer of {type(model).__name__} can be quantized with {default}: {'; '.join(reasons)}")
+    to_linear(model, plan.layers)
+    plan.skipped = [SkippedLayer(name, reason) for name, reason in inv.kept.items()] + plan.skipped
+    _log_plan(model, plan, inv)
     return plan
+
+
+def _log_plan(model: nn.Module, plan: QuantPlan, inv: Any) -> None:
+    """One line before tuning: what is quantized out of the model's total, and every kept group with its reason."""
+    quantized = sum(inv.numel.get(name, 0) for name in plan.layers)
+    total = sum(p.numel() for p in model.parameters())
+    by_reason: dict[str, int] = {}
+    for skipped in plan.skipped:
+        by_reason[skipped.reason] = by_reason.get(skipped.reason, 0) + 1
+    kept = "; ".join(f"{reason}: {n}" for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+    logger.info(
+        "quantizing %d layers, %s of %s parameters (%.1f%%); kept in 16 bit: %s",
+        len(plan.layers), _count(quantized), _count(total), 100.0 * quantized / max(total, 1), kept or "none",
+    )  # fmt: skip
+    shape_kept = [s for s in plan.skipped if s.name not in inv.kept]
+    if shape_kept:
+        logger.warning(
+            "%d layers kept in 16 bit — %s", len(shape_kept), "; ".join(f"{s.name}: {s.reason}" for s in shape_kept)
+        )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOptions:
@@ -88,7 +126,9 @@ def quantize_model(
     if config.iters == 0 and config.disable_opt_rtn:  # plain RTN needs no calibration data
         return QuantizationResult(plan, rtn_only(model, plan, options))
     calib = load_calibration(config.dataset, tokenizer, config.seqlen, config.nsamples, config.seed)
-    return QuantizationResult(plan, run_tuning(model, plan, calib.input_ids, calib.attention_mask, options))
+    block_path = find_blocks(model)[0]
+    report = run_tuning(model, plan, calib.input_ids, calib.attention_mask, options, block_path)
+    return QuantizationResult(plan, report)
 
 
 def pack_model(
@@ -107,11 +147,15 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
     """Make ``config`` (what save_pretrained writes) describe the packed model, in the format's own keys."""
     default = config.default_spec() or LayerSpec()
     overrides: dict[str, dict[str, Any]] = dict(plan.overrides())
-    for skipped in plan.skipped:
-        overrides[skipped.name] = {"bits": 16}
-    block_path, _blocks = find_blocks(model)
+    block_paths = [path for path, _ in block_lists(model, config.to_quant_block_names, config.quant_nontext_module)]
+    in_blocks = tuple(f"{path}." for path in block_paths)
+    # Layers of the quantized blocks left in 16 bit (routers, shapes, the user's) are named: the reference's loader
+    # and serving engines expect packed tensors for every other layer there.  Layers outside the blocks are not.
+    for name in [s.name for s in plan.skipped] + list(plan.kept):
+        if name.startswith(in_blocks):
+            overrides[name] = {"bits": 16}
     for name in plan.layers:  # quantized layers outside the blocks (lm_head) must be named, even if equal to default
-        if not name.startswith(block_path + "."):
+        if not name.startswith(in_blocks):
             overrides.setdefault(name, {})
     extra = {
         "iters": config.iters,
@@ -123,7 +167,7 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         "gradient_accumulate_steps": config.gradient_accumulate_steps,
         "amp": config.amp,
         "dataset": config.dataset if isinstance(config.dataset, str) else "custom",
-        "block_name_to_quantize": block_path,
+        "block_name_to_quantize": ",".join(block_paths),
         "quant_lm_head": config.quant_lm_head or None,
         "signround_version": _version(),
     }

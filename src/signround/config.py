@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .schemes import SUPPORTED_BITS, LayerSpec, layer_override, scheme_fields, scheme_names
+from .schemes import KEEP_16_BIT, SUPPORTED_BITS, LayerSpec, keeps_16_bit, layer_override, scheme_fields, scheme_names
 
 QUANT_METHOD = "auto-round"
 DEFAULT_DATASET = "NeelNanda/pile-10k"
@@ -43,6 +43,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _name_list(value: Any, what: str) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (the reference takes comma-separated strings; lists are kinder)."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    _require(
+        isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items),
+        f"{what} must be a comma-separated string or a list of strings, got {value!r}",
+    )
+    return [item.strip() for item in items if item.strip()]
+
+
 def _check_dataset_spec(dataset: str) -> None:
     """Syntax of a dataset spec and existence of its local files, before any model is loaded."""
     from pathlib import Path
@@ -62,8 +74,24 @@ class AutoRoundConfig(QuantizationConfigMixin):
     explicitly passed ``bits``, ``group_size`` or ``sym`` override it.  ``iters=0`` gives (optimised)
     RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``amp`` runs the tuning loop's block in bf16 where the
     device has native bf16 (CUDA, CPUs with AVX512-BF16/AMX), as the reference does; the fake quantizer's
-    float32 weights, the targets and the loss stay float32.  ``layer_config`` maps exact layer names to a scheme
-    name or a dict of LayerSpec fields (``{"bits": 16}`` keeps a layer unquantized).
+    float32 weights, the targets and the loss stay float32.
+
+    Per-layer control, with the reference's names:
+
+    - ``layer_config`` maps a key to a scheme name (``"W8A16"``), a dict of LayerSpec fields, or ``16`` /
+      ``"BF16"`` / ``{"bits": 16}`` (keep the layer in 16 bit).  A key is an exact layer name, a name fragment
+      (``"k_proj"``: every layer whose name contains it), a shell wildcard (``"*.self_attn.k_proj"``) or a regular
+      expression (``"layers[.][0-3][.]mlp"``), searched in the layer names like the reference does
+      (``schemes.key_matches``).
+    - Precedence for one layer: the key equal to its name wins; otherwise the *first* matching key in dict
+      order (as the reference's checkpoint loader does), so put specific patterns before general ones.
+    - ``ignore_layers`` (``"lm_head,mlp.gate"`` or a list; ``fp_layers`` is the older name of the same) keeps the
+      layers they match in 16 bit.  They become ``{"bits": 16}`` entries appended *after* ``layer_config``'s own
+      (a key already in ``layer_config`` keeps its value), so ``layer_config`` wins over them except where an
+      ignore entry is an exact layer name and the ``layer_config`` key only a pattern (exact beats patterns).
+    - A key that matches no layer of the model is an error when planning, listing the closest layer names.
+    - ``to_quant_block_names`` (``"model.language_model.layers"`` or a list; ``None`` = found automatically) names
+      the decoder block lists to tune; ``quant_nontext_module`` also quantizes vision / audio towers' blocks.
     """
 
     def __init__(
@@ -82,6 +110,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
         dataset: Any = DEFAULT_DATASET,
         seed: int = 42,
         layer_config: Mapping[str, Any] | None = None,
+        ignore_layers: str | list[str] | None = None,
+        fp_layers: str | list[str] | None = None,
+        to_quant_block_names: str | list[str] | None = None,
+        quant_nontext_module: bool = False,
         quant_lm_head: bool = False,
         format: str = "auto_round",
         backend: str = "auto",
@@ -117,7 +149,17 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.gradient_accumulate_steps = gradient_accumulate_steps
         self.dataset = dataset
         self.seed = seed
+        _require(
+            layer_config is None or isinstance(layer_config, Mapping),
+            f"layer_config must be a dict, got {type(layer_config).__name__}",
+        )
+        self.ignore_layers = [*_name_list(ignore_layers, "ignore_layers"), *_name_list(fp_layers, "fp_layers")]
+        # ignore_layers come after the user's own entries: those win (see the class docstring).
         self.layer_config = dict(layer_config or {})
+        for name in self.ignore_layers:
+            self.layer_config.setdefault(name, dict(KEEP_16_BIT))
+        self.to_quant_block_names = _name_list(to_quant_block_names, "to_quant_block_names") or None
+        self.quant_nontext_module = quant_nontext_module
         self.quant_lm_head = quant_lm_head
         self.format = format
         self.backend = backend
@@ -192,7 +234,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        for name in ("quant_lm_head", "enable_torch_compile", "disable_opt_rtn", "amp"):
+        for name in ("quant_lm_head", "quant_nontext_module", "enable_torch_compile", "disable_opt_rtn", "amp"):
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"
             )
@@ -209,9 +251,12 @@ class AutoRoundConfig(QuantizationConfigMixin):
             isinstance(self.layer_config, dict), f"layer_config must be a dict, got {type(self.layer_config).__name__}"
         )
         for name, value in self.layer_config.items():
-            _require(isinstance(name, str) and name, f"layer_config keys must be layer names, got {name!r}")
+            _require(
+                isinstance(name, str) and name.strip(),
+                f"layer_config keys must be layer names, fragments or patterns, got {name!r}",
+            )
             override = layer_override(value)
-            if override.get("bits", 0) < 16:
+            if not keeps_16_bit(override):
                 LayerSpec(**{**self.default_spec_fields(), **override})  # raises with the accepted values
         self._validate_formats()
         self._validate_backend()
@@ -227,7 +272,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         specs = {}
         for layer, value in self.layer_config.items():
             override = layer_override(value)
-            if override.get("bits", 0) < 16:
+            if not keeps_16_bit(override):
                 specs[layer] = LayerSpec(**{**self.default_spec_fields(), **override})
         for name in self.formats():
             packer = format_packer(name, default)  # raises on an unknown format, listing the accepted ones
@@ -297,6 +342,13 @@ class AutoRoundConfig(QuantizationConfigMixin):
             else f"<{type(self.dataset).__name__} of {len(self.dataset)} samples>"
         )
         out["quant_lm_head"] = self.quant_lm_head
+        # Only when set, so configs of plain runs keep the keys they always had.
+        if self.ignore_layers:
+            out["ignore_layers"] = ",".join(self.ignore_layers)
+        if self.to_quant_block_names is not None:
+            out["to_quant_block_names"] = list(self.to_quant_block_names)
+        if self.quant_nontext_module:
+            out["quant_nontext_module"] = True
         out["backend"] = self.backend
         out.update(copy.deepcopy(self.unknown_keys))
         return out

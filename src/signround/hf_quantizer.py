@@ -15,7 +15,6 @@ How it is wired (facts of transformers 5, see DESIGN.md "The Transformers plugin
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from .config import QUANT_METHOD, AutoRoundConfig
 from .convert import CHECKPOINT_METHODS, read_checkpoint_config
 from .kernels.base import QuantLinear
 from .layers import install_empty, quant_linears
+from .models import head_name, linear_experts, unfuse_experts
+from .models.conv1d import features, is_linear_like
 from .schemes import resolve_plan
-from .tuning.engine import head_name, quantizable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +60,54 @@ def _target_device(device_map: Any) -> str:
     return f"cuda:{value}" if value.isdigit() else value
 
 
-def _checkpoint_tensor_names(path: str) -> set[str] | None:
-    """Tensor names in a local safetensors checkpoint (headers only); None when it cannot be listed."""
-    root = Path(path)
-    if not root.is_dir():
-        return None
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        return None
+def _stored_tensor_names(checkpoint_files: list[str] | None) -> set[str]:
+    """Tensor names of the checkpoint's safetensors files (headers only)."""
     from safetensors import safe_open
 
     names: set[str] = set()
-    for f in files:
+    for f in checkpoint_files or []:
+        if not str(f).endswith(".safetensors"):
+            raise ValueError(f"signround loads safetensors checkpoints only; got {Path(f).name!r}")
         with safe_open(str(f), framework="pt") as handle:
             names.update(handle.keys())
     return names
+
+
+def _renamed(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the name it takes in ``model``, through transformers' own renamings (legacy VLM
+    prefixes ``language_model.model.`` -> ``model.language_model.``, Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return {name: rename_source_key(name, renamings, [])[0] for name in names}
+
+
+def _quantized_layer_names(stored: set[str], packer_tensors: tuple[str, ...]) -> set[str]:
+    """Layers holding the packing's first tensor (``qweight``, ``weight_packed``) in the checkpoint."""
+    suffix = "." + packer_tensors[0]
+    return {name[: -len(suffix)] for name in stored if name.endswith(suffix)}
+
+
+_FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _overrides_for(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The checkpoint's per-layer spec overrides.  Its 16-bit entries are dropped: which layers are packed is read
+    from the tensors themselves, and a 16-bit pattern (matched with ``re.search``, as the reference does) must not
+    unpack a layer whose tensors are there."""
+    return {k: v for k, v in overrides.items() if v.get("bits", 0) < 16}
+
+
+def _mark_parents_initialized(model: nn.Module, installed: dict[str, Any], stored: set[str]) -> None:
+    """Some families' weight init reaches into a parent for its child's weight (GPT-2 rescales ``c_proj.weight``),
+    which a QuantLinear does not have.  A parent whose own tensors all come from the checkpoint needs no init."""
+    for name in installed:
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name)
+        own = [f"{parent_name}.{n}" for n, _ in parent.named_parameters(recurse=False)]
+        if all(key in stored for key in own):
+            parent._is_hf_initialized = True
 
 
 class SignRoundHfQuantizer(HfQuantizer):
@@ -89,28 +119,71 @@ class SignRoundHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.device_map: Any = None
         self.installed: dict[str, QuantLinear] = {}
+        self.stored_names: set[str] | None = None  # checkpoint tensor names as the model names them
+        self.unfused_experts: dict[str, Any] = {}
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.device_map = kwargs.get("device_map")
 
     # -- loading a packed checkpoint ------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        """Swap in empty QuantLinear layers for exactly the layers whose packed tensors the checkpoint holds.
+
+        The checkpoint's tensor names (renamed as transformers will rename them) decide which layers are quantized;
+        its quantization_config gives their specs.  Fused MoE experts whose per-expert tensors are packed become
+        per-expert Linear layers first.  A packed layer the model does not have is an error, never dropped.
+        """
         if not self.pre_quantized:
             return model  # quantize-on-load: keep plain Linear layers until the weights are in
         config: AutoRoundConfig = self.quantization_config
         checkpoint = read_checkpoint_config(config.to_dict())
         packer, default, overrides = checkpoint.packer, checkpoint.default, checkpoint.overrides
-        wanted = {name for name, entry in overrides.items() if entry.get("bits", default.bits) < 16}
-        head = head_name(model)
-        candidates = [c for c in quantizable_layers(model, include_lm_head=True) if c[0] != head or c[0] in wanted]
-        plan = resolve_plan(candidates, default, overrides, packer.can_load)
+        stored = _stored_tensor_names(kwargs.get("checkpoint_files"))
+        self.stored_names = set(_renamed(model, stored).values())
+        packed = _quantized_layer_names(self.stored_names, packer.tensor_names)
+        if any(".experts." in name for name in packed):
+            self.unfused_experts = unfuse_experts(model, empty=True)
+        modules = dict(model.named_modules())
+        unknown = sorted(name for name in packed if not is_linear_like(modules.get(name, nn.Identity())))
+        if unknown:
+            raise ValueError(
+                f"checkpoint holds packed tensors for {len(unknown)} layers that {type(model).__name__} has no "
+                f"Linear for: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+            )
+        candidates = [(name, *features(modules[name])) for name in sorted(packed)]
+        plan = resolve_plan(candidates, default, _overrides_for(overrides), packer.can_load)
+        refused = plan.skipped
+        if refused:
+            raise ValueError(
+                f"layer {refused[0].name!r} is packed in the checkpoint but cannot be loaded: {refused[0].reason}"
+            )
         dtype = next(iter(model.parameters())).dtype
         self.installed = install_empty(
             model, plan.layers, packer.name, _target_device(self.device_map), dtype, config.backend
         )
+        _mark_parents_initialized(model, self.installed, self.stored_names)
+        head = head_name(model)
         if head is not None and head in self.installed:
             _untie_quantized_head(model, head)
         return model
+
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """Once experts are per-expert layers, transformers' rules merging ``experts.*.w1.weight`` into the fused
+        ``experts.gate_up_proj`` no longer apply: per-expert tensors load into their own layers."""
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if not self.unfused_experts:
+            return conversions
+        from transformers.core_model_loading import WeightConverter
+
+        fused = {f"{name.rpartition('.')[2]}.{p}" for name in self.unfused_experts for p in _FUSED_EXPERT_PARAMS}
+        return [
+            c
+            for c in conversions
+            if not (
+                isinstance(c, WeightConverter)
+                and any(t.rstrip("$").endswith(tuple(fused)) for t in c._original_target_patterns)
+            )
+        ]
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
@@ -120,7 +193,9 @@ class SignRoundHfQuantizer(HfQuantizer):
         return model
 
     def _check_and_init(self, model: nn.Module) -> None:
-        stored = _checkpoint_tensor_names(getattr(model, "name_or_path", "") or "")
+        """Every packed layer found all its tensors, and every per-expert layer its weight: else an error naming
+        them (transformers only warns and leaves uninitialised memory)."""
+        stored = self.stored_names
         for name, layer in quant_linears(model).items():
             if stored is not None:
                 missing = [t for t in layer.expected_buffers() if f"{name}.{t}" not in stored]
@@ -130,6 +205,14 @@ class SignRoundHfQuantizer(HfQuantizer):
                     )
             layer.check_loaded(name)
             layer.post_init()
+        if stored is not None:
+            for experts_name, experts in linear_experts(model).items():
+                for sub, module in experts.named_modules():
+                    if isinstance(module, nn.Linear) and f"{experts_name}.{sub}.weight" not in stored:
+                        raise ValueError(
+                            f"layer '{experts_name}.{sub}': its weight is missing from the checkpoint "
+                            f"{model.name_or_path!r} (experts are stored per expert)"
+                        )
 
     # -- quantize on load -----------------------------------------------------------------------------------------
     def _quantize(self, model: nn.Module) -> None:

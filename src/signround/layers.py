@@ -13,6 +13,7 @@ from torch import nn
 
 from .kernels.base import QuantLinear
 from .kernels.registry import select
+from .models.conv1d import features, is_linear_like
 from .quant.int import QuantizedTensor
 from .schemes import LayerSpec
 
@@ -23,8 +24,11 @@ def _requested(backend: str | None) -> str | None:
 
 def _select_for(name: str, spec: LayerSpec, packing: str, device, dtype: torch.dtype, linear, backend: str | None):
     """``select`` for one named layer; its errors name the layer, so a forced backend says which layer it cannot run."""
+    in_features, out_features = (
+        (linear.in_features, linear.out_features) if hasattr(linear, "in_features") else features(linear)
+    )
     try:
-        return select(spec, packing, device, dtype, linear.in_features, linear.out_features, _requested(backend))
+        return select(spec, packing, device, dtype, in_features, out_features, _requested(backend))
     except ValueError as err:
         raise ValueError(f"layer {name!r}: {err}") from err
 
@@ -64,18 +68,20 @@ def install_empty(
     dtype: torch.dtype,
     backend: str | None = "auto",
 ) -> dict[str, QuantLinear]:
-    """Replace each named Linear by an empty QuantLinear on the meta device, ready for the checkpoint loader.
+    """Replace each named Linear (or GPT-2 Conv1D) by an empty QuantLinear on the meta device, ready for the
+    checkpoint loader.
 
     ``device`` is where the layer will run (it decides the backend); buffers are created on meta.
     """
     installed = {}
     for name, spec in specs.items():
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
+        if not is_linear_like(linear):
             raise TypeError(f"checkpoint layer {name!r} is a {type(linear).__name__} in this model, expected nn.Linear")
+        in_features, out_features = features(linear)
         chosen = _select_for(name, spec, packing, device, dtype, linear, backend)
         layer = chosen.quant_linear(
-            linear.in_features, linear.out_features, spec, packing, linear.bias is not None, dtype, device="meta"
+            in_features, out_features, spec, packing, linear.bias is not None, dtype, device="meta"
         )
         model.set_submodule(name, layer)
         installed[name] = layer

@@ -6,7 +6,8 @@ packing, kernels) reads it and nothing re-derives bits / group size / symmetry f
 
 from __future__ import annotations
 
-import fnmatch
+import difflib
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -76,13 +77,25 @@ def scheme_fields(name: str) -> dict[str, Any] | None:
 LAYER_SPEC_KEYS = ("bits", "group_size", "sym", "data_type", "act_bits")
 
 
+KEEP_16_BIT: dict[str, Any] = {"bits": 16}
+
+
 def layer_override(value: Any) -> dict[str, Any]:
-    """A layer_config value -> LayerSpec field overrides (a scheme name or a dict of fields)."""
+    """A layer_config value -> LayerSpec field overrides.
+
+    Accepted, as in the reference: a scheme name (``"W8A16"``; ``"BF16"`` keeps the layer in 16 bit), the integer
+    ``16`` (keep in 16 bit), or a dict of LayerSpec fields (``{"bits": 16}`` keeps the layer in 16 bit).
+    """
     if isinstance(value, str):
         fields = scheme_fields(value)
-        return {"bits": 16} if fields is None else fields
+        return dict(KEEP_16_BIT) if fields is None else fields
+    if isinstance(value, int) and not isinstance(value, bool) and value == 16:
+        return dict(KEEP_16_BIT)
     if not isinstance(value, Mapping):
-        raise ValueError(f"layer_config values must be a scheme name or a dict of {LAYER_SPEC_KEYS}, got {value!r}")
+        raise ValueError(
+            f"layer_config values must be a scheme name ({', '.join(SCHEMES)}), 16 (keep unquantized) or a dict of "
+            f"{LAYER_SPEC_KEYS}, got {value!r}"
+        )
     unknown = set(value) - set(LAYER_SPEC_KEYS)
     if unknown:
         raise ValueError(f"unknown layer_config keys {sorted(unknown)}; accepted: {list(LAYER_SPEC_KEYS)}")
@@ -94,18 +107,74 @@ def layer_override(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _pattern_matches(pattern: str, name: str) -> bool:
-    """Exact name, shell-style wildcard (``*k_proj``) or a regular expression matching the whole name."""
-    if pattern == name:
-        return True
-    if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
-        return True
-    try:
-        if re.fullmatch(pattern, name):
-            return True
-    except re.error:
-        return False
-    return False
+def keeps_16_bit(override: Mapping[str, Any]) -> bool:
+    """Whether a parsed layer_config value leaves its layers unquantized."""
+    return override.get("bits", 0) >= 16
+
+
+# What makes a key a regular expression rather than a name fragment (the reference's heuristic, plus ``\`` and ``{``).
+_REGEX_TOKENS = (".*", "^", "$", "|", "(", ")", "[", "]", "?", "+", "\\", "{")
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_regexes(key: str) -> tuple[re.Pattern[str], ...]:
+    """The ways a layer_config key reads, each searched in layer names (``re.search``) as the reference does.
+
+    A key with regex tokens (``"model.layers.*k_proj"``, ``"layers[.][0-3][.]"``, ``"(q|v)_proj$"``) is a regular
+    expression; any other key is a literal name fragment (``"k_proj"``; ``"layers.1."`` does not find
+    ``layers.10``).  A ``*`` / ``?`` also reads as a shell wildcard (``"*.self_attn.k_proj"`` is no valid regex).
+    Cached: planning asks every key about every layer name.
+    """
+    readings = [key if any(token in key for token in _REGEX_TOKENS) else re.escape(key)]
+    if "*" in key or "?" in key:
+        readings.append(re.escape(key).replace(r"\*", ".*").replace(r"\?", "."))
+    out = []
+    for reading in readings:
+        try:
+            out.append(re.compile(reading))
+        except re.error:
+            out.append(re.compile(re.escape(key)))  # not a valid regex after all: a literal fragment
+    return tuple(out)
+
+
+def key_matches(key: str, name: str) -> bool:
+    """Whether a ``layer_config`` / ``extra_config`` key names layer ``name``: exact, fragment, wildcard or regex.
+
+    One function for planning and for loading checkpoints, so a saved ``extra_config`` reads back the way the
+    reference's loader reads it (``re.search`` of each key in each layer name).
+    """
+    return key == name or any(regex.search(name) for regex in _key_regexes(key))
+
+
+def _closest_names(key: str, names: list[str], n: int = 5) -> list[str]:
+    """Layer names (or their dotted tails, for fragment keys such as ``"k_prj"``) that look like ``key``."""
+    tails = {".".join(parts[i:]) for parts in (name.split(".") for name in names) for i in range(1, len(parts))}
+    pool = list(dict.fromkeys([*names, *sorted(t for t in tails if not t[0].isdigit())]))
+    return difflib.get_close_matches(key, pool, n=n, cutoff=0.6)
+
+
+def _check_keys(
+    keys: Mapping[str, dict[str, Any]], names: list[str], exact: set[str], other_layers: Mapping[str, str]
+) -> None:
+    """``resolve_plan(strict_keys=True)``: every key must name at least one layer; why not, and what is close."""
+    for key, override in keys.items():
+        if key in exact or any(key_matches(key, name) for name in names):
+            continue
+        others = {name: why for name, why in other_layers.items() if key_matches(key, name)}
+        if others and keeps_16_bit(override):
+            continue  # e.g. ignore_layers="lm_head" while the head is not quantized anyway
+        if others:
+            listed = "; ".join(f"{name}: {why}" if why else name for name, why in list(others.items())[:5])
+            raise ValueError(
+                f"layer_config[{key!r}] asks to quantize layers that are not quantization candidates ({listed}); "
+                "quant_lm_head=True quantizes the output head, to_quant_block_names chooses the block lists"
+            )
+        close = _closest_names(key, [*names, *other_layers])
+        hint = f"closest: {close}" if close else f"layers look like {names[:3]}"
+        raise ValueError(
+            f"layer_config key {key!r} matches no layer of this model ({hint}); keys are exact names, name "
+            "fragments, shell wildcards or regular expressions searched in the layer names"
+        )
 
 
 @dataclass
@@ -116,11 +185,18 @@ class SkippedLayer:
 
 @dataclass
 class QuantPlan:
-    """Which layers get quantized, and how; layers left in 16 bit are absent from ``layers``."""
+    """Which layers get quantized, and how; layers left in 16 bit are absent from ``layers``.
+
+    Every candidate is in exactly one of ``layers``, ``skipped`` (the format or shape refused it: warned about)
+    and ``kept`` (16 bit on request: a ``layer_config`` / ``ignore_layers`` entry, or a 16-bit default).  A
+    checkpoint's ``extra_config`` must list ``skipped`` and ``kept`` as ``{"bits": 16}``, or loaders that trust the
+    default expect packed tensors for them.
+    """
 
     layers: dict[str, LayerSpec] = field(default_factory=dict)
     skipped: list[SkippedLayer] = field(default_factory=list)
     default: LayerSpec | None = None
+    kept: list[str] = field(default_factory=list)
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         """Per-layer differences from ``default`` (for a checkpoint's ``extra_config``)."""
@@ -140,22 +216,40 @@ def resolve_plan(
     default: LayerSpec | None,
     layer_config: Mapping[str, Any] | None = None,
     can_hold: Callable[[LayerSpec, int, int], str | None] | None = None,
+    strict_keys: bool = False,
+    other_layers: Mapping[str, str] | Iterable[str] = (),
 ) -> QuantPlan:
     """Build the plan from candidate layers ``(name, in_features, out_features)``.
 
-    ``layer_config`` overrides apply in order: exact names first, then patterns.  ``can_hold`` is the
-    target format's shape check; a layer it refuses stays in 16 bit, with the reason kept in ``skipped``.
+    Which ``layer_config`` entry applies to a layer: the key equal to its name, else the first key in dict order
+    that matches it (``key_matches``: fragment, wildcard or regex; the reference's loader also keeps the first
+    match).  A key equal to some candidate's name is only that exact name, never a pattern for the others.
+    ``can_hold`` is the target format's shape check; a layer it refuses stays in 16 bit, with the reason kept
+    in ``skipped``.
+
+    ``strict_keys=True`` (planning a quantization) makes a key that matches no candidate a ``ValueError`` listing
+    the closest names; ``other_layers`` are the model's layers that are not candidates (an unquantized ``lm_head``,
+    layers outside the blocks), as names or ``{name: why}``: keys naming only those are accepted when they keep
+    16 bit, and refused (with the why) when they ask for quantization.  Loading a checkpoint leaves
+    ``strict_keys`` False: its ``extra_config`` may name layers this model lacks (e.g. an untied lm_head).
     """
-    layer_config = dict(layer_config or {})
-    parsed = {pattern: layer_override(value) for pattern, value in layer_config.items()}
+    candidates = list(candidates)
+    names = [name for name, _, _ in candidates]
+    parsed = {key: layer_override(value) for key, value in dict(layer_config or {}).items()}
+    exact = set(parsed) & set(names)
+    patterns = [key for key in parsed if key not in exact]
+    if strict_keys:
+        others = other_layers if isinstance(other_layers, Mapping) else dict.fromkeys(other_layers, "")
+        _check_keys(parsed, names, exact, others)
     plan = QuantPlan(default=default)
     for name, in_features, out_features in candidates:
         fields = None if default is None else default.to_dict()
-        matched = [p for p in parsed if p == name] or [p for p in parsed if _pattern_matches(p, name)]
-        for pattern in matched[:1]:
-            override = parsed[pattern]
-            fields = None if override.get("bits", 0) >= 16 else {**(fields or LayerSpec().to_dict()), **override}
+        key = name if name in exact else next((p for p in patterns if key_matches(p, name)), None)
+        if key is not None:
+            override = parsed[key]
+            fields = None if keeps_16_bit(override) else {**(fields or LayerSpec().to_dict()), **override}
         if fields is None:
+            plan.kept.append(name)
             continue
         spec = LayerSpec(**fields)
         gs = in_features if spec.group_size == -1 else spec.group_size

@@ -131,7 +131,7 @@ class _GptqLayout(_AutoRoundLayout):
         overrides: dict[str, dict[str, Any]] = {}
         for key, fields in (cfg.get("dynamic") or {}).items():
             sign, _, pattern = key.partition(":") if key[:2] in ("+:", "-:") else ("+", ":", key)
-            pattern = f"(?:{pattern}).*"  # GPTQModel matches with re.match (anchored at the start only)
+            pattern = f"^(?:{pattern})"  # GPTQModel matches with re.match (anchored at the start only)
             if sign == "-":
                 overrides[pattern] = {"bits": 16}
             else:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import final_norm, find_blocks, head_name, observing_experts
+from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
 from ..quant.int import QuantizedTensor, dequantize, quantize
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, TuneOptions, run_block, tune_block
@@ -26,57 +28,6 @@ from .rtn import optimized_rtn_params, plain_rtn_params
 
 logger = logging.getLogger(__name__)
 
-# Where architectures keep their decoder blocks, most common first.  A new architecture whose blocks
-# live elsewhere only needs its path added here.
-BLOCK_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "transformer.h",
-    "model.decoder.layers",
-    "transformer.blocks",
-    "gpt_neox.layers",
-    "transformer.layers",
-)
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's decoder blocks and their path (e.g. ``model.layers``)."""
-    for path in BLOCK_PATHS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return path, blocks
-    raise ValueError(
-        f"cannot find the decoder blocks of {type(model).__name__}; looked for {list(BLOCK_PATHS)}. "
-        "Add the path of its nn.ModuleList of blocks to signround.tuning.engine.BLOCK_PATHS."
-    )
-
-
-def head_name(model: nn.Module) -> str | None:
-    """Name of the output projection (lm_head) when it is an nn.Linear, else None."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
-
-
-def quantizable_layers(model: nn.Module, include_lm_head: bool = False) -> list[tuple[str, int, int]]:
-    """Candidate layers ``(name, in_features, out_features)``: every nn.Linear inside the blocks (+ lm_head)."""
-    path, blocks = find_blocks(model)
-    out = []
-    for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                out.append((f"{path}.{i}.{name}", module.in_features, module.out_features))
-    if include_lm_head:
-        name = head_name(model)
-        if name is not None:
-            head = model.get_submodule(name)
-            out.append((name, head.in_features, head.out_features))
-    return out
-
 
 @dataclass
 class TuneReport:
@@ -84,6 +35,18 @@ class TuneReport:
 
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
     block_losses: list[tuple[float | None, float | None]] = field(default_factory=list)
+    # Mixture-of-experts coverage: tokens the calibration set routed to each expert (``<experts module>.<i>``).
+    # An expert with none still gets quantized: its start (optimised RTN) is weighted by every token's inputs,
+    # and the block loss gives it no gradient, so it keeps that start.
+    expert_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def experts_on_data(self) -> int:
+        return sum(1 for n in self.expert_tokens.values() if n > 0)
+
+    @property
+    def experts_without_tokens(self) -> list[str]:
+        return [name for name, n in self.expert_tokens.items() if n == 0]
 
 
 class _InputEnergy:
@@ -130,13 +93,16 @@ def run(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     options: TuneOptions,
+    block_path: str | None = None,
 ) -> TuneReport:
     """Tune and quantize every planned layer of ``model`` in place; returns the quantized tensors.
 
-    After this call each planned Linear's weight holds its dequantized value (the model computes what the
-    packed model will); packing into a format is the caller's next step.
+    The blocks at ``block_path`` (default: the text decoder) are walked with the calibration data; planned
+    layers outside them (a vision tower under ``quant_nontext_module``) get optimised RTN, as no calibration
+    stream reaches them.  After this call each planned Linear's weight holds its dequantized value (the model
+    computes what the packed model will); packing into a format is the caller's next step.
     """
-    path, blocks = find_blocks(model)
+    path, blocks = (block_path, model.get_submodule(block_path)) if block_path else find_blocks(model)
     report = TuneReport()
     was_training = model.training
     model.eval()
@@ -165,9 +131,14 @@ def run(
             from_fp = layers and not options.disable_opt_rtn and options.iters > 0
             energy = _InputEnergy(layers) if from_fp else None
             try:
-                fp_out = run_block(block, fp_in, bs)
+                with observing_experts(block) as moe:
+                    fp_out = run_block(block, fp_in, bs)
             finally:
                 importance = energy.close() if energy is not None else {}
+            for name, experts in moe.items():
+                for e, count in enumerate(experts.routed_tokens.tolist()):
+                    report.expert_tokens[f"{prefix}{name}.{e}"] = count
+                experts.routed_tokens.zero_()
             if not layers:
                 q_out = fp_out if q_in is fp_in else run_block(block, q_in, bs)
                 report.block_losses.append((None, None))
@@ -182,6 +153,15 @@ def run(
             bar.update(1)
         bar.close()
         _quantize_head(model, plan, q_inputs, options, report)
+        _quantize_unwalked(model, plan, options, report)
+        if report.expert_tokens:
+            idle = report.experts_without_tokens
+            logger.info(
+                "experts: %d of %d tuned on routed calibration tokens; %d got none (quantized from optimised RTN "
+                "weighted by every token's inputs)%s",
+                report.experts_on_data, len(report.expert_tokens), len(idle),
+                f": {', '.join(idle[:8])}{' ...' if len(idle) > 8 else ''}" if idle else "",
+            )  # fmt: skip
         for p, flag in params_require_grad.items():
             p.requires_grad_(flag)
     finally:
@@ -204,9 +184,12 @@ def _tune_one_block(
     if not importance and not options.disable_opt_rtn:
         energy = _InputEnergy(layers)
         try:
-            run_block(block, q_in, min(options.batch_size, len(q_in)))
+            with observing_experts(block) as moe:
+                run_block(block, q_in, min(options.batch_size, len(q_in)))
         finally:
             importance = energy.close()
+        for experts in moe.values():
+            experts.routed_tokens.zero_()
     specs = {name: plan.layers[prefix + name] for name in layers}
     prepared = {
         name: (linear, specs[name], _init_params(linear, specs[name], importance.get(name), options))
@@ -236,7 +219,7 @@ def _quantize_head(
     head = model.get_submodule(name)
     spec = plan.layers[name]
     importance = None
-    norm = _final_norm(model)
+    norm = final_norm(model)
     if norm is not None and not options.disable_opt_rtn:
         with torch.no_grad():
             x = norm(q_inputs.hidden.to(_block_device(norm))).float()
@@ -249,13 +232,18 @@ def _quantize_head(
     report.quantized[name] = qt
 
 
-def _final_norm(model: nn.Module) -> nn.Module | None:
-    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "model.decoder.final_layer_norm"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
+@torch.no_grad()
+def _quantize_unwalked(model: nn.Module, plan: QuantPlan, options: TuneOptions, report: TuneReport) -> None:
+    """Planned layers no calibration stream reached (outside the walked blocks): optimised RTN, unweighted."""
+    for name, spec in plan.layers.items():
+        if name in report.quantized:
             continue
-    return None
+        linear = model.get_submodule(name)
+        alpha, beta = _init_params(linear, spec, None, options)
+        qt = quantize(linear.weight, spec, None, alpha, beta, options.scale_dtype)
+        linear.weight.copy_(dequantize(qt).to(linear.weight.dtype))
+        report.quantized[name] = qt
+        logger.info("%s: outside the calibrated blocks, quantized with optimised RTN", name)
 
 
 def untie_head(model: nn.Module) -> None:

@@ -10,6 +10,7 @@ stored once; those that differ (padding masks) are stacked per sample and re-bat
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,21 @@ class BlockInputs:
             yield self.batch(idx)
 
 
+def _positional_as_keywords(block: nn.Module, args: tuple) -> dict[str, Any]:
+    """Extra positional arguments of a block call (GPT-2 passes its cache and mask positionally) by parameter
+    name, so every replay passes them as keywords."""
+    if not args:
+        return {}
+    params = [
+        p.name
+        for p in inspect.signature(block.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) < len(args) + 1:
+        raise NotImplementedError(f"{type(block).__name__} is called with more positional arguments than it names")
+    return dict(zip(params[1 : len(args) + 1], args, strict=True))
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -134,10 +150,9 @@ def capture_block_inputs(
     """Run the model on each sample until its first block and keep what that block receives."""
     records: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        extra = {f"__arg{i}": a for i, a in enumerate(args[1:], start=1)}
-        records.append((hidden.detach(), {**extra, **kwargs}))
+        records.append((hidden.detach(), {**_positional_as_keywords(module, args[1:]), **kwargs}))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -166,6 +181,4 @@ def capture_block_inputs(
             shared[key] = values[0]
         else:
             per_sample[key] = _stack(_fill_missing_masks(values))
-    if any(k.startswith("__arg") for k in keys):
-        raise NotImplementedError("blocks called with extra positional arguments are not supported yet")
     return BlockInputs(hidden=hidden, shared=shared, per_sample=per_sample)

@@ -1,0 +1,132 @@
+"""The architecture coverage matrix: every family tunes, saves, reloads with equal logits, and has >= 95 % of its
+decoder-block weight elements quantized — counted from the saved safetensors, not from the plan."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_families import DENSE, MOE, OTHER, make_causal_lm, starve_experts
+
+import signround
+from signround import AutoRound
+from signround.models.families import ROUTER_LEAF_NAMES
+
+IDS = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(1))
+BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.\d+\.")
+NONTEXT = ("vision", "visual", "audio")
+
+
+def _tune(model, stories_dir: Path, shakespeare: Path, **kwargs) -> AutoRound:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    options = dict(bits=4, group_size=32, iters=2, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare))
+    ar = AutoRound(model, tokenizer, show_progress=False, **{**options, **kwargs})
+    ar.quantize()
+    return ar
+
+
+def quantized_share(out: Path) -> tuple[float, list[str]]:
+    """Share of decoder-block Linear weight elements stored quantized, and the 16-bit block weights left."""
+    quantized, kept, kept_names = 0, 0, []
+    for file in sorted(out.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                if not BLOCK.search(name) or any(t in name for t in NONTEXT):
+                    continue
+                layer, _, tensor = name.rpartition(".")
+                shape = f.get_slice(name).get_shape()
+                if tensor == "scales":  # [in / group, out] per layer
+                    quantized += shape[0] * shape[1] * 32
+                elif tensor == "weight" and len(shape) >= 2 and layer.rpartition(".")[2] not in ROUTER_LEAF_NAMES:
+                    kept += int(torch.Size(shape).numel())
+                    kept_names.append(name)
+    return quantized / max(quantized + kept, 1), kept_names
+
+
+FAMILIES = sorted(DENSE) + sorted(MOE) + sorted(OTHER)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_tunes_saves_reloads_and_is_quantized(family, tmp_path, stories_dir, shakespeare):
+    from transformers import AutoModelForCausalLM
+
+    ar = _tune(make_causal_lm(family), stories_dir, shakespeare)
+    out = ar.save_quantized(tmp_path / family)
+    with torch.no_grad():
+        in_memory = ar.model(IDS).logits
+    share, kept = quantized_share(out)
+    assert share >= 0.95, f"{family}: only {share:.1%} of block weights quantized; 16-bit: {kept[:6]}"
+    reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=signround.AutoRoundConfig())
+    with torch.no_grad():
+        logits = reloaded(IDS).logits
+    torch.testing.assert_close(logits, in_memory, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["auto_gptq", "auto_awq", "llm_compressor"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt2", "gpt_oss"])
+def test_moe_and_conv1d_in_every_format(family, fmt, tmp_path, stories_dir, shakespeare):
+    from transformers import AutoModelForCausalLM
+
+    ar = _tune(make_causal_lm(family), stories_dir, shakespeare, sym=fmt != "auto_awq", iters=0)
+    out = ar.save_quantized(tmp_path / fmt, format=fmt)
+    with torch.no_grad():
+        in_memory = ar.model(IDS).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=signround.AutoRoundConfig())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, in_memory, rtol=1e-4, atol=1e-4)
+    names = set()
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    if family == "mixtral":  # per-expert tensors under the original checkpoint's names
+        assert any(n.startswith("model.layers.1.block_sparse_moe.experts.3.w2.") for n in names)
+    assert not any(n.endswith(("gate_up_proj", "experts.down_proj")) for n in names)
+
+
+def test_starved_experts_are_quantized_and_reported(tmp_path, stories_dir, shakespeare, caplog):
+    """A router that never picks experts 0 and 2: they are quantized anyway (from statistics of every token), the
+    run names them, and tuning never runs them (time grows with routed tokens, not experts x tokens)."""
+    import logging
+
+    from signround.models import unfuse_experts
+
+    model = make_causal_lm("mixtral")
+    assert starve_experts(model, (0, 2)) == 2
+    unfuse_experts(model)
+    rows: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if re.search(r"experts\.\d+$", name):
+            module.register_forward_hook(
+                lambda _m, args, _o, name=name: rows.__setitem__(name, rows.get(name, 0) + args[0].shape[0])
+            )
+    with caplog.at_level(logging.INFO, logger="signround"):
+        ar = _tune(model, stories_dir, shakespeare, iters=4)
+    report = ar.result.report
+    starved = sorted(f"model.layers.{i}.mlp.experts.{e}" for i in range(2) for e in (0, 2))
+    assert sorted(report.experts_without_tokens) == starved
+    assert report.experts_on_data == 4
+    assert "4 of 8 tuned on routed calibration tokens; 4 got none" in caplog.text
+    tokens = 4 * 32
+    for name in starved:  # the observation pass of the fp stream only: every token once
+        assert rows[name] == tokens, (name, rows[name])
+    routed = [n for n in rows if n not in starved]
+    assert all(rows[n] > tokens for n in routed)  # the 4 iterations ran them again and again
+    for name in starved:
+        for proj in ("w1", "w2", "w3"):
+            assert f"{name}.{proj}" in report.quantized
+    out = ar.save_quantized(tmp_path / "starved")
+    assert quantized_share(out)[0] == 1.0
+
+
+def test_a_plan_that_quantizes_nothing_is_an_error(stories_dir, shakespeare):
+    model = make_causal_lm("llama")
+    with pytest.raises(ValueError, match="no layer of LlamaForCausalLM can be quantized"):
+        _tune(model, stories_dir, shakespeare, layer_config={r".*": 16})
