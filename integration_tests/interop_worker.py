@@ -63,7 +63,10 @@ def autoround_make(fp_dir: str, out: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     calib = [" ".join(["the quick brown fox jumps over the lazy dog"] * 8)] * 8
-    ar = AutoRound(model, tokenizer, bits=4, group_size=32, sym=True, iters=2, nsamples=8, seqlen=32, dataset=calib)
+    ar = AutoRound(
+        model, tokenizer, bits=4, group_size=32, sym=True, iters=2, nsamples=8, seqlen=32, dataset=calib,
+        enable_torch_compile=False,  # compiling costs a minute per block on 2 cores and changes nothing here
+    )  # fmt: skip
     staging = out + ".staging"
     ar.quantize_and_save(staging, format="auto_round")
     # auto-round writes into a sub-directory named after the model and scheme: move that one to ``out``

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_families import DENSE, MOE, OTHER, make_causal_lm, starve_experts
+from tiny_families import DENSE, MOE, OTHER, VLM, make_causal_lm, make_vlm, starve_experts
 
 import signround
 from signround import AutoRound
@@ -68,6 +68,23 @@ def test_family_tunes_saves_reloads_and_is_quantized(family, tmp_path, stories_d
     with torch.no_grad():
         logits = reloaded(IDS).logits
     torch.testing.assert_close(logits, in_memory, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(VLM))
+def test_vlm_text_decoder_tunes_saves_reloads(family, tmp_path, stories_dir, shakespeare):
+    """Text-only calibration of a vision-language model; its legacy on-disk names reload through transformers'
+    renaming (``language_model.model.layers`` -> ``model.language_model.layers``)."""
+    from transformers import AutoModelForImageTextToText
+
+    ar = _tune(make_vlm(family), stories_dir, shakespeare)
+    out = ar.save_quantized(tmp_path / family)
+    with torch.no_grad():
+        in_memory = ar.model(input_ids=IDS).logits
+    share, kept = quantized_share(out)
+    assert share >= 0.95, f"{family}: only {share:.1%} of block weights quantized; 16-bit: {kept[:6]}"
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, in_memory, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["auto_gptq", "auto_awq", "llm_compressor"])

@@ -51,6 +51,7 @@ MOE: dict[str, dict[str, Any]] = {
     },
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128, "head_dim": 16},
 }  # fmt: skip
 
 OTHER: dict[str, dict[str, Any]] = {
@@ -90,3 +91,65 @@ def starve_experts(model, experts: tuple[int, ...]) -> int:
     for router in routers:
         router.forward = masked(router)
     return len(routers)
+
+
+def save_tiny_llava(directory, stories_dir) -> None:
+    """A random Llava (CLIP vision tower 32 wide, 2 blocks; Llama text decoder as SMALL) with a working processor
+    (the stories260K tokenizer plus an ``<image>`` token, a 32x32 CLIP image processor) saved to ``directory``."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+        CLIPImageProcessor,
+        LlavaProcessor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = {**SMALL, "vocab_size": 544}
+    vision = {
+        "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32,
+    }  # fmt: skip
+    config = AutoConfig.for_model(
+        "llava", text_config={"model_type": "llama", **text}, vision_config=vision, image_token_id=image_token_id
+    )
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>",
+    )  # fmt: skip
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+_VLM_TEXT = {k: v for k, v in SMALL.items() if k != "tie_word_embeddings"}
+VLM: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {
+        "text_config": {"model_type": "qwen2_vl_text", **_VLM_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+        "vision_config": {
+            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
+        },
+        "image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 502,
+    },
+    "gemma3": {
+        "text_config": {"model_type": "gemma3_text", **_VLM_TEXT, "head_dim": 16},
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+        },
+        "mm_tokens_per_image": 4, "image_token_index": 500, "boi_token_index": 501, "eoi_token_index": 502,
+    },
+}  # fmt: skip
+
+
+def make_vlm(family: str, seed: int = 0):
+    """A random ``AutoModelForImageTextToText`` of ``family`` (a key of VLM); its text decoder is like SMALL."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(family, **VLM[family])
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config).eval()

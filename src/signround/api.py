@@ -125,7 +125,7 @@ def quantize_model(
     options = tune_options(config, show_progress)
     if config.iters == 0 and config.disable_opt_rtn:  # plain RTN needs no calibration data
         return QuantizationResult(plan, rtn_only(model, plan, options))
-    calib = load_calibration(config.dataset, tokenizer, config.seqlen, config.nsamples, config.seed)
+    calib = load_calibration(config.dataset, text_tokenizer(tokenizer), config.seqlen, config.nsamples, config.seed)
     block_path = find_blocks(model)[0]
     report = run_tuning(model, plan, calib.input_ids, calib.attention_mask, options, block_path)
     return QuantizationResult(plan, report)
@@ -175,6 +175,26 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
     model.config.quantization_config = config
 
 
+def packed_bytes(directory: Path, tensor_names: tuple[str, ...]) -> tuple[int, int]:
+    """Bytes of a saved checkpoint's packed-layer tensors (``*.qweight``, ``*.scales``, ...) and of all tensors,
+    read from the safetensors headers."""
+    from safetensors import safe_open
+
+    sizes = {"I64": 8, "F64": 8, "I32": 4, "F32": 4, "I16": 2, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    packed = total = 0
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                piece = handle.get_slice(name)
+                nbytes = sizes.get(piece.get_dtype(), 1)
+                for dim in piece.get_shape():
+                    nbytes *= dim
+                total += nbytes
+                if name.rpartition(".")[2] in tensor_names:
+                    packed += nbytes
+    return packed, total
+
+
 def _version() -> str:
     from . import __version__
 
@@ -222,10 +242,37 @@ def atomic_save(output_dir: str | os.PathLike, write: Any) -> Path:
     return out
 
 
-def _load_model(path: str, trust_remote_code: bool, dtype: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _is_image_text_to_text(path: str, trust_remote_code: bool) -> bool:
+    """Vision-language checkpoints load with their own Auto class (``AutoModelForImageTextToText``)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
+
+
+def _load_model(path: str, trust_remote_code: bool, dtype: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if _is_image_text_to_text(path, trust_remote_code) else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool, multimodal: bool) -> Any:
+    """The tokenizer, or for a vision-language model its processor (saved with the output so it reloads whole)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if multimodal:
+        try:
+            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as err:
+            logger.warning("no processor loads from %s (%s); saving the tokenizer only", path, err)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def text_tokenizer(tokenizer: Any) -> Any:
+    """A processor's tokenizer (calibration is text), or the tokenizer itself."""
+    return getattr(tokenizer, "tokenizer", tokenizer)
 
 
 class AutoRound:
@@ -251,11 +298,8 @@ class AutoRound:
             path = str(model)
             self.model = _load_model(path, trust_remote_code, dtype)
             if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(
-                    self.config.tokenizer or path, trust_remote_code=trust_remote_code
-                )
+                multimodal = self.config.tokenizer is None and _is_image_text_to_text(path, trust_remote_code)
+                tokenizer = _load_tokenizer(self.config.tokenizer or path, trust_remote_code, multimodal)
         else:
             self.model = model
         self.tokenizer = tokenizer
@@ -317,6 +361,11 @@ class AutoRound:
         pack_model(self.model, self.result, self.config, format_name)
         _attach_quantizer(self.model, self.config)
         self.model.save_pretrained(target)
+        packed, total = packed_bytes(target, format_packer(format_name, self.config.default_spec()).tensor_names)
+        logger.info(
+            "saved %s: %.1f%% of the checkpoint's %s bytes are quantized tensors", format_name,
+            100.0 * packed / max(total, 1), _count(total),
+        )  # fmt: skip
         # The reference also writes the quantization config on its own (vLLM looks for this file).
         (target / "quantization_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import DEFAULT_EXPERT_NAMES, DEFAULT_UNGATED_EXPERT_NAMES
+from .families import DEFAULT_EXPERT_NAMES, DEFAULT_UNGATED_EXPERT_NAMES, SEQUENTIAL_EXPERTS
 
 _LAYOUT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
 
@@ -61,6 +61,8 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a fused experts module cannot be unfused (then it stays in 16 bit, reported), or None."""
+    if type(module).__name__ in SEQUENTIAL_EXPERTS:
+        return None
     if getattr(module, "has_post_expert_norm", False):
         return f"{type(module).__name__}: experts with a post-expert norm are not supported yet"
     if module.down_proj.dim() != 3:
@@ -130,8 +132,32 @@ def layout_of(model: nn.Module, name: str, module: nn.Module) -> ExpertsLayout:
 
 
 def find_fused_experts(model: nn.Module) -> dict[str, nn.Module]:
-    """Every fused experts module of ``model`` by name."""
-    return {name: m for name, m in model.named_modules() if is_fused_experts(m)}
+    """Every fused experts module of ``model`` by name (decorated ones and those in ``SEQUENTIAL_EXPERTS``)."""
+    return {
+        name: m for name, m in model.named_modules() if is_fused_experts(m) or type(m).__name__ in SEQUENTIAL_EXPERTS
+    }
+
+
+def _sequential_experts(model: nn.Module, module: nn.Module, empty: bool) -> nn.Module:
+    """Transformers' own per-expert ModuleList for an undecorated experts class (Llama-4), holding its weights."""
+    import importlib
+
+    module_path, class_name = SEQUENTIAL_EXPERTS[type(module).__name__]
+    cls = getattr(importlib.import_module(module_path), class_name)
+    with torch.device("meta"):
+        new = cls(model.config.get_text_config())
+    if empty:
+        return new
+    gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()  # [E, H, 2F], [E, F, H]
+    f = down.shape[1]
+    for e, expert in enumerate(new):
+        for linear, weight in (
+            (expert.gate_proj, gate_up[e][:, :f]),
+            (expert.up_proj, gate_up[e][:, f:]),
+            (expert.down_proj, down[e]),
+        ):
+            linear.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+    return new
 
 
 class ExpertMLP(nn.Module):
@@ -250,14 +276,19 @@ class LinearExperts(nn.ModuleList):
         return new
 
 
-def unfuse_experts(model: nn.Module, empty: bool = False) -> dict[str, ExpertsLayout]:
+def unfuse_experts(model: nn.Module, empty: bool = False) -> dict[str, ExpertsLayout | None]:
     """Swap every supported fused experts module of ``model`` for :class:`LinearExperts`; returns their layouts.
 
     ``empty``: build meta-device layers (before a checkpoint is loaded) instead of taking the fused weights.
-    Modules whose layout is unsupported are left fused and not returned (see :func:`unsupported_experts`).
+    Modules whose layout is unsupported are left fused and not returned (see :func:`unsupported_experts`); those
+    swapped for transformers' own per-expert class (``SEQUENTIAL_EXPERTS``) map to None.
     """
     done = {}
     for name, module in find_fused_experts(model).items():
+        if type(module).__name__ in SEQUENTIAL_EXPERTS:
+            model.set_submodule(name, _sequential_experts(model, module, empty))
+            done[name] = None
+            continue
         if unsupported_reason(module):
             continue
         layout = layout_of(model, name, module)

@@ -59,3 +59,11 @@ ROUTER_LEAF_NAMES: frozenset[str] = frozenset(
 # original checkpoints store experts fused): (gate, up, down) or (up, down) for experts without a gate.
 DEFAULT_EXPERT_NAMES: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_UNGATED_EXPERT_NAMES: tuple[str, str] = ("up_proj", "down_proj")
+
+# Fused experts that are not decorated with transformers' ``use_experts_implementation`` and whose per-expert form
+# transformers itself provides: experts class -> (module, class) of that ModuleList of per-expert MLPs (named
+# gate_proj / up_proj / down_proj, the names the reference writes).  Their fused weights are stored transposed
+# ([experts, in, out]) with gate and up concatenated.
+SEQUENTIAL_EXPERTS: dict[str, tuple[str, str]] = {
+    "Llama4TextExperts": ("transformers.quantizers.base", "SequentialLlama4TextExperts"),
+}

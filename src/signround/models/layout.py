@@ -131,9 +131,15 @@ def inventory(
                 inv.kept[name] = "router"
             else:
                 inv.candidates.append((name, in_f, out_f))
-    for name, module in find_fused_experts(model).items():
-        inv.numel[name] = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() == 3)
-        inv.kept[name] = unsupported_reason(module) or "fused experts (not unfused)"
+    fused = find_fused_experts(model)
+    for name, module in model.named_modules():  # 3-D (expert) weights no Linear holds: reported, never silent
+        stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if stacked:
+            inv.numel[name] = sum(p.numel() for p in stacked)
+            reason = unsupported_reason(module) if name in fused else None
+            inv.kept[name] = (
+                reason or f"{type(module).__name__}: 3-D expert weights in a layout signround cannot unfuse"
+            )
     return inv
 
 

@@ -78,6 +78,8 @@ def _init_params(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if options.disable_opt_rtn:
         return plain_rtn_params(linear.weight.detach(), spec)
+    if importance is not None and not bool(importance.any()):  # no input reached it (a Llama-4 expert no token
+        importance = None  # was routed to sees zeros): weigh every input feature alike
     return optimized_rtn_params(linear.weight.detach(), spec, importance, scale_dtype=options.scale_dtype)
 
 
