@@ -35,6 +35,15 @@ DENSE: dict[str, dict[str, Any]] = {
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "gpt_neox": {},
     "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
+    "olmo3": {},
+    "smollm3": {"pad_token_id": 0},
+    "glm4": {"head_dim": 16, "pad_token_id": 0},
+    "starcoder2": {},
+    "phi": {},
+    "stablelm": {},
+    "exaone4": {"head_dim": 16},
+    "seed_oss": {"head_dim": 16},
+    "hunyuan_v1_dense": {"head_dim": 16},
 }
 
 MOE: dict[str, dict[str, Any]] = {
@@ -51,6 +60,21 @@ MOE: dict[str, dict[str, Any]] = {
     },
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v2": {
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "first_k_dense_replace": 1,
+        "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 32, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "n_group": 1, "topk_group": 1, "num_key_value_heads": 4,
+    },
+    "glm4_moe": {
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1, "head_dim": 16,
+    },
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 64},
+    "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2, "moe_intermediate_size": 64, "head_dim": 16},
+    "minimax": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "exaone_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 16},
     "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128, "head_dim": 16},
 }  # fmt: skip
 

@@ -86,14 +86,18 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 
 def is_router(model: nn.Module, name: str) -> bool:
-    """A routing layer of a mixture-of-experts block (its parent holds experts)."""
-    parent, _, leaf = name.rpartition(".")
-    if leaf not in ROUTER_LEAF_NAMES:
-        return False
-    try:
-        return hasattr(model.get_submodule(parent), "experts") if parent else False
-    except AttributeError:
-        return False
+    """A routing layer of a mixture-of-experts block: ``<moe>.gate``, ``<moe>.router`` or a layer inside one
+    (Granite-MoE's ``router.layer``), where ``<moe>`` holds experts."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] not in ROUTER_LEAF_NAMES:
+            continue
+        try:
+            if hasattr(model.get_submodule(".".join(parts[:i])), "experts"):
+                return True
+        except AttributeError:
+            continue
+    return False
 
 
 @dataclass
