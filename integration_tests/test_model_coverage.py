@@ -147,3 +147,64 @@ def test_a_plan_that_quantizes_nothing_is_an_error(stories_dir, shakespeare):
     model = make_causal_lm("llama")
     with pytest.raises(ValueError, match="no layer of LlamaForCausalLM can be quantized"):
         _tune(model, stories_dir, shakespeare, layer_config={r".*": 16})
+
+
+def test_moe_quantize_on_load_saves_and_reloads(tmp_path, stories_dir, shakespeare):
+    """``from_pretrained(fp_dir, quantization_config=...)`` of an MoE model quantizes its experts while loading,
+    and ``save_pretrained`` writes what reloads with the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fp_dir, out = tmp_path / "fp", tmp_path / "q"
+    make_causal_lm("qwen3_moe").save_pretrained(fp_dir)
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(fp_dir)
+    config = signround.AutoRoundConfig(
+        bits=4, group_size=32, iters=2, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare)
+    )
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=config)
+    assert type(model.model.layers[0].mlp.experts[3].down_proj).__name__.endswith("QuantLinear")
+    with torch.no_grad():
+        in_memory = model(IDS).logits
+    model.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded.model.layers[0].mlp.experts[3].down_proj).__name__.endswith("QuantLinear")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, in_memory, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_checkpoint(tmp_path_factory, stories_dir, shakespeare) -> Path:
+    ar = _tune(make_causal_lm("qwen3_moe"), stories_dir, shakespeare, iters=0)
+    return ar.save_quantized(tmp_path_factory.mktemp("moe") / "q")
+
+
+def _edited_copy(src: Path, dst: Path, drop: str | None = None, add: str | None = None) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    if drop is not None:
+        del tensors[drop]
+    if add is not None:
+        tensors[add] = torch.zeros(4, 4)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"drop": "model.layers.0.mlp.experts.1.up_proj.scales"}, r"up_proj'.*\['scales'\] are missing"),
+        ({"add": "model.layers.0.mlp.experts.9.down_proj.qweight"}, "no Linear for: model.layers.0.mlp.experts.9"),
+        ({"add": "model.layers.1.mlp.experts.0.extra.weight"}, "no module of Qwen3MoeForCausalLM takes"),
+    ],
+)
+def test_a_tensor_no_module_takes_or_a_module_without_its_tensors_is_an_error(
+    qwen3_moe_checkpoint, tmp_path, edit, message
+):
+    from transformers import AutoModelForCausalLM
+
+    broken = _edited_copy(qwen3_moe_checkpoint, tmp_path / "broken", **edit)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(broken)

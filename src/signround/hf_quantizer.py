@@ -83,6 +83,28 @@ def _renamed(model: nn.Module, names: set[str]) -> dict[str, str]:
     return {name: rename_source_key(name, renamings, [])[0] for name in names}
 
 
+def _untaken(model: nn.Module, stored: set[str], hf_quantizer: HfQuantizer) -> list[str]:
+    """Checkpoint tensors (renamed) that are neither in the model's state dict, nor merged by one of the model's
+    conversion rules, nor ignored on purpose by the model class (``_keys_to_ignore_on_load_unexpected``)."""
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, apply_converters
+
+    converters = [
+        t for t in get_model_conversion_mapping(model, hf_quantizer=hf_quantizer) if isinstance(t, WeightConverter)
+    ]
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    present = set(model.state_dict())
+    return sorted(
+        name
+        for name in stored
+        if name not in present
+        and not any(p.search(name) for p in ignored)
+        and apply_converters(name, converters)[1] is None
+    )
+
+
 def _quantized_layer_names(stored: set[str], packer_tensors: tuple[str, ...]) -> set[str]:
     """Layers holding the packing's first tensor (``qweight``, ``weight_packed``) in the checkpoint."""
     suffix = "." + packer_tensors[0]
@@ -206,6 +228,12 @@ class SignRoundHfQuantizer(HfQuantizer):
             layer.check_loaded(name)
             layer.post_init()
         if stored is not None:
+            unexpected = _untaken(model, stored, self)
+            if unexpected:
+                raise ValueError(
+                    f"checkpoint {model.name_or_path!r} holds {len(unexpected)} tensors no module of "
+                    f"{type(model).__name__} takes: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+                )
             for experts_name, experts in linear_experts(model).items():
                 for sub, module in experts.named_modules():
                     if isinstance(module, nn.Linear) and f"{experts_name}.{sub}.weight" not in stored:
