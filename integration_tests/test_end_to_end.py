@@ -169,8 +169,29 @@ def test_tiny_llama_all_layers_quantized(tiny_llama_dir, shakespeare, tmp_path) 
 
 
 # -- bad input: a named error, and no output (nor temp dir) left ------------------------------------------------------
-def _run_cli(tmp_path, *argv: str) -> None:
-    cli_main(["--model", *argv, "--output_dir", str(tmp_path / "out")])
+def _run_cli(tmp_path, *argv: str) -> int:
+    return cli_main(["--model", *argv, "--output_dir", str(tmp_path / "out")])
+
+
+def _fails_with(capsys, rc: int, pattern: str) -> None:
+    """The CLI's user-error contract: exit status 2 and one line on stderr naming the problem."""
+    import re
+
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]  # after any progress bars of the model loading
+    assert last.startswith("signround: error: ") and err.count("signround: error") == 1, err
+    assert "Traceback" not in err, err
+    assert re.search(pattern, last), err
+
+
+def _api_kwargs(argv: list[str]) -> dict:
+    """The CLI flags of the bad-settings cases as AutoRound keyword arguments."""
+    kwargs: dict = {}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        key = flag.removeprefix("--")
+        kwargs[key] = int(value) if value.isdigit() else value
+    return kwargs
 
 
 @pytest.mark.parametrize(
@@ -178,13 +199,14 @@ def _run_cli(tmp_path, *argv: str) -> None:
     [
         (["--scheme", "W5A16"], ValueError, r"unknown scheme 'W5A16'; accepted: W4A16"),
         (["--bits", "5", "--group_size", "32"], ValueError, r"bits=5 is not supported; accepted: \[2, 3, 4, 8\]"),
-        (["--group_size", "48", "--iters", "0"], ValueError, r"no layer of this model can be quantized.*group_size=48"),
+        (["--group_size", "48", "--iters", "0"], ValueError, r"no layer of LlamaForCausalLM can be quantized.*size=48"),
         (["--group_size", "32", "--format", "gguf"], ValueError, r"unknown format 'gguf'; accepted: auto_round"),
     ],
 )
-def test_bad_quantization_settings(tmp_path, stories_dir, argv, error, pattern) -> None:
-    with pytest.raises(error, match=pattern):
-        _run_cli(tmp_path, str(stories_dir), *argv)
+def test_bad_quantization_settings(tmp_path, stories_dir, argv, error, pattern, capsys) -> None:
+    _fails_with(capsys, _run_cli(tmp_path, str(stories_dir), *argv), pattern)
+    with pytest.raises(error, match=pattern):  # the API raises the same error
+        signround.AutoRound(str(stories_dir), **_api_kwargs(argv)).quantize_and_save(str(tmp_path / "api"))
     assert _listing(tmp_path) == []
 
 
@@ -198,20 +220,20 @@ def test_bad_quantization_settings(tmp_path, stories_dir, argv, error, pattern) 
     ],
     ids=["missing", "empty", "shorter-than-seqlen-concat", "short-lines"],
 )
-def test_bad_calibration_data(tmp_path, stories_dir, content, suffix, error, pattern) -> None:
+def test_bad_calibration_data(tmp_path, stories_dir, content, suffix, error, pattern, capsys) -> None:
     data = tmp_path / "data"
     data.mkdir()
     calib = data / "calib.txt"
     if content is not None:
         calib.write_text(content)
     before = _listing(tmp_path)
-    with pytest.raises(error, match=pattern):
-        argv = ["--group_size", "32", "--iters", "2", "--nsamples", "4", "--seqlen", "64"]
-        _run_cli(tmp_path, str(stories_dir), *argv, "--dataset", f"{calib}{suffix}")
+    argv = ["--group_size", "32", "--iters", "2", "--nsamples", "4", "--seqlen", "64"]
+    _fails_with(capsys, _run_cli(tmp_path, str(stories_dir), *argv, "--dataset", f"{calib}{suffix}"), pattern)
+    assert error in (FileNotFoundError, ValueError)
     assert _listing(tmp_path) == before == ["data"]
 
 
-def test_output_under_a_regular_file_fails_before_tuning(tmp_path, stories_dir, monkeypatch) -> None:
+def test_output_under_a_regular_file_fails_before_tuning(tmp_path, stories_dir, monkeypatch, capsys) -> None:
     (tmp_path / "afile").write_text("not a directory")
 
     def must_not_run(self):
@@ -219,8 +241,8 @@ def test_output_under_a_regular_file_fails_before_tuning(tmp_path, stories_dir, 
 
     monkeypatch.setattr(signround.AutoRound, "quantize", must_not_run)
     for target in (tmp_path / "afile" / "out", tmp_path / "afile"):
-        with pytest.raises(NotADirectoryError, match="afile"):
-            cli_main(["--model", str(stories_dir), "--group_size", "32", "--output_dir", str(target)])
+        rc = cli_main(["--model", str(stories_dir), "--group_size", "32", "--output_dir", str(target)])
+        _fails_with(capsys, rc, "afile.* is not a directory")
     assert _listing(tmp_path) == ["afile"]
     assert (tmp_path / "afile").read_text() == "not a directory"
 
@@ -231,8 +253,8 @@ def test_read_only_output_parent(tmp_path, stories_dir) -> None:
     parent.mkdir()
     parent.chmod(0o500)
     try:
-        with pytest.raises(PermissionError, match="not writable"):
-            cli_main(["--model", str(stories_dir), "--group_size", "32", "--output_dir", str(parent / "out")])
+        rc = cli_main(["--model", str(stories_dir), "--group_size", "32", "--output_dir", str(parent / "out")])
+        assert rc == 2
         assert _listing(parent) == []
     finally:
         parent.chmod(0o700)

@@ -172,7 +172,7 @@ class SignRoundHfQuantizer(HfQuantizer):
                 f"checkpoint holds packed tensors for {len(unknown)} layers that {type(model).__name__} has no "
                 f"Linear for: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
             )
-        candidates = [(name, *features(modules[name])) for name in sorted(packed)]
+        candidates = [(name, *features(module)) for name, module in modules.items() if name in packed]
         plan = resolve_plan(candidates, default, _overrides_for(overrides), packer.can_load)
         refused = plan.skipped
         if refused:
@@ -180,11 +180,11 @@ class SignRoundHfQuantizer(HfQuantizer):
                 f"layer {refused[0].name!r} is packed in the checkpoint but cannot be loaded: {refused[0].reason}"
             )
         dtype = next(iter(model.parameters())).dtype
+        head = head_name(model)  # before the swap: a QuantLinear head is no nn.Linear
         self.installed = install_empty(
             model, plan.layers, packer.name, _target_device(self.device_map), dtype, config.backend
         )
         _mark_parents_initialized(model, self.installed, self.stored_names)
-        head = head_name(model)
         if head is not None and head in self.installed:
             _untie_quantized_head(model, head)
         return model
