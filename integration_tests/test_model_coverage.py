@@ -208,3 +208,25 @@ def test_a_tensor_no_module_takes_or_a_module_without_its_tensors_is_an_error(
     broken = _edited_copy(qwen3_moe_checkpoint, tmp_path / "broken", **edit)
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(broken)
+
+
+def test_experts_kept_in_16_bit_are_named_as_on_disk_and_reload(tmp_path, stories_dir, shakespeare):
+    """``ignore_layers`` keeps expert 0 of every layer: its per-expert weights are saved in 16 bit, the config names
+    them under both spellings (transformers 5's ``mlp`` and the checkpoint's ``block_sparse_moe``), and the model
+    reloads with expert 0 as plain Linear layers next to quantized ones."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    ar = _tune(make_causal_lm("mixtral"), stories_dir, shakespeare, ignore_layers="experts.0.")
+    out = ar.save_quantized(tmp_path / "q")
+    extra = json.loads((out / "config.json").read_text())["quantization_config"]["extra_config"]
+    for name in ("model.layers.1.mlp.experts.0.w2", "model.layers.1.block_sparse_moe.experts.0.w2"):
+        assert extra[name]["bits"] == 16, sorted(extra)
+    with torch.no_grad():
+        in_memory = ar.model(IDS).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    experts = reloaded.model.layers[1].mlp.experts
+    assert type(experts[0].w2) is torch.nn.Linear and type(experts[1].w2).__name__.endswith("QuantLinear")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, in_memory, rtol=1e-4, atol=1e-4)

@@ -23,6 +23,7 @@ from .config import AutoRoundConfig
 from .data import load_calibration
 from .layers import install_quantized
 from .models import block_lists, find_blocks, inventory, quantizable_layers, to_linear, unfuse_experts
+from .models.naming import checkpoint_name
 from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
 from .tuning.block import TuneOptions
@@ -157,6 +158,10 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
     for name in plan.layers:  # quantized layers outside the blocks (lm_head) must be named, even if equal to default
         if not name.startswith(in_blocks):
             overrides.setdefault(name, {})
+    for name in list(overrides):  # also under the checkpoint's spelling where transformers renames (see naming.py)
+        on_disk = checkpoint_name(model, name)
+        if on_disk != name:
+            overrides.setdefault(on_disk, overrides[name])
     extra = {
         "iters": config.iters,
         "lr": config.lr,
