@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed venv-ref venv-interop lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed bench-moe venv-ref venv-interop lint format clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ bench-speed: install
 bench-time: install venv-ref
 	$(BIN)/signround fetch-model smollm2-135m
 	$(BIN)/python bench/time_pair.py --rounds 2
+
+# MoE tuning time and checkpoint size against auto-round 0.16.1: a random 4-block Qwen3-MoE (8 experts, top-2,
+# hidden 256), W4G32 sym, iters 50, same calibration ids for both (bench/moe.py; bench/results/moe.jsonl).
+bench-moe: install venv-ref
+	$(BIN)/python bench/moe.py --iters 50 --layers 4
 
 # GPTQModel 7.6.0 (the last release that installs with torch 2.13) + optimum for transformers' GPTQ path, in its
 # own venv, for integration_tests/test_interop.py.

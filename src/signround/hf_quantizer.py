@@ -164,7 +164,7 @@ class SignRoundHfQuantizer(HfQuantizer):
         self.stored_names = set(_renamed(model, stored).values())
         packed = _quantized_layer_names(self.stored_names, packer.tensor_names)
         if any(".experts." in name for name in packed):
-            self.unfused_experts = unfuse_experts(model, empty=True)
+            self.unfused_experts = unfuse_experts(model, empty=True, checkpoint_names=self.stored_names)
         modules = dict(model.named_modules())
         unknown = sorted(name for name in packed if not is_linear_like(modules.get(name, nn.Identity())))
         if unknown:

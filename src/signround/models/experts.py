@@ -95,8 +95,15 @@ def _converter_leaf_names(model: nn.Module, attr: str, param: str) -> list[str] 
     return None
 
 
-def layout_of(model: nn.Module, name: str, module: nn.Module) -> ExpertsLayout:
-    """The layout of the fused experts module ``name`` of ``model``, with its per-expert names."""
+def layout_of(
+    model: nn.Module, name: str, module: nn.Module, checkpoint_names: set[str] | None = None
+) -> ExpertsLayout:
+    """The layout of the fused experts module ``name`` of ``model``, with its per-expert names.
+
+    The names are those transformers' conversion rules give the original checkpoint (Mixtral ``w1 / w3 / w2``),
+    else ``gate_proj / up_proj / down_proj``.  Loading passes the checkpoint's tensor names: a checkpoint that
+    spells its experts the other way (Intel's and GPTQModel's Mixtral outputs use ``gate_proj``) is read as it is.
+    """
     attr = name.rpartition(".")[2]
     has_gate = bool(module.has_gate)
     up_param = "gate_up_proj" if has_gate else "up_proj"
@@ -119,6 +126,8 @@ def layout_of(model: nn.Module, name: str, module: nn.Module) -> ExpertsLayout:
         names = defaults
     else:
         names = (*up_names, *down_names)
+    if checkpoint_names is not None:
+        names = _names_in_checkpoint(name, (tuple(names), defaults), checkpoint_names)
     return ExpertsLayout(
         num_experts=num_experts,
         hidden=hidden,
@@ -129,6 +138,14 @@ def layout_of(model: nn.Module, name: str, module: nn.Module) -> ExpertsLayout:
         concatenated=bool(module.is_concatenated),
         names=tuple(names),
     )
+
+
+def _names_in_checkpoint(name: str, choices: tuple[tuple[str, ...], ...], stored: set[str]) -> tuple[str, ...]:
+    """The per-expert name set the checkpoint uses for experts module ``name`` (first choice when it has none)."""
+    for names in choices:
+        if any(key.startswith(f"{name}.0.{names[-1]}.") for key in stored):
+            return names
+    return choices[0]
 
 
 def find_fused_experts(model: nn.Module) -> dict[str, nn.Module]:
@@ -276,10 +293,13 @@ class LinearExperts(nn.ModuleList):
         return new
 
 
-def unfuse_experts(model: nn.Module, empty: bool = False) -> dict[str, ExpertsLayout | None]:
+def unfuse_experts(
+    model: nn.Module, empty: bool = False, checkpoint_names: set[str] | None = None
+) -> dict[str, ExpertsLayout | None]:
     """Swap every supported fused experts module of ``model`` for :class:`LinearExperts`; returns their layouts.
 
-    ``empty``: build meta-device layers (before a checkpoint is loaded) instead of taking the fused weights.
+    ``empty``: build meta-device layers (before a checkpoint is loaded) instead of taking the fused weights;
+    ``checkpoint_names`` (its tensor names, as the model names them) then picks the per-expert names it uses.
     Modules whose layout is unsupported are left fused and not returned (see :func:`unsupported_experts`); those
     swapped for transformers' own per-expert class (``SEQUENTIAL_EXPERTS``) map to None.
     """
@@ -291,7 +311,7 @@ def unfuse_experts(model: nn.Module, empty: bool = False) -> dict[str, ExpertsLa
             continue
         if unsupported_reason(module):
             continue
-        layout = layout_of(model, name, module)
+        layout = layout_of(model, name, module, checkpoint_names)
         new = LinearExperts.empty(module, layout) if empty else LinearExperts.from_fused(module, layout)
         model.set_submodule(name, new)
         done[name] = layout

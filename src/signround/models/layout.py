@@ -135,6 +135,11 @@ def inventory(
                 inv.kept[name] = "router"
             else:
                 inv.candidates.append((name, in_f, out_f))
+    for name, module in model.named_modules():  # routers that are not Linear layers (a top-k router's own weight)
+        weight = getattr(module, "weight", None)
+        if name.startswith(prefixes) and name not in inv.numel and _is_2d(weight) and is_router(model, name):
+            inv.numel[name] = weight.numel()
+            inv.kept[name] = "router"
     fused = find_fused_experts(model)
     for name, module in model.named_modules():  # 3-D (expert) weights no Linear holds: reported, never silent
         stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3]
@@ -145,6 +150,10 @@ def inventory(
                 reason or f"{type(module).__name__}: 3-D expert weights in a layout signround cannot unfuse"
             )
     return inv
+
+
+def _is_2d(weight: object) -> bool:
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
 def _outside_reason(name: str) -> str:
