@@ -117,9 +117,17 @@ class QuantizationResult:
 
 
 def quantize_model(
-    model: nn.Module, tokenizer: Any, config: AutoRoundConfig, show_progress: bool = True
+    model: nn.Module,
+    tokenizer: Any,
+    config: AutoRoundConfig,
+    show_progress: bool = True,
+    work_dir: str | os.PathLike | None = None,
 ) -> QuantizationResult:
-    """Calibrate and tune ``model`` in place (its planned Linear weights end up dequantized)."""
+    """Calibrate and tune ``model`` in place (its planned Linear weights end up dequantized).
+
+    With ``work_dir`` every finished block is recorded there, and a run finding the records of an interrupted
+    one (same model, config and data) continues after its last finished block (:mod:`signround.resume`).
+    """
     plan = plan_model(model, config)
     if not plan.layers:
         return QuantizationResult(plan, TuneReport())
@@ -128,7 +136,20 @@ def quantize_model(
         return QuantizationResult(plan, rtn_only(model, plan, options))
     calib = load_calibration(config.dataset, text_tokenizer(tokenizer), config.seqlen, config.nsamples, config.seed)
     block_path = find_blocks(model)[0]
-    report = run_tuning(model, plan, calib.input_ids, calib.attention_mask, options, block_path)
+    resume, on_block = None, None
+    if work_dir is not None:
+        from .resume import ResumeStore, fingerprint
+
+        store = ResumeStore(Path(work_dir), fingerprint(model, config.to_dict(), calib.input_ids))
+        resume = store.load()
+        known = set(resume.report.quantized) if resume else set()
+
+        def on_block(checkpoint: Any) -> None:
+            store.save(checkpoint, known)
+
+    report = run_tuning(
+        model, plan, calib.input_ids, calib.attention_mask, options, block_path, resume=resume, on_block=on_block
+    )
     return QuantizationResult(plan, report)
 
 
@@ -332,9 +353,13 @@ class AutoRound:
         ar.result = result
         return ar
 
-    def quantize(self) -> tuple[nn.Module, dict[str, LayerSpec]]:
-        """Tune the model in place; returns it and the per-layer specs (the reference returns model, layer_config)."""
-        self.result = quantize_model(self.model, self.tokenizer, self.config, self.show_progress)
+    def quantize(self, *, work_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, LayerSpec]]:
+        """Tune the model in place; returns it and the per-layer specs (the reference returns model, layer_config).
+
+        ``work_dir``: record each finished block there and resume an interrupted run found there
+        (``quantize_and_save`` and the CLI use the output directory's, see :func:`signround.resume.work_dir_for`).
+        """
+        self.result = quantize_model(self.model, self.tokenizer, self.config, self.show_progress, work_dir)
         return self.model, dict(self.result.plan.layers)
 
     def save_quantized(self, output_dir: str | os.PathLike, format: str | None = None, inplace: bool = True) -> Path:
@@ -405,11 +430,15 @@ class AutoRound:
 
         The folder is complete on disk before any upload starts, so a failed upload loses nothing locally.
         """
+        from .resume import work_dir_for
+
         check_output_dir(output_dir)
         self.config.format = format
         self.config.validate()  # unknown format, or a scheme a format cannot hold: fail before tuning
-        self.quantize()
+        work_dir = work_dir_for(output_dir)
+        self.quantize(work_dir=work_dir)
         out = self.save_quantized(output_dir, format, inplace)
+        shutil.rmtree(work_dir, ignore_errors=True)  # the output is complete: nothing left to resume
         if push_to_hub:
             self.push_to_hub(out, push_to_hub, private=private, token=token)
         return out

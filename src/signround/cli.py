@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -175,14 +176,18 @@ def quantize_main(argv: Sequence[str]) -> int:
     _check_paths(args)
     ar = AutoRound(args.model, scheme=args.scheme, trust_remote_code=args.trust_remote_code, **kwargs)
     fp_ppl = _ppl(ar, args) if args.eval_ppl else None
+    from .resume import work_dir_for
+
+    work_dir = work_dir_for(args.output_dir)  # a rerun of a killed command continues there
     start = time.perf_counter()
-    ar.quantize()
+    ar.quantize(work_dir=work_dir)
     logger.info("quantized in %.1f s", time.perf_counter() - start)
     q_ppl = None
     if args.eval_ppl:  # the tuned model in memory computes what the packed one will
         q_ppl = _ppl(ar, args)
         ar.metrics[f"ppl ({Path(args.eval_ppl).name})"] = q_ppl
     out = ar.save_quantized(args.output_dir, ar.config.format)
+    shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("saved %s", out)
     if args.push_to_hub:
         for url in ar.push_to_hub(out, args.push_to_hub, private=args.private):

@@ -89,6 +89,20 @@ def _block_device(block: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class BlockCheckpoint:
+    """Where a block walk stands after a finished block: all a new process needs to continue it exactly.
+
+    The two streams are the next block's inputs as this run computed them (the quantized stream comes from the
+    tuned block's own candidate pass), so a resumed walk is bit-identical to an uninterrupted one.
+    """
+
+    next_block: int
+    fp_hidden: torch.Tensor
+    q_hidden: torch.Tensor
+    report: TuneReport
+
+
 def run(
     model: nn.Module,
     plan: QuantPlan,
@@ -96,6 +110,8 @@ def run(
     attention_mask: torch.Tensor | None,
     options: TuneOptions,
     block_path: str | None = None,
+    resume: BlockCheckpoint | None = None,
+    on_block: Callable[[BlockCheckpoint], None] | None = None,
 ) -> TuneReport:
     """Tune and quantize every planned layer of ``model`` in place; returns the quantized tensors.
 
@@ -103,6 +119,9 @@ def run(
     layers outside them (a vision tower under ``quant_nontext_module``) get optimised RTN, as no calibration
     stream reaches them.  After this call each planned Linear's weight holds its dequantized value (the model
     computes what the packed model will); packing into a format is the caller's next step.
+
+    ``on_block`` receives a :class:`BlockCheckpoint` after every block; passing one back as ``resume`` skips the
+    blocks it covers (their layers take its quantized values) and continues from its streams.
     """
     path, blocks = (block_path, model.get_submodule(block_path)) if block_path else find_blocks(model)
     report = TuneReport()
@@ -113,12 +132,20 @@ def run(
         with torch.no_grad():
             fp_inputs = capture_block_inputs(model, blocks[0], input_ids, attention_mask)
         q_inputs = fp_inputs
+        start = 0
+        if resume is not None:
+            start, report = resume.next_block, resume.report
+            fp_inputs = fp_inputs.with_hidden(resume.fp_hidden)
+            q_inputs = fp_inputs.with_hidden(resume.q_hidden)
+            _set_dequantized(model, report.quantized)
         bs = min(options.batch_size, len(fp_inputs))
         params_require_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        bar = tqdm(total=len(blocks), desc="signround", disable=not options.show_progress)
+        bar = tqdm(total=len(blocks), initial=start, desc="signround", disable=not options.show_progress)
         for i, block in enumerate(blocks):
+            if i < start:
+                continue
             prefix = f"{path}.{i}."
             layers = {
                 name: module
@@ -153,6 +180,8 @@ def run(
             fp_inputs = fp_in.with_hidden(fp_out)
             q_inputs = q_in.with_hidden(q_out)
             bar.update(1)
+            if on_block is not None:
+                on_block(BlockCheckpoint(i + 1, fp_out, q_out, report))
         bar.close()
         _quantize_head(model, plan, q_inputs, options, report)
         _quantize_unwalked(model, plan, options, report)
@@ -232,6 +261,14 @@ def _quantize_head(
     with torch.no_grad():
         head.weight.copy_(dequantize(qt).to(head.weight.dtype))
     report.quantized[name] = qt
+
+
+@torch.no_grad()
+def _set_dequantized(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
+    """Layers quantized in an earlier run compute their packed values again."""
+    for name, qt in quantized.items():
+        linear = model.get_submodule(name)
+        linear.weight.copy_(dequantize(qt, torch.float32).to(linear.weight.dtype))
 
 
 @torch.no_grad()

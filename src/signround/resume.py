@@ -1,0 +1,169 @@
+"""Resuming a killed run from its last finished block.
+
+A run that will save to ``out`` keeps its work in ``out``'s parent, in ``.out.signround-resume/``. The output
+path itself is never written before the final atomic save. After every block the work directory receives:
+
+* the block's quantized tensors (``block-0003.safetensors``, written once, never changed);
+* the two streams that feed the next block (``streams-0004.safetensors``; the previous one is deleted after);
+* ``state.json``, replaced atomically last: it names the block files and the streams file of the last state.
+
+Rerunning the same command finds the work directory and checks its fingerprint. A different model,
+quantization config or calibration data is refused, naming which of them changed. Otherwise the run continues
+after the last finished block. A successful save removes the work directory. Every file is written to a
+temporary name first and then renamed, so a kill at any moment leaves the last complete state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .quant.int import QuantizedTensor
+from .schemes import LayerSpec
+from .tuning.engine import BlockCheckpoint, TuneReport
+
+logger = logging.getLogger(__name__)
+
+_STATE = "state.json"
+
+
+def work_dir_for(output_dir: str | os.PathLike) -> Path:
+    """Where a run saving to ``output_dir`` keeps its resumable work (beside it, never inside it)."""
+    out = Path(output_dir).expanduser().resolve()
+    return out.parent / f".{out.name}.signround-resume"
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """Every parameter's name, shape and dtype, plus a strided sample of its values (4096 at most), so that the
+    digest of a multi-billion-parameter model takes milliseconds and still tells two checkpoints apart."""
+    parts: list[Any] = []
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        parts += [name, flat[::step][:4096].float()]
+    return _digest(*parts)
+
+
+def fingerprint(model: nn.Module, config_description: dict[str, Any], input_ids: torch.Tensor) -> dict[str, str]:
+    """What must be equal for a run to continue another: the model, the quantization config, the data."""
+    model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    model_config = {k: v for k, v in model_config.items() if k not in ("_name_or_path", "transformers_version")}
+    return {
+        "model": _digest(model_config, _weights_digest(model)),
+        "config": _digest(config_description),
+        "data": _digest(input_ids),
+    }
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+@dataclass
+class ResumeStore:
+    """The work directory of one run, checked against that run's fingerprint."""
+
+    directory: Path
+    fingerprint: dict[str, str]
+
+    def load(self) -> BlockCheckpoint | None:
+        """The last finished block's checkpoint, or None when there is nothing to resume.  A work directory
+        left by a run with another model / config / data is an error naming what differs."""
+        state_file = self.directory / _STATE
+        if not state_file.is_file():
+            return None
+        state = json.loads(state_file.read_text())
+        changed = [k for k, v in self.fingerprint.items() if state["fingerprint"].get(k) != v]
+        if changed:
+            raise ValueError(
+                f"cannot resume from {str(self.directory)!r}: the {' and the '.join(changed)} "
+                f"{'differs' if len(changed) == 1 else 'differ'} from the interrupted run's; delete that directory "
+                "to start over"
+            )
+        report = TuneReport(
+            block_losses=[tuple(x) for x in state["block_losses"]],
+            expert_tokens=dict(state["expert_tokens"]),
+        )
+        for block_file in state["block_files"]:
+            tensors = load_file(str(self.directory / block_file))
+            specs = json.loads((self.directory / block_file).with_suffix(".json").read_text())
+            for name, spec in specs.items():
+                report.quantized[name] = QuantizedTensor(
+                    tensors[f"{name}.codes"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"], LayerSpec(**spec)
+                )
+        streams = load_file(str(self.directory / state["streams"]))
+        logger.info(
+            "resuming from %s: blocks 0-%d already tuned, continuing at block %d",
+            self.directory, state["next_block"] - 1, state["next_block"],
+        )  # fmt: skip
+        return BlockCheckpoint(state["next_block"], streams["fp_hidden"], streams["q_hidden"], report)
+
+    def save(self, checkpoint: BlockCheckpoint, known: set[str]) -> None:
+        """Record a finished block: its new quantized tensors (those not in ``known``), the streams, the state."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        index = checkpoint.next_block - 1
+        new = {n: qt for n, qt in checkpoint.report.quantized.items() if n not in known}
+        block_file = f"block-{index:04d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for name, qt in new.items():
+            tensors.update({f"{name}.codes": qt.codes, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
+        _atomic_save_tensors(self.directory / block_file, tensors)
+        _atomic_write_json(
+            (self.directory / block_file).with_suffix(".json"), {n: qt.spec.to_dict() for n, qt in new.items()}
+        )
+        streams_file = f"streams-{checkpoint.next_block:04d}.safetensors"
+        _atomic_save_tensors(
+            self.directory / streams_file, {"fp_hidden": checkpoint.fp_hidden, "q_hidden": checkpoint.q_hidden}
+        )
+        previous = self._state()
+        _atomic_write_json(
+            self.directory / _STATE,
+            {
+                "fingerprint": self.fingerprint,
+                "next_block": checkpoint.next_block,
+                "block_files": [*previous.get("block_files", []), block_file],
+                "streams": streams_file,
+                "block_losses": checkpoint.report.block_losses,
+                "expert_tokens": checkpoint.report.expert_tokens,
+            },
+        )
+        if previous.get("streams") and previous["streams"] != streams_file:
+            (self.directory / previous["streams"]).unlink(missing_ok=True)
+        known.update(new)
+
+    def _state(self) -> dict[str, Any]:
+        state_file = self.directory / _STATE
+        return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""Resuming a block walk: a walk continued from a checkpoint gives exactly what the uninterrupted walk gives, and
+the work directory refuses another model, config or data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from signround.resume import ResumeStore, fingerprint, work_dir_for
+from signround.schemes import LayerSpec, resolve_plan
+from signround.tuning import engine
+from signround.tuning.block import TuneOptions
+
+IDS = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+OPTIONS = TuneOptions(iters=4, batch_size=2, show_progress=False)
+
+
+def _plan(model):
+    return resolve_plan(engine.quantizable_layers(model), LayerSpec(bits=3, group_size=32))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_walk_resumed_after_block_0_equals_the_uninterrupted_walk(tmp_path):
+    model = make_tiny_llama()
+    full = engine.run(model, _plan(model), IDS, None, OPTIONS)
+
+    store = ResumeStore(tmp_path / "work", {"model": "m", "config": "c", "data": "d"})
+    known: set[str] = set()
+
+    def record_then_die(checkpoint):
+        store.save(checkpoint, known)
+        raise _Killed  # the process dies right after block 0 was recorded
+
+    killed = make_tiny_llama()
+    with pytest.raises(_Killed):
+        engine.run(killed, _plan(killed), IDS, None, OPTIONS, on_block=record_then_die)
+    loaded = store.load()
+    assert loaded is not None and loaded.next_block == 1
+    assert sorted(loaded.report.quantized) == sorted(n for n in full.quantized if n.startswith("model.layers.0."))
+
+    fresh = make_tiny_llama()  # the fp model again, as after a kill
+    resumed = engine.run(fresh, _plan(fresh), IDS, None, OPTIONS, resume=loaded)
+    assert set(resumed.quantized) == set(full.quantized)
+    for name, qt in full.quantized.items():
+        other = resumed.quantized[name]
+        assert torch.equal(qt.codes, other.codes) and torch.equal(qt.scales, other.scales), name
+    assert resumed.block_losses == full.block_losses
+    # the skipped block's layers compute their packed values: the model equals the uninterrupted one
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, fresh.state_dict()[name]), name
+
+
+def test_resuming_from_another_model_config_or_data_is_refused(tmp_path):
+    model = make_tiny_llama()
+    base = fingerprint(model, {"bits": 4}, IDS)
+    assert base == fingerprint(make_tiny_llama(), {"bits": 4}, IDS)  # the same inputs: the same fingerprint
+    checkpoints = []
+    engine.run(model, _plan(model), IDS, None, OPTIONS, on_block=checkpoints.append)
+    ResumeStore(tmp_path, base).save(checkpoints[0], set())
+
+    others = {
+        "model": fingerprint(make_tiny_llama(seed=1), {"bits": 4}, IDS),
+        "config": fingerprint(make_tiny_llama(), {"bits": 3}, IDS),
+        "data": fingerprint(make_tiny_llama(), {"bits": 4}, IDS + 1),
+    }
+    for what, other in others.items():
+        assert [k for k in base if base[k] != other[k]] == [what]
+        with pytest.raises(ValueError, match=f"the {what} differs from the interrupted run"):
+            ResumeStore(tmp_path, other).load()
+
+
+def test_work_dir_sits_beside_the_output(tmp_path):
+    assert work_dir_for(tmp_path / "out") == tmp_path / ".out.signround-resume"
