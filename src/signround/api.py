@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from . import runtime
 from .config import AutoRoundConfig
 from .data import load_calibration
 from .layers import install_quantized
@@ -106,6 +108,8 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         disable_opt_rtn=config.disable_opt_rtn,
         enable_torch_compile=config.enable_torch_compile,
         amp=config.amp,
+        device=config.tuning_device(),
+        low_gpu_mem_usage=config.low_gpu_mem_usage,
         show_progress=show_progress,
     )
 
@@ -140,17 +144,26 @@ def quantize_model(
     if work_dir is not None:
         from .resume import ResumeStore, fingerprint
 
-        store = ResumeStore(Path(work_dir), fingerprint(model, config.to_dict(), calib.input_ids))
+        store = ResumeStore(Path(work_dir), fingerprint(model, _resumable_config(config), calib.input_ids))
         resume = store.load()
         known = set(resume.report.quantized) if resume else set()
 
         def on_block(checkpoint: Any) -> None:
             store.save(checkpoint, known)
 
-    report = run_tuning(
-        model, plan, calib.input_ids, calib.attention_mask, options, block_path, resume=resume, on_block=on_block
-    )
+    started = time.perf_counter()
+    with runtime.deterministic_algorithms(config.enable_deterministic_algorithms):
+        report = run_tuning(
+            model, plan, calib.input_ids, calib.attention_mask, options, block_path, resume=resume, on_block=on_block
+        )
+    logger.info("tuned %d layers in %s", len(report.quantized), runtime.summary(started))
     return QuantizationResult(plan, report)
+
+
+def _resumable_config(config: AutoRoundConfig) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: every knob except where it runs (the kernel
+    backend, the device); those may change between the two."""
+    return {k: v for k, v in config.to_dict().items() if k != "backend"}
 
 
 def pack_model(

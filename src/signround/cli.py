@@ -51,7 +51,7 @@ DEBUG_ENV = "SIGNROUND_DEBUG"
 _CONFIG_FLAGS = (
     "bits", "group_size", "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size",
     "gradient_accumulate_steps", "dataset", "seed", "format", "backend", "ignore_layers", "fp_layers",
-    "to_quant_block_names",
+    "to_quant_block_names", "device_map",
 )  # fmt: skip
 
 
@@ -118,6 +118,15 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
     p.add_argument("--enable_torch_compile", action="store_true")
     p.add_argument("--disable_amp", action="store_true", help="tune in float32 even where bf16 is native")
+    p.add_argument(
+        "--device_map",
+        "--device",
+        help="tune each block on this device: 0, cuda:1, xpu, cpu, auto (default: where the model is)",
+    )
+    p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached block inputs on the host")
+    p.add_argument(
+        "--enable_deterministic_algorithms", action="store_true", help="torch's deterministic algorithms (same bytes)"
+    )
     p.add_argument("--format", help="auto_round (default)")
     p.add_argument("--backend", help="kernel backend for evaluation (auto)")
     p.add_argument("--output_dir", default="./tmp_autoround")
@@ -141,7 +150,10 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kwargs[flag] = value
     if args.sym is not None:
         kwargs["sym"] = args.sym
-    for flag in ("quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "enable_torch_compile"):
+    for flag in (
+        "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "enable_torch_compile", "low_gpu_mem_usage",
+        "enable_deterministic_algorithms",
+    ):  # fmt: skip
         if getattr(args, flag):
             kwargs[flag] = True
     if args.disable_amp:

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .schemes import KEEP_16_BIT, SUPPORTED_BITS, LayerSpec, keeps_16_bit, layer_override, scheme_fields, scheme_names
@@ -120,6 +121,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
         enable_torch_compile: bool = False,
         disable_opt_rtn: bool = False,
         amp: bool = True,
+        device_map: str | int | None = None,
+        low_gpu_mem_usage: bool = False,
+        enable_deterministic_algorithms: bool = False,
         tokenizer: str | None = None,
         data_type: str = "int",
         act_bits: int = 16,
@@ -166,6 +170,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.enable_torch_compile = enable_torch_compile
         self.disable_opt_rtn = disable_opt_rtn
         self.amp = amp
+        self.device_map = kwargs.pop("device", None) if device_map is None else device_map  # the reference's old name
+        self.low_gpu_mem_usage = low_gpu_mem_usage
+        self.enable_deterministic_algorithms = enable_deterministic_algorithms
         self.tokenizer = tokenizer
         # What a checkpoint says about itself (packing layout, per-layer overrides, block names, ...).
         self.packing_format: str | None = kwargs.pop("packing_format", None)
@@ -234,7 +241,11 @@ class AutoRoundConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        for name in ("quant_lm_head", "quant_nontext_module", "enable_torch_compile", "disable_opt_rtn", "amp"):
+        self.tuning_device()  # raises naming the accepted forms
+        for name in (
+            "quant_lm_head", "quant_nontext_module", "enable_torch_compile", "disable_opt_rtn", "amp",
+            "low_gpu_mem_usage", "enable_deterministic_algorithms",
+        ):  # fmt: skip
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"
             )
@@ -349,9 +360,57 @@ class AutoRoundConfig(QuantizationConfigMixin):
             out["to_quant_block_names"] = list(self.to_quant_block_names)
         if self.quant_nontext_module:
             out["quant_nontext_module"] = True
+        if self.enable_deterministic_algorithms:
+            out["enable_deterministic_algorithms"] = True
         out["backend"] = self.backend
         out.update(copy.deepcopy(self.unknown_keys))
         return out
+
+    def tuning_device(self) -> str | None:
+        """The device blocks are tuned on, from ``device_map`` (the reference's name; ``device`` too): None (where
+        the model is), ``"auto"`` (the accelerator when there is one), ``"cpu"``, ``0`` / ``"0"`` (accelerator 0),
+        ``"cuda:1"``, ``"xpu"``, ``"hpu"`` ...  A device is a string, never a code path."""
+        value = self.device_map
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        _require(
+            isinstance(value, str),
+            f"device_map={value!r} is not supported for tuning yet; accepted: None, 'auto', 'cpu', an accelerator "
+            "index (0) or a device string ('cuda:1', 'xpu', 'hpu'); several devices come with accelerate placement",
+        )
+        value = value.strip()
+        if value == "auto":
+            accelerator = getattr(torch, "accelerator", None)
+            current = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
+            return str(current) if current is not None else "cpu"
+        if value.isdigit():
+            accelerator = getattr(torch, "accelerator", None)
+            current = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
+            _require(current is not None, f"device_map={self.device_map!r} names an accelerator; this machine has none")
+            return f"{current.type}:{value}"
+        _require("," not in value, f"device_map={value!r}: several devices are not supported for tuning yet")
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"device_map={self.device_map!r} is not a device; accepted: None, 'auto', 'cpu', 0, 'cuda:1', 'xpu'"
+            ) from err
+        if device.type != "cpu":
+            accelerator = getattr(torch, "accelerator", None)
+            current = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
+            _require(
+                current is not None and current.type == device.type,
+                f"device_map={value!r}: no {device.type} device here"
+                + (f" (this machine has {current.type})" if current is not None else " (only the CPU)"),
+            )
+            count = accelerator.device_count()
+            _require(
+                device.index is None or device.index < count,
+                f"device_map={value!r}: only {count} {device.type} devices",
+            )
+        return value
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

@@ -32,6 +32,8 @@ class TuneOptions:
     """Knobs of the tuning loop (a plain copy of the user-facing ones that matter here)."""
 
     iters: int = 200
+    device: str | None = None  # where blocks are tuned (None: where each block is)
+    low_gpu_mem_usage: bool = False  # cached block inputs / outputs on the host, moved per batch
     lr: float | None = None
     minmax_lr: float | None = None
     batch_size: int = 8
@@ -137,8 +139,8 @@ def block_output(out: object) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int) -> torch.Tensor:
     """The block's outputs for every cached sample, in batches."""
-    outs = [block_output(block(h, **kw)) for h, kw in inputs.batches(batch_size)]
-    return torch.cat(outs, dim=0)
+    outs = [block_output(block(h, **kw)).to(inputs.hidden.device) for h, kw in inputs.batches(batch_size)]
+    return torch.cat(outs, dim=0)  # where the cache is
 
 
 def cast_floats(obj: object, dtype: torch.dtype | None) -> object:
@@ -197,7 +199,7 @@ def _full_loss(
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
             total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
             count += out.numel()
-            outs.append(out)
+            outs.append(out.to(inputs.hidden.device))
     return total / max(count, 1), torch.cat(outs, dim=0)
 
 

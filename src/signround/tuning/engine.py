@@ -89,6 +89,18 @@ def _block_device(block: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def placement(options: TuneOptions, block_device: torch.device) -> tuple[torch.device, torch.device]:
+    """Where a block is tuned and where its cached streams live: the requested device (else where the block
+    is); the cache on the host under ``low_gpu_mem_usage`` (one transfer per batch), else beside the block."""
+    device = torch.device(options.device) if options.device else block_device
+    return device, torch.device("cpu") if options.low_gpu_mem_usage else device
+
+
+def _moved(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
+    """Quantized tensors go home with their block (a device holds one block's tensors at a time)."""
+    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
+
+
 @dataclass
 class BlockCheckpoint:
     """Where a block walk stands after a finished block: all a new process needs to continue it exactly.
@@ -152,8 +164,10 @@ def run(
                 for name, module in block.named_modules()
                 if isinstance(module, nn.Linear) and prefix + name in plan.layers
             }
-            device = _block_device(block)
-            fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
+            home = _block_device(block)
+            device, cache = placement(options, home)
+            block.to(device)  # a no-op unless tuning elsewhere than the block lives (device_map)
+            fp_in, q_in = fp_inputs.placed(cache, device), q_inputs.placed(cache, device)
             # Before tuning, the optimised-RTN init weighs each input feature by its energy on the fp stream,
             # measured in the pass that computes the targets anyway (tuning then corrects for the quantized
             # stream).  Without tuning (iters=0) the quantized stream's energy is measured in its own pass.
@@ -174,11 +188,12 @@ def run(
             else:
                 result = _tune_one_block(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i)
                 for name, qt in result.quantized.items():
-                    report.quantized[prefix + name] = qt
+                    report.quantized[prefix + name] = _moved(qt, home)
                 report.block_losses.append((result.init_loss, result.final_loss))
                 q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
+            block.to(home)
             fp_inputs = fp_in.with_hidden(fp_out)
-            q_inputs = q_in.with_hidden(q_out)
+            q_inputs = q_in.with_hidden(q_out.to(cache))
             bar.update(1)
             if on_block is not None:
                 on_block(BlockCheckpoint(i + 1, fp_out, q_out, report))

@@ -95,13 +95,15 @@ class BlockInputs:
     hidden: torch.Tensor
     shared: dict[str, Any] = field(default_factory=dict)
     per_sample: dict[str, Any] = field(default_factory=dict)
+    # Where batches are computed, when the cache lives elsewhere (``low_gpu_mem_usage``: host cache, device block).
+    compute_device: torch.device | None = None
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
         """Same arguments, other hidden states (a block's outputs feed the next block)."""
-        return BlockInputs(hidden=hidden, shared=self.shared, per_sample=self.per_sample)
+        return BlockInputs(hidden, self.shared, self.per_sample, self.compute_device)
 
     def to(self, device: torch.device) -> BlockInputs:
         return BlockInputs(
@@ -110,10 +112,18 @@ class BlockInputs:
             per_sample={k: _to(v, device) for k, v in self.per_sample.items()},
         )
 
+    def placed(self, cache: torch.device, compute: torch.device) -> BlockInputs:
+        """The cached tensors on ``cache``; every batch handed out moved to ``compute`` (one transfer per batch)."""
+        moved = self.to(cache)
+        return BlockInputs(moved.hidden, moved.shared, moved.per_sample, None if cache == compute else compute)
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         kwargs = dict(self.shared)
         kwargs.update({k: _index(v, idx) for k, v in self.per_sample.items()})
-        return self.hidden[idx.to(self.hidden.device)], kwargs
+        hidden = self.hidden[idx.to(self.hidden.device)]
+        if self.compute_device is not None:
+            hidden, kwargs = hidden.to(self.compute_device), {k: _to(v, self.compute_device) for k, v in kwargs.items()}
+        return hidden, kwargs
 
     def batch_indices(self, batch_size: int) -> Iterator[torch.Tensor]:
         n = len(self)
