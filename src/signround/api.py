@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import runtime
@@ -151,13 +152,40 @@ def quantize_model(
         def on_block(checkpoint: Any) -> None:
             store.save(checkpoint, known)
 
+    if config.low_cpu_mem_usage:
+        on_block = _packing_each_block(model, config, on_block)
     started = time.perf_counter()
     with runtime.deterministic_algorithms(config.enable_deterministic_algorithms):
         report = run_tuning(
             model, plan, calib.input_ids, calib.attention_mask, options, block_path, resume=resume, on_block=on_block
         )
-    logger.info("tuned %d layers in %s", len(report.quantized), runtime.summary(started))
+    if config.low_cpu_mem_usage and getattr(model, "hf_device_map", None) is not None:
+        from accelerate.hooks import remove_hook_from_module
+
+        # every block was read from disk and is packed in memory now: a plain CPU model again (else save_pretrained
+        # treats it as offloaded)
+        remove_hook_from_module(model, recurse=True)
+        del model.hf_device_map
+    logger.info("tuned %d layers in %s", report.layer_count, runtime.summary(started))
     return QuantizationResult(plan, report)
+
+
+def _packing_each_block(model: nn.Module, config: AutoRoundConfig, then: Any) -> Any:
+    """``low_cpu_mem_usage``: a tuned block is packed at once (first format) and its full-precision Linear weights
+    and quantized tensors are released; the packed layers carry them to the save."""
+    packer = format_packer(config.formats()[0], config.default_spec())
+
+    def on_block(checkpoint: Any) -> None:
+        if then is not None:
+            then(checkpoint)  # resume records the block before its tensors are dropped
+        report = checkpoint.report
+        fresh = {n: qt for n, qt in report.quantized.items() if n not in report.packed}
+        install_quantized(model, fresh, packer.name, config.backend)
+        for name in fresh:
+            report.packed[name] = packer.name
+            del report.quantized[name]
+
+    return on_block
 
 
 def _resumable_config(config: AutoRoundConfig) -> dict[str, Any]:
@@ -173,7 +201,11 @@ def pack_model(
     format_name = format_name or config.formats()[0]
     default = config.default_spec()
     packer = format_packer(format_name, default)
-    install_quantized(model, result.report.quantized, packer.name, config.backend)
+    quantized = dict(result.report.quantized)
+    for name, packing in result.report.packed.items():  # packed in place while tuning (low_cpu_mem_usage)
+        if packing != packer.name:
+            quantized[name] = model.get_submodule(name).quantized_tensor()
+    install_quantized(model, quantized, packer.name, config.backend)
     describe_packed(model, config, result.plan, packer)
     return packer
 
@@ -290,11 +322,24 @@ def _is_image_text_to_text(path: str, trust_remote_code: bool) -> bool:
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
 
 
-def _load_model(path: str, trust_remote_code: bool, dtype: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+def _load_model(path: str, trust_remote_code: bool, dtype: Any, low_cpu_mem_usage: bool = False) -> nn.Module:
+    """The model of ``path``; with ``low_cpu_mem_usage`` its decoder blocks stay on disk (accelerate's offload,
+    read from the checkpoint's shards when their turn comes: :mod:`signround.offload`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if _is_image_text_to_text(path, trust_remote_code) else AutoModelForCausalLM
-    return auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not low_cpu_mem_usage:
+        return auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    from .offload import offload_device_map
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    device_map = offload_device_map(skeleton, find_blocks(skeleton)[0])
+    offload_folder = tempfile.mkdtemp(prefix="signround-offload-")  # used only for tensors transformers converts
+    return auto.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map, offload_folder=offload_folder
+    )
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool, multimodal: bool) -> Any:
@@ -335,7 +380,7 @@ class AutoRound:
         self.config = AutoRoundConfig(scheme=scheme, **kwargs)  # validates everything before loading anything
         if isinstance(model, (str, os.PathLike)):
             path = str(model)
-            self.model = _load_model(path, trust_remote_code, dtype)
+            self.model = _load_model(path, trust_remote_code, dtype, self.config.low_cpu_mem_usage)
             if tokenizer is None:
                 multimodal = self.config.tokenizer is None and _is_image_text_to_text(path, trust_remote_code)
                 tokenizer = _load_tokenizer(self.config.tokenizer or path, trust_remote_code, multimodal)
@@ -424,7 +469,7 @@ class AutoRound:
             "scheme": c.scheme, "bits": c.bits, "group_size": c.group_size, "sym": c.sym, "iters": c.iters,
             "lr": c.lr if c.lr is not None else ("auto (1/iters)" if c.iters else None), "nsamples": c.nsamples,
             "seqlen": c.seqlen, "batch_size": c.batch_size, "calibration dataset": dataset, "format": format_name,
-            "quantized layers": len(self.result.report.quantized) if self.result else None,
+            "quantized layers": self.result.report.layer_count if self.result else None,
         }  # fmt: skip
         base = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
         return model_card(base, c.to_dict(), format_name, tuning, self.metrics)

@@ -125,6 +125,9 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached block inputs on the host")
     p.add_argument(
+        "--low_cpu_mem_usage", action="store_true", help="blocks stay on disk until their turn, packed at once"
+    )
+    p.add_argument(
         "--enable_deterministic_algorithms", action="store_true", help="torch's deterministic algorithms (same bytes)"
     )
     p.add_argument("--format", help="auto_round (default)")
@@ -152,6 +155,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["sym"] = args.sym
     for flag in (
         "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "enable_torch_compile", "low_gpu_mem_usage",
+        "low_cpu_mem_usage",
         "enable_deterministic_algorithms",
     ):  # fmt: skip
         if getattr(args, flag):

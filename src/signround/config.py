@@ -123,6 +123,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         amp: bool = True,
         device_map: str | int | None = None,
         low_gpu_mem_usage: bool = False,
+        low_cpu_mem_usage: bool = False,
         enable_deterministic_algorithms: bool = False,
         tokenizer: str | None = None,
         data_type: str = "int",
@@ -172,6 +173,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.amp = amp
         self.device_map = kwargs.pop("device", None) if device_map is None else device_map  # the reference's old name
         self.low_gpu_mem_usage = low_gpu_mem_usage
+        self.low_cpu_mem_usage = low_cpu_mem_usage
         self.enable_deterministic_algorithms = enable_deterministic_algorithms
         self.tokenizer = tokenizer
         # What a checkpoint says about itself (packing layout, per-layer overrides, block names, ...).
@@ -244,7 +246,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.tuning_device()  # raises naming the accepted forms
         for name in (
             "quant_lm_head", "quant_nontext_module", "enable_torch_compile", "disable_opt_rtn", "amp",
-            "low_gpu_mem_usage", "enable_deterministic_algorithms",
+            "low_gpu_mem_usage", "low_cpu_mem_usage", "enable_deterministic_algorithms",
         ):  # fmt: skip
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"

@@ -60,9 +60,15 @@ def _weights_digest(model: nn.Module) -> str:
     digest of a multi-billion-parameter model takes milliseconds and still tells two checkpoints apart."""
     parts: list[Any] = []
     for name, p in model.named_parameters():
+        if p.device.type == "meta":  # offloaded (low_cpu_mem_usage): its checkpoint files stand for its values
+            parts += [name, tuple(p.shape), str(p.dtype)]
+            continue
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         parts += [name, flat[::step][:4096].float()]
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    if source.is_dir():
+        parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(source.glob("*.safetensors"))]
     return _digest(*parts)
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models import final_norm, find_blocks, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
+from ..offload import is_offloaded, materialize
 from ..quant.int import QuantizedTensor, dequantize, quantize
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, TuneOptions, run_block, tune_block
@@ -39,6 +40,14 @@ class TuneReport:
     # An expert with none still gets quantized: its start (optimised RTN) is weighted by every token's inputs,
     # and the block loss gives it no gradient, so it keeps that start.
     expert_tokens: dict[str, int] = field(default_factory=dict)
+    # Layers packed in place as soon as their block was tuned (low_cpu_mem_usage); their QuantizedTensors were
+    # dropped to free memory, the installed layers hold them (packing name by layer).
+    packed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_count(self) -> int:
+        """Layers quantized, whether their tensors are here or already packed in place."""
+        return len(self.quantized) + len(self.packed)
 
     @property
     def experts_on_data(self) -> int:
@@ -149,6 +158,9 @@ def run(
             start, report = resume.next_block, resume.report
             fp_inputs = fp_inputs.with_hidden(resume.fp_hidden)
             q_inputs = fp_inputs.with_hidden(resume.q_hidden)
+            for done in list(blocks)[:start]:
+                if is_offloaded(done):
+                    materialize(done, torch.device("cpu"))
             _set_dequantized(model, report.quantized)
         bs = min(options.batch_size, len(fp_inputs))
         params_require_grad = {p: p.requires_grad for p in model.parameters()}
@@ -165,6 +177,9 @@ def run(
                 if isinstance(module, nn.Linear) and prefix + name in plan.layers
             }
             home = _block_device(block)
+            if is_offloaded(block):  # low_cpu_mem_usage: its weights are on disk until now, then on the host
+                home = torch.device("cpu")
+                materialize(block, home)
             device, cache = placement(options, home)
             block.to(device)  # a no-op unless tuning elsewhere than the block lives (device_map)
             fp_in, q_in = fp_inputs.placed(cache, device), q_inputs.placed(cache, device)
@@ -290,7 +305,7 @@ def _set_dequantized(model: nn.Module, quantized: dict[str, QuantizedTensor]) ->
 def _quantize_unwalked(model: nn.Module, plan: QuantPlan, options: TuneOptions, report: TuneReport) -> None:
     """Planned layers no calibration stream reached (outside the walked blocks): optimised RTN, unweighted."""
     for name, spec in plan.layers.items():
-        if name in report.quantized:
+        if name in report.quantized or name in report.packed:
             continue
         linear = model.get_submodule(name)
         alpha, beta = _init_params(linear, spec, None, options)

@@ -1,0 +1,124 @@
+"""Peak host memory of quantizing a model larger than it should need: ``low_cpu_mem_usage`` against the default.
+
+A synthetic Llama of TinyLlama-1.1B's shape (hidden 2048, 22 blocks, MLP 5632, vocab 32000; random weights) is
+saved once in bf16 (2.2 GB). Each setting then runs in a fresh process:
+
+* ``AutoRound(path, low_cpu_mem_usage=...)``;
+* W4G128, ``quantize_and_save``;
+* 8 samples x 128 tokens of tinyshakespeare.
+
+The child reports its peak RSS (``ru_maxrss``, which counts the memory-mapped checkpoint pages it touched) and
+the sha256 of every file it wrote. The outputs of the two modes must be byte-identical: the low-memory walk
+computes exactly what the in-memory one does.
+
+    .venv/bin/python bench/memory.py                 # every setting, table + bench/results/memory.jsonl
+    .venv/bin/python bench/memory.py --iters 0 2     # the settings' iters
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CALIB = SHARED / "data" / "tinyshakespeare.txt"
+TOKENIZER = SHARED / "models" / "stories260K"
+CACHE = Path(os.environ.get("SIGNROUND_BENCH_CACHE", "/tmp/signround-bench"))
+MODEL = CACHE / "llama-1.1b-shaped-bf16"
+RESULTS = ROOT / "bench" / "results" / "memory.jsonl"
+
+
+def build_model() -> Path:
+    """The synthetic checkpoint (built once; its tokenizer is stories260K's, vocab padded to 32000)."""
+    if (MODEL / "config.json").exists():
+        return MODEL
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(MODEL, max_shard_size="1GB")
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(MODEL)
+    return MODEL
+
+
+def child(args: argparse.Namespace) -> None:
+    """One quantization in this process; prints one JSON line."""
+    import signround
+
+    started = time.perf_counter()
+    ar = signround.AutoRound(
+        str(MODEL), bits=4, group_size=128, iters=args.iters, nsamples=8, seqlen=128, batch_size=4,
+        dataset=str(CALIB), low_cpu_mem_usage=args.low, show_progress=False,
+    )  # fmt: skip
+    out = ar.quantize_and_save(args.out)
+    digest = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(out).iterdir())}
+    print(
+        json.dumps(
+            {
+                "low_cpu_mem_usage": args.low,
+                "iters": args.iters,
+                "seconds": round(time.perf_counter() - started, 1),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "output_bytes": sum(f.stat().st_size for f in Path(out).glob("*.safetensors")),
+                "files": digest,
+            }
+        )
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--low", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=int, nargs="+", default=[0, 2])
+    args = p.parse_args()
+    if args.child:
+        args.iters = args.iters[0]
+        args.low = bool(args.low)
+        child(args)
+        return
+    model = build_model()
+    ckpt_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx512", "amx"))})
+    rows = []
+    for iters in args.iters:
+        for low in (1, 0):
+            out = CACHE / f"out-low{low}-iters{iters}"
+            cmd = [sys.executable, __file__, "--child", "--low", str(low), "--iters", str(iters), "--out", str(out)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"{cmd} failed:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row.update(checkpoint_bytes=ckpt_bytes, model="llama 1.1B-shaped bf16", cpu_flags=" ".join(flags))
+            rows.append(row)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "files"}) + "\n")
+    print(f"checkpoint: {ckpt_bytes / 1e9:.2f} GB (bf16); W4G128, 8 x 128 tokens; CPU flags: {' '.join(flags)}\n")
+    print("| low_cpu_mem_usage | iters | peak RSS GB | peak RSS / checkpoint | seconds | output identical |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        twin = next(r for r in rows if r["iters"] == row["iters"] and r is not row)
+        print(
+            f"| {row['low_cpu_mem_usage']} | {row['iters']} | {row['peak_rss_bytes'] / 1e9:.2f} | "
+            f"{row['peak_rss_bytes'] / ckpt_bytes:.2f} | {row['seconds']} | {row['files'] == twin['files']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Models larger than RAM, on accelerate's offloading: the decoder blocks stay on "disk" until their turn.
+
+``low_cpu_mem_usage=True`` loads the model through transformers with every decoder block on accelerate's "disk"
+device. For safetensors checkpoints the weights are not copied anywhere: accelerate's hooks read them from the
+checkpoint's own shards, memory-mapped. When its turn comes, a block is materialized (its tensors read from its
+hooks' weights map onto the requested device, the hooks removed), tuned, packed, and its full-precision Linear
+weights are released. At any moment the host holds the packed blocks done so far, one full-precision block, the
+embeddings / head, and the calibration streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def offload_device_map(skeleton: nn.Module, block_path: str) -> dict[str, str]:
+    """A ``device_map`` placing each block at ``block_path`` on "disk" and every other module on the CPU."""
+
+    def cover(module: nn.Module, prefix: str) -> dict[str, str]:
+        entries: dict[str, str] = {}
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full == block_path:
+                entries.update({f"{full}.{i}": "disk" for i in range(len(child))})
+            elif block_path.startswith(full + "."):
+                entries.update(cover(child, full + "."))
+            else:
+                entries[full] = "cpu"
+        for name, _ in module.named_parameters(recurse=False):  # a tensor held by a module on the path itself
+            entries[f"{prefix}{name}"] = "cpu"
+        return entries
+
+    return cover(skeleton, "")
+
+
+def is_offloaded(block: nn.Module) -> bool:
+    """Whether accelerate's hooks hold some of the block's weights (they sit on the meta device until a forward)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in block.modules())
+
+
+@torch.no_grad()
+def materialize(block: nn.Module, device: torch.device | str) -> None:
+    """Read an offloaded block's tensors onto ``device`` from its hooks' weights maps, then remove the hooks: the
+    block becomes an ordinary module for its tuning (accelerate's own utilities, no loader of ours)."""
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    for module in block.modules():
+        hook: Any = getattr(module, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if weights is None:
+            continue
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.device.type == "meta":
+                set_module_tensor_to_device(module, name, device, value=weights[name])
+    remove_hook_from_module(block, recurse=True)
+    leftover = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise RuntimeError(f"tensors {leftover[:5]} of an offloaded block could not be read from its weights map")

@@ -1,0 +1,70 @@
+"""``low_cpu_mem_usage``: the decoder blocks stay on disk (accelerate's offload, read from the checkpoint) until
+their turn, each is packed as soon as it is tuned, and the output is byte-identical to an in-memory run."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+import signround
+from signround.offload import is_offloaded, offload_device_map
+
+
+@pytest.fixture(scope="module")
+def fp_dir(tmp_path_factory, stories_dir) -> Path:
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("fp")
+    make_tiny_llama().save_pretrained(directory)
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(directory)
+    return directory
+
+
+def _autoround(fp_dir: Path, shakespeare: Path, low: bool) -> signround.AutoRound:
+    return signround.AutoRound(
+        str(fp_dir), bits=4, group_size=32, iters=3, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare),
+        low_cpu_mem_usage=low, show_progress=False,
+    )  # fmt: skip
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
+
+
+def test_device_map_puts_each_block_on_disk_and_the_rest_on_the_cpu():
+    with torch.device("meta"):
+        skeleton = make_tiny_llama()
+    device_map = offload_device_map(skeleton, "model.layers")
+    assert device_map == {
+        "model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "cpu",
+    }  # fmt: skip
+
+
+def test_blocks_are_read_at_their_turn_packed_at_once_and_the_output_is_identical(fp_dir, shakespeare, tmp_path):
+    ar = _autoround(fp_dir, shakespeare, low=True)
+    blocks = ar.model.model.layers
+    assert all(is_offloaded(b) and next(b.parameters()).device.type == "meta" for b in blocks)
+    seen = []
+
+    def at_block_1(block, _args):
+        if not seen:  # the first call of block 1 (its fp pass): block 0 is packed, nothing of block 1 is on meta
+            seen.append(
+                (
+                    type(blocks[0].self_attn.q_proj).__name__,
+                    next(block.parameters()).device.type,
+                    is_offloaded(block),
+                )
+            )
+
+    blocks[1].register_forward_pre_hook(at_block_1)
+    low = ar.quantize_and_save(tmp_path / "low")
+    assert seen and seen[0][0].endswith("QuantLinear") and seen[0][1:] == ("cpu", False)
+    assert ar.result.report.layer_count == 14 and not ar.result.report.quantized  # tensors dropped once packed
+
+    normal = _autoround(fp_dir, shakespeare, low=False).quantize_and_save(tmp_path / "normal")
+    assert _digests(low) == _digests(normal)
