@@ -68,3 +68,44 @@ def test_blocks_are_read_at_their_turn_packed_at_once_and_the_output_is_identica
 
     normal = _autoround(fp_dir, shakespeare, low=False).quantize_and_save(tmp_path / "normal")
     assert _digests(low) == _digests(normal)
+
+
+def test_quantize_on_load_with_a_disk_device_map_reads_the_offloaded_block_at_its_turn(
+    fp_dir, shakespeare, tmp_path, monkeypatch
+):
+    """from_pretrained(..., device_map with a "disk" block): transformers and accelerate place the model, the
+    offloaded block is read from its hooks when its turn comes (only it), and the saved model reloads equal."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from signround.tuning import engine
+
+    read: list[str] = []
+    original = engine.materialize
+
+    def spy(block, device):
+        read.append(f"{type(block).__name__}:{next(block.parameters()).device.type}->{device}")
+        original(block, device)
+
+    monkeypatch.setattr(engine, "materialize", spy)
+    device_map = {
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "cpu",
+    }  # fmt: skip
+    config = signround.AutoRoundConfig(
+        bits=4, group_size=32, iters=2, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare)
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        fp_dir, quantization_config=config, device_map=device_map, offload_folder=tempfile.mkdtemp(dir=tmp_path)
+    )
+    assert read == ["LlamaDecoderLayer:meta->cpu"]
+    assert type(model.model.layers[1].self_attn.q_proj).__name__.endswith("QuantLinear")
+    assert getattr(model, "hf_device_map", None) is None  # a plain CPU model again
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        in_memory = model(ids).logits
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, in_memory)

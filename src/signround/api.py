@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runtime
+from . import offload, runtime
 from .config import AutoRoundConfig
 from .data import load_calibration
 from .layers import install_quantized
@@ -159,13 +159,7 @@ def quantize_model(
         report = run_tuning(
             model, plan, calib.input_ids, calib.attention_mask, options, block_path, resume=resume, on_block=on_block
         )
-    if config.low_cpu_mem_usage and getattr(model, "hf_device_map", None) is not None:
-        from accelerate.hooks import remove_hook_from_module
-
-        # every block was read from disk and is packed in memory now: a plain CPU model again (else save_pretrained
-        # treats it as offloaded)
-        remove_hook_from_module(model, recurse=True)
-        del model.hf_device_map
+    offload.settle(model)  # offloaded blocks (low_cpu_mem_usage, a "disk" device_map) are all in memory now
     logger.info("tuned %d layers in %s", report.layer_count, runtime.summary(started))
     return QuantizationResult(plan, report)
 

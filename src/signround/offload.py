@@ -60,3 +60,17 @@ def materialize(block: nn.Module, device: torch.device | str) -> None:
     leftover = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"tensors {leftover[:5]} of an offloaded block could not be read from its weights map")
+
+
+def settle(model: nn.Module) -> None:
+    """After a walk that read every offloaded block into host memory: a model whose ``device_map`` was only "cpu"
+    and "disk" is a plain CPU model again (hooks removed), else ``save_pretrained`` treats it as offloaded."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict) or not set(map(str, device_map.values())) <= {"cpu", "disk"}:
+        return
+    if any(is_offloaded(m) for m in model.children()):
+        return
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model, recurse=True)
+    del model.hf_device_map
