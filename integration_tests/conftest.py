@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 _PATH = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
+if str(_PATH.parent) not in sys.path:  # tests/conftest.py imports tests/tiny_families.py
+    sys.path.insert(0, str(_PATH.parent))
 _NAME = "signround_tests_shared_fixtures"
 if _NAME not in sys.modules:
     _spec = importlib.util.spec_from_file_location(_NAME, _PATH)

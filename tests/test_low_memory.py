@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tiny_families import make_tiny_llama
 
 import signround
 from signround.offload import is_offloaded, offload_device_map

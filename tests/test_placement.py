@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tiny_families import make_tiny_llama
 
 import signround
 from signround.schemes import LayerSpec, resolve_plan

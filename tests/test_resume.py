@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tiny_families import make_tiny_llama
 
 from signround.resume import ResumeStore, fingerprint, work_dir_for
 from signround.schemes import LayerSpec, resolve_plan

@@ -21,6 +21,32 @@ SMALL = dict(
     tie_word_embeddings=False,
 )
 
+
+def make_tiny_llama(seed: int = 0, initializer_range: float = 0.02):
+    """A random LlamaForCausalLM whose every block Linear is quantizable at group size 32.
+
+    hidden 64, intermediate 128, 2 blocks, 4 heads of 16, 2 kv heads (k/v_proj out = 32), vocab 512 (the
+    stories260K tokenizer's size, so that tokenizer can drive it).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        initializer_range=initializer_range,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
 DENSE: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": {},
