@@ -13,6 +13,7 @@ computes exactly what the in-memory one does.
 
     .venv/bin/python bench/memory.py                 # every setting, table + bench/results/memory.jsonl
     .venv/bin/python bench/memory.py --iters 0 2     # the settings' iters
+    .venv/bin/python bench/memory.py --model smollm2-135m --iters 50   # SmolLM2-135M W4G32 (signround fetch-model)
 """
 
 from __future__ import annotations
@@ -54,13 +55,23 @@ def build_model() -> Path:
     return MODEL
 
 
+def _model(name: str) -> tuple[Path, int]:
+    """(checkpoint directory, group size) of a benchmark model."""
+    if name == "smollm2-135m":
+        from signround.fetch import model_dir
+
+        return model_dir(name), 32
+    return MODEL, 128
+
+
 def child(args: argparse.Namespace) -> None:
     """One quantization in this process; prints one JSON line."""
     import signround
 
     started = time.perf_counter()
+    path, group_size = _model(args.model)
     ar = signround.AutoRound(
-        str(MODEL), bits=4, group_size=128, iters=args.iters, nsamples=8, seqlen=128, batch_size=4,
+        str(path), bits=4, group_size=group_size, iters=args.iters, nsamples=8, seqlen=128, batch_size=4,
         dataset=str(CALIB), low_cpu_mem_usage=args.low, show_progress=False,
     )  # fmt: skip
     out = ar.quantize_and_save(args.out)
@@ -85,31 +96,36 @@ def main() -> None:
     p.add_argument("--low", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--model", choices=["llama-1.1b", "smollm2-135m"], default="llama-1.1b")
     args = p.parse_args()
     if args.child:
         args.iters = args.iters[0]
         args.low = bool(args.low)
         child(args)
         return
-    model = build_model()
+    model = build_model() if args.model == "llama-1.1b" else _model(args.model)[0]
     ckpt_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx512", "amx"))})
     rows = []
     for iters in args.iters:
         for low in (1, 0):
-            out = CACHE / f"out-low{low}-iters{iters}"
+            out = CACHE / f"out-{args.model}-low{low}-iters{iters}"
             cmd = [sys.executable, __file__, "--child", "--low", str(low), "--iters", str(iters), "--out", str(out)]
+            cmd += ["--model", args.model]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{cmd} failed:\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            row.update(checkpoint_bytes=ckpt_bytes, model="llama 1.1B-shaped bf16", cpu_flags=" ".join(flags))
+            row.update(checkpoint_bytes=ckpt_bytes, model=args.model, cpu_flags=" ".join(flags))
             rows.append(row)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         for row in rows:
             f.write(json.dumps({k: v for k, v in row.items() if k != "files"}) + "\n")
-    print(f"checkpoint: {ckpt_bytes / 1e9:.2f} GB (bf16); W4G128, 8 x 128 tokens; CPU flags: {' '.join(flags)}\n")
+    group = _model(args.model)[1]
+    print(
+        f"{args.model}: checkpoint {ckpt_bytes / 1e9:.2f} GB; W4G{group}, 8 x 128 tokens; CPU flags: {' '.join(flags)}\n"
+    )
     print("| low_cpu_mem_usage | iters | peak RSS GB | peak RSS / checkpoint | seconds | output identical |")
     print("|---|---|---|---|---|---|")
     for row in rows:
