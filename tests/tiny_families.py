@@ -31,15 +31,8 @@ def make_tiny_llama(seed: int = 0, initializer_range: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=512,
+        **{**SMALL, "max_position_embeddings": 512},
         initializer_range=initializer_range,
-        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
     )

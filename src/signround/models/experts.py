@@ -280,17 +280,21 @@ class LinearExperts(nn.ModuleList):
                 linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
                 if bias is not None:
                     linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-        for param in [n for n, _ in module.named_parameters(recurse=False)]:
-            delattr(module, param)  # the shell keeps no weights; the views above keep what they need alive
+        _empty(module)  # the shell keeps no weights; the views above keep what they need alive
         return new
 
     @classmethod
     def empty(cls, module: nn.Module, layout: ExpertsLayout) -> LinearExperts:
         """Per-expert Linear layers on the meta device, for a checkpoint loader to fill."""
         new = cls(layout, module)
-        for param in [n for n, _ in module.named_parameters(recurse=False)]:
-            delattr(module, param)
+        _empty(module)
         return new
+
+
+def _empty(module: nn.Module) -> None:
+    """Drop a fused experts module's own weights: it stays only as the holder of its gate function."""
+    for param in [n for n, _ in module.named_parameters(recurse=False)]:
+        delattr(module, param)
 
 
 def unfuse_experts(

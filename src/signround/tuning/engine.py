@@ -295,7 +295,8 @@ def _quantize_head(
 
 @torch.no_grad()
 def _set_dequantized(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
-    """Layers quantized in an earlier run compute their packed values again."""
+    """Each named layer's weight becomes its dequantized value (it computes what its packed layer will): layers
+    quantized here, or in an earlier run that this one resumes."""
     for name, qt in quantized.items():
         linear = model.get_submodule(name)
         linear.weight.copy_(dequantize(qt, torch.float32).to(linear.weight.dtype))
@@ -310,7 +311,7 @@ def _quantize_unwalked(model: nn.Module, plan: QuantPlan, options: TuneOptions, 
         linear = model.get_submodule(name)
         alpha, beta = _init_params(linear, spec, None, options)
         qt = quantize(linear.weight, spec, None, alpha, beta, options.scale_dtype)
-        linear.weight.copy_(dequantize(qt).to(linear.weight.dtype))
+        _set_dequantized(model, {name: qt})
         report.quantized[name] = qt
         logger.info("%s: outside the calibrated blocks, quantized with optimised RTN", name)
 
@@ -338,7 +339,6 @@ def rtn_only(model: nn.Module, plan: QuantPlan, options: TuneOptions) -> TuneRep
         untie_head(model)  # else writing the dequantized head would overwrite the tied embedding table
     for name, spec in plan.layers.items():
         linear = model.get_submodule(name)
-        qt = quantize(linear.weight, spec, scale_dtype=options.scale_dtype)
-        linear.weight.copy_(dequantize(qt).to(linear.weight.dtype))
-        report.quantized[name] = qt
+        report.quantized[name] = quantize(linear.weight, spec, scale_dtype=options.scale_dtype)
+        _set_dequantized(model, {name: report.quantized[name]})
     return report
