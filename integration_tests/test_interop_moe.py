@@ -9,8 +9,8 @@ Experts of transformers 5 are fused 3-D parameters in memory; every tool stores 
 
 The other tools run in their venvs through ``interop_worker.py`` (see test_interop.py), each tool's jobs in one
 ``batch`` call per module (their imports cost seconds); without those venvs the tests skip, naming the make
-target.  Intel's loader reading our Mixtral is a strict xfail: it expects other expert names than the serving
-engines do (see MIXTRAL_INTO_INTEL).  Intel's and GPTQModel's Mixtral outputs name their experts gate_proj / up_proj
+target.  Intel's loader reading our default Mixtral is a strict xfail: it expects other expert names than the
+serving engines do (see MIXTRAL_INTO_INTEL); saved with ``moe_expert_names="gate_up_down"`` it reads it.  Intel's and GPTQModel's Mixtral outputs name their experts gate_proj / up_proj
 / down_proj; our loader reads whichever names a checkpoint uses.
 """
 
@@ -38,9 +38,10 @@ from tiny_families import make_causal_lm
 QUANTIZED_LAYERS = 2 * (4 + 4 * 3)
 FAMILIES = ("qwen3_moe", "mixtral")
 
-# Not fixable on our side without breaking the serving engines: vLLM's and SGLang's Mixtral loaders map the
-# original checkpoint's experts.{i}.w1/w2/w3 (FusedMoE.make_expert_params_mapping(ckpt_gate_proj_name="w1", ...)),
-# which is what we write; Intel's auto-round 0.16.1 writes and reads gate_proj/up_proj/down_proj for Mixtral.
+# The default names serve the serving engines: vLLM's and SGLang's Mixtral loaders map the original checkpoint's
+# experts.{i}.w1/w2/w3 (FusedMoE.make_expert_params_mapping(ckpt_gate_proj_name="w1", ...)), which is what we write
+# by default; Intel's auto-round 0.16.1 writes and reads gate_proj/up_proj/down_proj for Mixtral, which we write
+# with moe_expert_names="gate_up_down" (the "mixtral_gate_up_down" case).
 MIXTRAL_INTO_INTEL = pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
@@ -111,15 +112,16 @@ def ours_in_intel(fp_dirs, tmp_path_factory, stories_dir: Path, shakespeare: Pat
     tmp = tmp_path_factory.mktemp("ours_in_intel")
     tokenizer = AutoTokenizer.from_pretrained(stories_dir)
     ours, jobs = {}, []
-    for family, fp_dir in fp_dirs.items():
-        ckpt = tmp / f"{family}_ours"
+    runs = [(family, family, "original") for family in fp_dirs] + [("mixtral", "mixtral_gate_up_down", "gate_up_down")]
+    for family, case, expert_names in runs:
+        ckpt = tmp / f"{case}_ours"
         ar = signround.AutoRound(
-            str(fp_dir), tokenizer, bits=4, group_size=32, iters=2, nsamples=8, seqlen=32, batch_size=4,
-            dataset=str(shakespeare), backend="torch", show_progress=False,
+            str(fp_dirs[family]), tokenizer, bits=4, group_size=32, iters=2, nsamples=8, seqlen=32, batch_size=4,
+            dataset=str(shakespeare), backend="torch", show_progress=False, moe_expert_names=expert_names,
         )  # fmt: skip
         ar.quantize_and_save(ckpt, format="auto_round")
-        ours[family] = _logits(_load_ours(ckpt))
-        jobs.append(["autoround-logits", str(ckpt), str(tmp / f"{family}_intel.safetensors")])
+        ours[case] = _logits(_load_ours(ckpt))
+        jobs.append(["autoround-logits", str(ckpt), str(tmp / f"{case}_intel.safetensors")])
     return ours, _batch(REF_PY, jobs, tmp), tmp
 
 
@@ -154,9 +156,10 @@ def gptqmodel_made(fp_dirs, intel_made, tmp_path_factory) -> tuple[dict[str, str
 @needs_autoround
 @pytest.mark.parametrize(
     "family",
-    ["qwen3_moe", pytest.param("mixtral", marks=MIXTRAL_INTO_INTEL)],
+    ["qwen3_moe", pytest.param("mixtral", marks=MIXTRAL_INTO_INTEL), "mixtral_gate_up_down"],
 )
 def test_our_moe_auto_round_in_intel_loader(family, ours_in_intel) -> None:
+    """``mixtral_gate_up_down``: saved with ``moe_expert_names="gate_up_down"``, the names Intel's loader reads."""
     ours, results, tmp = ours_in_intel
     theirs = _their_logits(results, tmp / f"{family}_intel.safetensors")
     # Intel's CPU kernel runs in fp16 whatever dtype is asked for

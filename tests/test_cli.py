@@ -144,6 +144,7 @@ USER_ERRORS = [
     (["--layer_config", '{"x": {"bitz": 8}}'], ["bitz", "'bits'"]),
     (["--layer_config", "{bad json"], ["--layer_config", "not valid JSON"]),
     (["--layer_config", "[1, 2]"], ["--layer_config", "JSON object"]),
+    (["--moe_expert_names", "w1"], ["moe_expert_names='w1'", "gate_up_down"]),
     (["--ignore_layers", "lm_head", "--layer_config", '{"k_proj": 3}'], ["got 3", "scheme name"]),
     (["--bits", "five"], ["--bits", "'five'"]),
     (["--eval_ppl", "{missing}"], ["--eval_ppl", "nope.txt"]),

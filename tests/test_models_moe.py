@@ -59,6 +59,22 @@ def test_per_expert_names_follow_the_checkpoint_conversion_rules(family, names):
     assert f"{name}.0.{names[-1]}.weight" in model.state_dict()
 
 
+def test_gate_up_down_naming_overrides_the_conversion_rules():
+    """``moe_expert_names="gate_up_down"``: Mixtral's experts as gate_proj / up_proj / down_proj (Intel's loader),
+    computing the same as under the original names; an unknown naming is refused."""
+    model = make_causal_lm("mixtral")
+    reference = make_causal_lm("mixtral")
+    reference.load_state_dict(model.state_dict())
+    layouts = unfuse_experts(model, naming="gate_up_down")
+    assert {layout.names for layout in layouts.values()} == {("gate_proj", "up_proj", "down_proj")}
+    unfuse_experts(reference)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    with pytest.raises(ValueError, match="moe_expert_names='w1' is not supported"):
+        unfuse_experts(make_causal_lm("mixtral"), naming="w1")
+
+
 def test_mixtral_per_expert_layers_are_views_of_the_fused_weights():
     """No copy of the experts while unfusing (the views keep the fused storage alive)."""
     model = make_causal_lm("mixtral")

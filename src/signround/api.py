@@ -36,10 +36,11 @@ from .tuning.engine import run as run_tuning
 logger = logging.getLogger(__name__)
 
 
-def prepare_model(model: nn.Module) -> dict[str, Any]:
+def prepare_model(model: nn.Module, expert_names: str = "original") -> dict[str, Any]:
     """Make every quantizable weight an ``nn.Linear`` the later stages can tune and pack: fused MoE experts
-    become per-expert Linear layers named as on disk (:mod:`signround.models.experts`).  Idempotent."""
-    return unfuse_experts(model)
+    become per-expert Linear layers named as ``expert_names`` says (:mod:`signround.models.experts`).
+    Idempotent."""
+    return unfuse_experts(model, naming=expert_names)
 
 
 def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
@@ -58,7 +59,7 @@ def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
                 return reason
         return None
 
-    prepare_model(model)
+    prepare_model(model, config.moe_expert_names)
     inv = inventory(
         model,
         config.quant_lm_head,

@@ -51,7 +51,7 @@ DEBUG_ENV = "SIGNROUND_DEBUG"
 _CONFIG_FLAGS = (
     "bits", "group_size", "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size",
     "gradient_accumulate_steps", "dataset", "seed", "format", "backend", "ignore_layers", "fp_layers",
-    "to_quant_block_names", "device_map",
+    "to_quant_block_names", "device_map", "moe_expert_names",
 )  # fmt: skip
 
 
@@ -114,6 +114,11 @@ def _quantize_parser() -> argparse.ArgumentParser:
         "--to_quant_block_names", help="comma-separated paths of the block lists to quantize (default: found)"
     )
     p.add_argument("--quant_nontext_module", action="store_true", help="also quantize vision/audio tower blocks")
+    p.add_argument(
+        "--moe_expert_names",
+        help="MoE expert names on disk: original (default; Mixtral w1/w2/w3, read by vLLM/SGLang) or gate_up_down "
+        "(gate_proj/up_proj/down_proj, read by Intel auto-round's and GPTQModel's loaders)",
+    )
     p.add_argument("--quant_lm_head", action="store_true")
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
     p.add_argument("--enable_torch_compile", action="store_true")

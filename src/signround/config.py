@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .models.families import EXPERT_NAMINGS
 from .schemes import KEEP_16_BIT, SUPPORTED_BITS, LayerSpec, keeps_16_bit, layer_override, scheme_fields, scheme_names
 
 QUANT_METHOD = "auto-round"
@@ -93,6 +94,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
     - A key that matches no layer of the model is an error when planning, listing the closest layer names.
     - ``to_quant_block_names`` (``"model.language_model.layers"`` or a list; ``None`` = found automatically) names
       the decoder block lists to tune; ``quant_nontext_module`` also quantizes vision / audio towers' blocks.
+    - ``moe_expert_names`` names quantized MoE experts on disk: ``"original"`` (default) as the family's original
+      checkpoint does (Mixtral ``w1 / w2 / w3``: what vLLM and SGLang read), ``"gate_up_down"`` always
+      ``gate_proj / up_proj / down_proj`` (what Intel auto-round 0.16.1's and GPTQModel's loaders expect).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         fp_layers: str | list[str] | None = None,
         to_quant_block_names: str | list[str] | None = None,
         quant_nontext_module: bool = False,
+        moe_expert_names: str = "original",
         quant_lm_head: bool = False,
         format: str = "auto_round",
         backend: str = "auto",
@@ -165,6 +170,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
             self.layer_config.setdefault(name, dict(KEEP_16_BIT))
         self.to_quant_block_names = _name_list(to_quant_block_names, "to_quant_block_names") or None
         self.quant_nontext_module = quant_nontext_module
+        self.moe_expert_names = moe_expert_names
         self.quant_lm_head = quant_lm_head
         self.format = format
         self.backend = backend
@@ -251,6 +257,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"
             )
+        _require(
+            self.moe_expert_names in EXPERT_NAMINGS,
+            f"moe_expert_names={self.moe_expert_names!r} is not supported; accepted: {list(EXPERT_NAMINGS)}",
+        )
         _require(
             self.tokenizer is None or isinstance(self.tokenizer, str),
             f"tokenizer must be a path/name string or None, got {type(self.tokenizer).__name__}",
@@ -362,6 +372,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
             out["to_quant_block_names"] = list(self.to_quant_block_names)
         if self.quant_nontext_module:
             out["quant_nontext_module"] = True
+        if self.moe_expert_names != "original":
+            out["moe_expert_names"] = self.moe_expert_names
         if self.enable_deterministic_algorithms:
             out["enable_deterministic_algorithms"] = True
         out["backend"] = self.backend

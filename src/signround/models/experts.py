@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import DEFAULT_EXPERT_NAMES, DEFAULT_UNGATED_EXPERT_NAMES, SEQUENTIAL_EXPERTS
+from .families import DEFAULT_EXPERT_NAMES, DEFAULT_UNGATED_EXPERT_NAMES, EXPERT_NAMINGS, SEQUENTIAL_EXPERTS
 
 _LAYOUT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
 
@@ -96,14 +96,21 @@ def _converter_leaf_names(model: nn.Module, attr: str, param: str) -> list[str] 
 
 
 def layout_of(
-    model: nn.Module, name: str, module: nn.Module, checkpoint_names: set[str] | None = None
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    checkpoint_names: set[str] | None = None,
+    naming: str = "original",
 ) -> ExpertsLayout:
     """The layout of the fused experts module ``name`` of ``model``, with its per-expert names.
 
-    The names are those transformers' conversion rules give the original checkpoint (Mixtral ``w1 / w3 / w2``),
-    else ``gate_proj / up_proj / down_proj``.  Loading passes the checkpoint's tensor names: a checkpoint that
-    spells its experts the other way (Intel's and GPTQModel's Mixtral outputs use ``gate_proj``) is read as it is.
+    With ``naming="original"`` the names are those transformers' conversion rules give the original checkpoint
+    (Mixtral ``w1 / w3 / w2``), else ``gate_proj / up_proj / down_proj``; ``"gate_up_down"`` always takes the
+    latter (see ``EXPERT_NAMINGS``).  Loading passes the checkpoint's tensor names: a checkpoint that spells its
+    experts either way (Intel's and GPTQModel's Mixtral outputs use ``gate_proj``) is read as it is.
     """
+    if naming not in EXPERT_NAMINGS:
+        raise ValueError(f"moe_expert_names={naming!r} is not supported; accepted: {list(EXPERT_NAMINGS)}")
     attr = name.rpartition(".")[2]
     has_gate = bool(module.has_gate)
     up_param = "gate_up_proj" if has_gate else "up_proj"
@@ -122,7 +129,13 @@ def layout_of(
     up_names = _converter_leaf_names(model, attr, up_param)
     down_names = _converter_leaf_names(model, attr, "down_proj")
     defaults = DEFAULT_EXPERT_NAMES if has_gate else DEFAULT_UNGATED_EXPERT_NAMES
-    if up_names is None or down_names is None or len(up_names) != (2 if has_gate else 1) or len(down_names) != 1:
+    if (
+        naming == "gate_up_down"
+        or up_names is None
+        or down_names is None
+        or len(up_names) != (2 if has_gate else 1)
+        or len(down_names) != 1
+    ):
         names = defaults
     else:
         names = (*up_names, *down_names)
@@ -298,13 +311,13 @@ def _empty(module: nn.Module) -> None:
 
 
 def unfuse_experts(
-    model: nn.Module, empty: bool = False, checkpoint_names: set[str] | None = None
+    model: nn.Module, empty: bool = False, checkpoint_names: set[str] | None = None, naming: str = "original"
 ) -> dict[str, ExpertsLayout | None]:
     """Swap every supported fused experts module of ``model`` for :class:`LinearExperts`; returns their layouts.
 
     ``empty``: build meta-device layers (before a checkpoint is loaded) instead of taking the fused weights;
-    ``checkpoint_names`` (its tensor names, as the model names them) then picks the per-expert names it uses.
-    Modules whose layout is unsupported are left fused and not returned (see :func:`unsupported_experts`); those
+    ``checkpoint_names`` (its tensor names, as the model names them) then picks the per-expert names it uses;
+    else ``naming`` does (``EXPERT_NAMINGS``).  Modules whose layout is unsupported are left fused and not returned (see :func:`unsupported_experts`); those
     swapped for transformers' own per-expert class (``SEQUENTIAL_EXPERTS``) map to None.
     """
     done = {}
@@ -315,7 +328,7 @@ def unfuse_experts(
             continue
         if unsupported_reason(module):
             continue
-        layout = layout_of(model, name, module, checkpoint_names)
+        layout = layout_of(model, name, module, checkpoint_names, naming)
         new = LinearExperts.empty(module, layout) if empty else LinearExperts.from_fused(module, layout)
         model.set_submodule(name, new)
         done[name] = layout

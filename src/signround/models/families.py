@@ -60,6 +60,11 @@ ROUTER_LEAF_NAMES: frozenset[str] = frozenset(
 DEFAULT_EXPERT_NAMES: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_UNGATED_EXPERT_NAMES: tuple[str, str] = ("up_proj", "down_proj")
 
+# How quantized per-expert tensors are named on disk (``moe_expert_names``).  "original": the names of the family's
+# original checkpoint, from transformers' conversion rules (Mixtral ``w1 / w3 / w2``), which vLLM and SGLang read;
+# "gate_up_down": always the defaults above, which Intel auto-round 0.16.1's and GPTQModel's loaders expect.
+EXPERT_NAMINGS: tuple[str, ...] = ("original", "gate_up_down")
+
 # Fused experts that are not decorated with transformers' ``use_experts_implementation`` and whose per-expert form
 # transformers itself provides: experts class -> (module, class) of that ModuleList of per-expert MLPs (named
 # gate_proj / up_proj / down_proj, the names the reference writes).  Their fused weights are stored transposed
