@@ -177,8 +177,8 @@ def test_intel_moe_auto_round_checkpoint_in_ours(family, intel_made) -> None:
 @needs_autoround
 @needs_gptqmodel
 def test_intel_moe_auto_awq_checkpoint_in_ours(intel_made, gptqmodel_made) -> None:
-    """Intel's asym AWQ export of Qwen3-MoE (its sym export writes zero_point=false, which signround refuses),
-    read by GPTQModel's AWQ loader (Intel's venv has no AWQ kernel) and by ours."""
+    """Intel's asym AWQ export of Qwen3-MoE, read by GPTQModel's AWQ loader (Intel's venv has no AWQ kernel) and by
+    ours (its sym export, zero_point=false, is checked on a dense model in test_interop_awq_sym.py)."""
     intel_results, intel_tmp = intel_made
     assert intel_results[str(intel_tmp / "awq")] is None, intel_results[str(intel_tmp / "awq")]
     results, tmp = gptqmodel_made

@@ -113,7 +113,12 @@ def test_gptq_desc_act_config_is_refused() -> None:
         ({"quant_method": "bitsandbytes"}, "cannot load quant_method='bitsandbytes'; accepted: \\['auto-round'"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "'marlin'"),
         ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "accepted: 'gemm'"),
-        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, "zero_point"),
+        (
+            {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False, "sym": False},
+            "zero_point=false but sym=False; accepted",
+        ),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": "no"}, "accepted: true .asym. or false"),
+        ({"quant_method": "awq", "bits": 8, "group_size": 128, "zero_point": False}, "accepted: bits=4 int"),
     ],
 )
 def test_unloadable_checkpoint_configs_name_the_problem(description, pattern) -> None:
@@ -133,6 +138,71 @@ def test_awq_config_round_trip() -> None:
     assert fmt.packer is packer and fmt.default == default
     with pytest.raises(ValueError, match="one spec per model"):
         packer.quantization_config(default, {"model.layers.0.mlp.down_proj": {"group_size": 32}}, {})
+
+
+# Intel's auto-round 0.16.1 quantization_config for format="auto_awq" with sym=True (stories260K, W4G32, iters=2;
+# modules_to_not_convert shortened).  Its qzeros hold 8 in every nibble (0x88888888); its scales are fp16, negative
+# where the group's largest magnitude is positive (the full-range symmetric convention).
+INTEL_SYM_AWQ_CONFIG = {
+    "autoround_version": "0.16.1", "bits": 4, "data_type": "int", "group_size": 32, "iters": 2,
+    "modules_to_not_convert": ["model.layers.0.mlp.down_proj", "lm_head"], "provider": "auto-round",
+    "quant_method": "awq", "sym": True, "to_quant_block_names": "model.layers", "version": "gemm",
+    "zero_point": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_awq_zero_point_false_layout_round_trip(group_size: int) -> None:
+    """A symmetric layer in the zero_point=false layout: qzeros all 8 (as Intel writes them), unpacked exactly."""
+    spec = LayerSpec(bits=4, group_size=group_size, sym=True)
+    packer = get_packer("awq_gemm")
+    qt = _random_qt(spec)
+    tensors = packer.pack(qt)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} == packer.tensor_shapes_dtypes(spec, 128, 64)
+    assert bool((tensors["qzeros"] == 0x88888888 - 2**32).all())
+    packer.check_values(tensors, spec, 128, 64)
+    _assert_same(packer.unpack(tensors, spec, 128, 64), qt)
+    assert torch.equal(dequantize(packer.unpack(tensors, spec, 128, 64)), dequantize(qt))
+
+
+def test_awq_zero_point_false_config_loads_as_symmetric() -> None:
+    fmt = read_checkpoint_config(INTEL_SYM_AWQ_CONFIG)
+    assert fmt.packer is get_packer("awq_gemm")
+    assert fmt.default == LayerSpec(bits=4, group_size=32, sym=True)
+    assert fmt.overrides == {".*model\\.layers\\.0\\.mlp\\.down_proj.*": {"bits": 16}, ".*lm_head.*": {"bits": 16}}
+    assert fmt.packer.can_load(fmt.default, 64, 64) is None
+    config = AutoRoundConfig.from_checkpoint(INTEL_SYM_AWQ_CONFIG)
+    assert (config.bits, config.group_size, config.sym) == (4, 32, True)
+    assert config.to_dict() == INTEL_SYM_AWQ_CONFIG
+    # without a "sym" key zero_point=false still means symmetric (AutoAWQ's and vLLM's reading)
+    no_sym = {k: v for k, v in INTEL_SYM_AWQ_CONFIG.items() if k != "sym"}
+    assert read_checkpoint_config(no_sym).default.sym is True
+
+
+def test_awq_zero_point_false_refuses_other_zero_points() -> None:
+    spec = LayerSpec(bits=4, group_size=32, sym=True)
+    packer = get_packer("awq_gemm")
+    tensors = packer.pack(_random_qt(spec))
+    tensors["qzeros"] = tensors["qzeros"].clone()
+    tensors["qzeros"][0, 0] = 0x77777777
+    with pytest.raises(
+        ValueError, match=r"zero_point=false \(symmetric\) but qzeros hold values in \[7, 8\]; accepted"
+    ):
+        packer.check_values(tensors, spec, 128, 64)
+    # the same tensors read as zero_point=true (asymmetric) are fine: AWQ stores zero points as-is
+    asym = LayerSpec(bits=4, group_size=32, sym=False)
+    packer.check_values(tensors, asym, 128, 64)
+    assert int(packer.unpack(tensors, asym, 128, 64).zeros.min()) == 7
+
+
+def test_awq_writes_zero_point_true_only() -> None:
+    """Sym AWQ is read, never written: vLLM runs zero_point=false only on its slower GEMM kernel (no Marlin)."""
+    packer = get_packer("awq_gemm")
+    sym = LayerSpec(bits=4, group_size=32, sym=True)
+    assert packer.can_load(sym, 128, 64) is None
+    assert "accepted: bits=4, sym=False" in packer.can_hold(sym, 128, 64)
+    with pytest.raises(ValueError, match="accepted: bits=4, sym=False"):
+        packer.quantization_config(sym, {}, {})
 
 
 # -- compressed-tensors (a dev dependency): checked with the library itself --------------------------------------------
