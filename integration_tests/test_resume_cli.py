@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 SIGNROUND = Path(sys.executable).with_name("signround")
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
@@ -26,6 +27,17 @@ def _command(stories_dir: Path, shakespeare: Path, out: Path, iters: int = 10) -
 
 def _digests(directory: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
+
+
+def _tensor_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every tensor by name, whichever shard holds it (a streamed save has one shard per block)."""
+    from safetensors.torch import load_file
+
+    digests = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            digests[name] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return digests
 
 
 def _kill_when(command: list[str], appeared, timeout: float = 240) -> None:
@@ -44,11 +56,21 @@ def _kill_when(command: list[str], appeared, timeout: float = 240) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, stories_dir, shakespeare) -> dict[str, str]:
+def uninterrupted_dir(tmp_path_factory, stories_dir, shakespeare) -> Path:
     out = tmp_path_factory.mktemp("full") / "out"
     subprocess.run(_command(stories_dir, shakespeare, out), check=True, capture_output=True, timeout=300)
     assert not (out.parent / ".out.signround-resume").exists(), "a finished run leaves no work directory"
-    return _digests(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir) -> dict[str, str]:
+    return _digests(uninterrupted_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_tensors(uninterrupted_dir) -> dict[str, str]:
+    return _tensor_digests(uninterrupted_dir)
 
 
 def test_killed_after_block_2_resumes_to_identical_bytes(uninterrupted, tmp_path, stories_dir, shakespeare):
@@ -92,3 +114,30 @@ def test_killed_during_the_final_save_keeps_the_previous_output(uninterrupted, t
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "continuing at block 5" in rerun.stderr  # every block was done: only the save is redone
     assert _digests(out) == uninterrupted
+
+
+def test_streaming_run_killed_after_block_2_and_during_the_save_resumes_to_identical_tensors(
+    uninterrupted_tensors, tmp_path, stories_dir, shakespeare
+):
+    """``--low_cpu_mem_usage`` writes each block to its shard as it finishes.  Killed after block 2, the rerun
+    takes the finished blocks from their shards (not read again); killed again during the save, the next rerun
+    only saves.  The tensors equal the in-memory run's."""
+    out = tmp_path / "out"
+    work = tmp_path / ".out.signround-resume"
+    command = [*_command(stories_dir, shakespeare, out), "--low_cpu_mem_usage"]
+    _kill_when(command, lambda: (work / "block-0002.safetensors").exists())
+    assert (work / "shards" / "block-00002.safetensors").is_file()  # written before the block's resume record
+    assert not out.exists()
+
+    def saving() -> bool:
+        return any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+
+    _kill_when(command, saving)
+    assert not out.exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "continuing at block 5" in rerun.stderr
+    assert "5 finished blocks are in their shards already: not read again" in rerun.stderr
+    assert len(list(out.glob("model-*-of-00006.safetensors"))) == 6
+    assert _tensor_digests(out) == uninterrupted_tensors
+    assert not work.exists()

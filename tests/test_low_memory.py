@@ -32,7 +32,20 @@ def _autoround(fp_dir: Path, shakespeare: Path, low: bool) -> signround.AutoRoun
 
 
 def _digests(directory: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
+    """sha256 of every tensor by name (whichever shard holds it) and of every other file but the shard index."""
+    from safetensors import safe_open
+
+    digests = {}
+    for f in sorted(directory.iterdir()):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118
+                    t = handle.get_tensor(name).contiguous()
+                    raw = t.view(-1).view(torch.uint8).numpy().tobytes()
+                    digests[name] = f"{t.dtype}{tuple(t.shape)} {hashlib.sha256(raw).hexdigest()}"
+        elif f.name != "model.safetensors.index.json":
+            digests[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return digests
 
 
 def test_device_map_puts_each_block_on_disk_and_the_rest_on_the_cpu():
@@ -45,17 +58,28 @@ def test_device_map_puts_each_block_on_disk_and_the_rest_on_the_cpu():
     }  # fmt: skip
 
 
-def test_blocks_are_read_at_their_turn_packed_at_once_and_the_output_is_identical(fp_dir, shakespeare, tmp_path):
+def test_blocks_are_read_at_their_turn_packed_streamed_at_once_and_the_output_is_identical(
+    fp_dir, shakespeare, tmp_path
+):
+    """Block 0 is packed, written to its own shard and released (meta) before block 1 is even read; the output
+    holds the same tensors and files as an in-memory run's, and reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from signround.resume import work_dir_for
+
     ar = _autoround(fp_dir, shakespeare, low=True)
     blocks = ar.model.model.layers
     assert all(is_offloaded(b) and next(b.parameters()).device.type == "meta" for b in blocks)
+    shard_0 = work_dir_for(tmp_path / "low") / "shards" / "block-00000.safetensors"
     seen = []
 
     def at_block_1(block, _args):
-        if not seen:  # the first call of block 1 (its fp pass): block 0 is packed, nothing of block 1 is on meta
+        if not seen:  # the first call of block 1 (its fp pass): block 0 is packed and streamed, block 1 is read
             seen.append(
                 (
                     type(blocks[0].self_attn.q_proj).__name__,
+                    {t.device.type for t in blocks[0].state_dict().values()},
+                    shard_0.is_file(),
                     next(block.parameters()).device.type,
                     is_offloaded(block),
                 )
@@ -63,11 +87,43 @@ def test_blocks_are_read_at_their_turn_packed_at_once_and_the_output_is_identica
 
     blocks[1].register_forward_pre_hook(at_block_1)
     low = ar.quantize_and_save(tmp_path / "low")
-    assert seen and seen[0][0].endswith("QuantLinear") and seen[0][1:] == ("cpu", False)
+    assert seen and seen[0][0].endswith("QuantLinear") and seen[0][1:] == ({"meta"}, True, "cpu", False)
     assert ar.result.report.layer_count == 14 and not ar.result.report.quantized  # tensors dropped once packed
+    assert sorted(f.name for f in low.glob("*.safetensors")) == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    ]
+    assert not work_dir_for(tmp_path / "low").exists()
 
     normal = _autoround(fp_dir, shakespeare, low=False).quantize_and_save(tmp_path / "normal")
     assert _digests(low) == _digests(normal)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(low)(ids).logits,
+            AutoModelForCausalLM.from_pretrained(normal)(ids).logits,
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_streamed_blocks_can_only_be_saved_once_in_their_format(fp_dir, shakespeare, tmp_path):
+    ar = _autoround(fp_dir, shakespeare, low=True)
+    ar.quantize(work_dir=tmp_path / "work", stream=True)
+    assert ar.result.shards.streamed == [0, 1]
+    with pytest.raises(ValueError, match=r"streamed to disk in format 'auto_round'.*not 'auto_gptq'"):
+        ar.save_quantized(tmp_path / "gptq", format="auto_gptq")
+    ar.save_quantized(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="already saved"):
+        ar.save_quantized(tmp_path / "again")
+    assert not (tmp_path / "gptq").exists() and not (tmp_path / "again").exists()
+
+
+def test_several_formats_keep_the_packed_blocks_in_memory(fp_dir, shakespeare, tmp_path):
+    """Streaming writes one format; with two, the blocks stay packed in memory and both formats are written."""
+    ar = _autoround(fp_dir, shakespeare, low=True)
+    out = ar.quantize_and_save(tmp_path / "both", format="auto_round,auto_gptq")
+    assert ar.result.shards is None
+    assert (out / "auto_round" / "model.safetensors").is_file() and (out / "auto_gptq" / "model.safetensors").is_file()
 
 
 def test_quantize_on_load_with_a_disk_device_map_reads_the_offloaded_block_at_its_turn(

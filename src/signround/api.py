@@ -120,6 +120,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
 class QuantizationResult:
     plan: QuantPlan
     report: TuneReport
+    shards: Any = None  # streaming.BlockShards of the blocks already written (low_cpu_mem_usage), or None
 
 
 def quantize_model(
@@ -128,11 +129,15 @@ def quantize_model(
     config: AutoRoundConfig,
     show_progress: bool = True,
     work_dir: str | os.PathLike | None = None,
+    stream: bool = False,
 ) -> QuantizationResult:
     """Calibrate and tune ``model`` in place (its planned Linear weights end up dequantized).
 
     With ``work_dir`` every finished block is recorded there, and a run finding the records of an interrupted
     one (same model, config and data) continues after its last finished block (:mod:`signround.resume`).
+    With ``stream`` too, under ``low_cpu_mem_usage`` and one format, each finished block is packed, written to
+    its own shard in ``work_dir`` and released (:mod:`signround.streaming`): the model in memory then lacks
+    those blocks, and only :meth:`AutoRound.save_quantized` in that format can follow.
     """
     plan = plan_model(model, config)
     if not plan.layers:
@@ -153,8 +158,12 @@ def quantize_model(
         def on_block(checkpoint: Any) -> None:
             store.save(checkpoint, known)
 
+    shards = None
     if config.low_cpu_mem_usage:
-        on_block = _packing_each_block(model, config, on_block)
+        shards = _block_shards(model, config, work_dir, block_path) if stream else None
+        if shards is not None and resume is not None:
+            _release_streamed(model, config, shards, resume)
+        on_block = _packing_each_block(model, config, on_block, shards)
     started = time.perf_counter()
     with runtime.deterministic_algorithms(config.enable_deterministic_algorithms):
         report = run_tuning(
@@ -162,25 +171,62 @@ def quantize_model(
         )
     offload.settle(model)  # offloaded blocks (low_cpu_mem_usage, a "disk" device_map) are all in memory now
     logger.info("tuned %d layers in %s", report.layer_count, runtime.summary(started))
-    return QuantizationResult(plan, report)
+    return QuantizationResult(plan, report, shards)
 
 
-def _packing_each_block(model: nn.Module, config: AutoRoundConfig, then: Any) -> Any:
+def _packing_each_block(model: nn.Module, config: AutoRoundConfig, then: Any, shards: Any = None) -> Any:
     """``low_cpu_mem_usage``: a tuned block is packed at once (first format) and its full-precision Linear weights
-    and quantized tensors are released; the packed layers carry them to the save."""
+    and quantized tensors are released; the packed layers carry them to the save.  With ``shards`` the packed
+    block is written to its shard and released too (before its resume record, so a resumed run finds it)."""
     packer = format_packer(config.formats()[0], config.default_spec())
 
     def on_block(checkpoint: Any) -> None:
-        if then is not None:
-            then(checkpoint)  # resume records the block before its tensors are dropped
         report = checkpoint.report
         fresh = {n: qt for n, qt in report.quantized.items() if n not in report.packed}
         install_quantized(model, fresh, packer.name, config.backend)
+        if shards is not None:
+            shards.write(model, checkpoint.next_block - 1)
+        if then is not None:
+            then(checkpoint)  # resume records the block before its tensors are dropped
         for name in fresh:
             report.packed[name] = packer.name
             del report.quantized[name]
+        if shards is not None:
+            shards.release(model, checkpoint.next_block - 1)
 
     return on_block
+
+
+def _block_shards(model: nn.Module, config: AutoRoundConfig, work_dir: Any, block_path: str) -> Any:
+    """Where the streaming save writes its block shards, or None when it cannot stream (and why, logged)."""
+    from .streaming import BlockShards
+
+    if work_dir is None:
+        return None
+    if len(config.formats()) > 1:
+        logger.info("several formats: packed blocks stay in memory until the save (streaming needs one format)")
+        return None
+    shards = BlockShards(Path(work_dir) / "shards", block_path)
+    model._signround_block_shards = shards
+    return shards
+
+
+def _release_streamed(model: nn.Module, config: AutoRoundConfig, shards: Any, resume: Any) -> None:
+    """A resumed streaming run: blocks whose shard the interrupted run wrote are not read again; their layers
+    count as packed (the shard holds them) and their tensors stay off the host."""
+    packing = format_packer(config.formats()[0], config.default_spec()).name
+    blocks = model.get_submodule(shards.block_path)
+    for index in range(resume.next_block):
+        if not shards.file(index).is_file():
+            continue
+        prefix = shards.prefix(index)
+        for name in [n for n in resume.report.quantized if n.startswith(prefix)]:
+            resume.report.packed[name] = packing
+            del resume.report.quantized[name]
+        offload.detach(blocks[index])
+        shards.release(model, index)
+    if shards.streamed:
+        logger.info("%d finished blocks are in their shards already: not read again", len(shards.streamed))
 
 
 def _resumable_config(config: AutoRoundConfig) -> dict[str, Any]:
@@ -244,20 +290,14 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
 def packed_bytes(directory: Path, tensor_names: tuple[str, ...]) -> tuple[int, int]:
     """Bytes of a saved checkpoint's packed-layer tensors (``*.qweight``, ``*.scales``, ...) and of all tensors,
     read from the safetensors headers."""
-    from safetensors import safe_open
+    from .streaming import tensor_bytes
 
-    sizes = {"I64": 8, "F64": 8, "I32": 4, "F32": 4, "I16": 2, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     packed = total = 0
     for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                piece = handle.get_slice(name)
-                nbytes = sizes.get(piece.get_dtype(), 1)
-                for dim in piece.get_shape():
-                    nbytes *= dim
-                total += nbytes
-                if name.rpartition(".")[2] in tensor_names:
-                    packed += nbytes
+        for name, nbytes in tensor_bytes(file).items():
+            total += nbytes
+            if name.rpartition(".")[2] in tensor_names:
+                packed += nbytes
     return packed, total
 
 
@@ -406,13 +446,17 @@ class AutoRound:
         ar.result = result
         return ar
 
-    def quantize(self, *, work_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, LayerSpec]]:
+    def quantize(
+        self, *, work_dir: str | os.PathLike | None = None, stream: bool = False
+    ) -> tuple[nn.Module, dict[str, LayerSpec]]:
         """Tune the model in place; returns it and the per-layer specs (the reference returns model, layer_config).
 
         ``work_dir``: record each finished block there and resume an interrupted run found there
         (``quantize_and_save`` and the CLI use the output directory's, see :func:`signround.resume.work_dir_for`).
+        ``stream`` (with ``work_dir`` and ``low_cpu_mem_usage``): write each packed block to a shard there and
+        release it; the next call must then be :meth:`save_quantized` (the blocks are no longer in memory).
         """
-        self.result = quantize_model(self.model, self.tokenizer, self.config, self.show_progress, work_dir)
+        self.result = quantize_model(self.model, self.tokenizer, self.config, self.show_progress, work_dir, stream)
         return self.model, dict(self.result.plan.layers)
 
     def save_quantized(self, output_dir: str | os.PathLike, format: str | None = None, inplace: bool = True) -> Path:
@@ -430,6 +474,14 @@ class AutoRound:
             raise ValueError(f"format must name at least one format, got {format!r}")
         for name in formats:
             format_packer(name, self.config.default_spec())  # unknown format: fail before writing anything
+        shards = self.result.shards
+        if shards is not None and shards.streamed and formats != self.config.formats():
+            raise ValueError(
+                f"the blocks were streamed to disk in format {self.config.formats()[0]!r} while tuning "
+                f"(low_cpu_mem_usage); save in that format, not {','.join(formats)!r}"
+            )
+        if shards is not None and shards.finished:
+            raise RuntimeError("the streamed blocks were already saved into an output; load that output")
 
         def write(tmp: Path) -> None:
             for name in formats:
@@ -444,6 +496,8 @@ class AutoRound:
         pack_model(self.model, self.result, self.config, format_name)
         _attach_quantizer(self.model, self.config)
         self.model.save_pretrained(target)
+        if self.result.shards is not None and self.result.shards.streamed:
+            self.result.shards.finish(target)  # the blocks written while tuning join transformers' own file
         packed, total = packed_bytes(target, format_packer(format_name, self.config.default_spec()).tensor_names)
         logger.info(
             "saved %s: %.1f%% of the checkpoint's %s bytes are quantized tensors", format_name,
@@ -489,7 +543,7 @@ class AutoRound:
         self.config.format = format
         self.config.validate()  # unknown format, or a scheme a format cannot hold: fail before tuning
         work_dir = work_dir_for(output_dir)
-        self.quantize(work_dir=work_dir)
+        self.quantize(work_dir=work_dir, stream=True)
         out = self.save_quantized(output_dir, format, inplace)
         shutil.rmtree(work_dir, ignore_errors=True)  # the output is complete: nothing left to resume
         if push_to_hub:

@@ -201,7 +201,7 @@ def quantize_main(argv: Sequence[str]) -> int:
 
     work_dir = work_dir_for(args.output_dir)  # a rerun of a killed command continues there
     start = time.perf_counter()
-    ar.quantize(work_dir=work_dir)
+    ar.quantize(work_dir=work_dir, stream=not args.eval_ppl)  # evaluation needs the tuned blocks in memory
     logger.info("quantized in %.1f s", time.perf_counter() - start)
     q_ppl = None
     if args.eval_ppl:  # the tuned model in memory computes what the packed one will

@@ -254,6 +254,15 @@ class SignRoundHfQuantizer(HfQuantizer):
         pack_model(model, result, config)
         self.pre_quantized = True  # the model now holds packed layers, as if loaded from a checkpoint
 
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict]:
+        """``save_pretrained``'s state dict: without the blocks already written by a streaming save
+        (:mod:`signround.streaming`), whose tensors are released; None (the model's own) otherwise."""
+        shards = getattr(model, "_signround_block_shards", None)
+        if shards is None or not shards.streamed:
+            return None, {}
+        prefixes = shards.prefixes
+        return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}, {}
+
     # -- transformers flags ---------------------------------------------------------------------------------------
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True

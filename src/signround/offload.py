@@ -61,6 +61,11 @@ def materialize(block: nn.Module, device: torch.device | str) -> None:
         raise RuntimeError(f"tensors {leftover[:5]} of an offloaded block could not be read from its weights map")
 
 
+def detach(block: nn.Module) -> None:
+    """Forget an offloaded block's hooks without reading its weights (they stay on the meta device)."""
+    _remove_hooks(block)
+
+
 def settle(model: nn.Module) -> None:
     """After a walk that read every offloaded block into host memory: a model whose ``device_map`` was only "cpu"
     and "disk" is a plain CPU model again (hooks removed), else ``save_pretrained`` treats it as offloaded."""

@@ -89,9 +89,10 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file that appears whole or not at all (written beside, then renamed)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -143,12 +144,12 @@ class ResumeStore:
         tensors: dict[str, torch.Tensor] = {}
         for name, qt in new.items():
             tensors.update({f"{name}.codes": qt.codes, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
-        _atomic_save_tensors(self.directory / block_file, tensors)
+        atomic_save_tensors(self.directory / block_file, tensors)
         _atomic_write_json(
             (self.directory / block_file).with_suffix(".json"), {n: qt.spec.to_dict() for n, qt in new.items()}
         )
         streams_file = f"streams-{checkpoint.next_block:04d}.safetensors"
-        _atomic_save_tensors(
+        atomic_save_tensors(
             self.directory / streams_file, {"fp_hidden": checkpoint.fp_hidden, "q_hidden": checkpoint.q_hidden}
         )
         previous = self._state()
