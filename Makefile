@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed bench-moe venv-ref venv-interop lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed bench-moe bench-memory venv-ref venv-interop lint format clean
 
 install: $(STAMP)
 
@@ -59,6 +59,13 @@ bench-time: install venv-ref
 # hidden 256), W4G32 sym, iters 50, same calibration ids for both (bench/moe.py; bench/results/moe.jsonl).
 bench-moe: install venv-ref
 	$(BIN)/python bench/moe.py --iters 50 --layers 4
+
+# Peak host RSS with and without low_cpu_mem_usage (streaming save included): a random TinyLlama-1.1B-shaped model
+# saved in bf16 (2.2 GB), W4G128, iters 0 and 2; then SmolLM2-135M W4G32 (bench/memory.py; bench/results/memory.jsonl).
+bench-memory: install
+	$(BIN)/signround fetch-model smollm2-135m
+	$(BIN)/python bench/memory.py --iters 0 2
+	$(BIN)/python bench/memory.py --model smollm2-135m --iters 0 50
 
 # GPTQModel 7.6.0 (the last release that installs with torch 2.13) + optimum for transformers' GPTQ path, in its
 # own venv, for integration_tests/test_interop.py.

@@ -112,6 +112,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         amp=config.amp,
         device=config.tuning_device(),
         low_gpu_mem_usage=config.low_gpu_mem_usage,
+        max_memory=config.max_memory,
         show_progress=show_progress,
     )
 
@@ -193,6 +194,7 @@ def _packing_each_block(model: nn.Module, config: AutoRoundConfig, then: Any, sh
             del report.quantized[name]
         if shards is not None:
             shards.release(model, checkpoint.next_block - 1)
+        runtime.return_freed_memory()
 
     return on_block
 

@@ -126,7 +126,13 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device_map",
         "--device",
-        help="tune each block on this device: 0, cuda:1, xpu, cpu, auto (default: where the model is)",
+        help="tune each block on this device: 0, cuda:1, xpu, cpu; several: 0,1 or 0,cpu (a block too big for one "
+        "is split layer by layer); auto: every accelerator (default: where the model is)",
+    )
+    p.add_argument(
+        "--max_memory",
+        type=_json_object,
+        help='with several tuning devices, each one\'s budget as accelerate takes it, e.g. \'{"0": "20GiB", "1": "20GiB"}\'',
     )
     p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached block inputs on the host")
     p.add_argument(
@@ -169,6 +175,8 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["amp"] = False
     if args.layer_config:
         kwargs["layer_config"] = args.layer_config
+    if args.max_memory:
+        kwargs["max_memory"] = args.max_memory
     return kwargs
 
 

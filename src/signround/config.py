@@ -10,6 +10,7 @@ written back unchanged.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,20 @@ _TUNING_KEYS = (
     "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
     "seed", "disable_opt_rtn", "enable_torch_compile", "amp",
 )  # fmt: skip
+
+
+_ACCEPTED_DEVICE_MAPS = (
+    "accepted: None, 'auto', 'cpu', an accelerator index (0) or device ('cuda:1', 'xpu'), several devices "
+    "('0,1', 'cuda:0,cuda:1', '0,cpu', a list) or a dict {layer name or pattern: device}"
+)
+
+
+def _is_pattern(key: str) -> bool:
+    try:
+        re.compile(key)
+    except re.error:
+        return False
+    return True
 
 
 def _require(condition: bool, message: str) -> None:
@@ -128,6 +143,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         amp: bool = True,
         device_map: str | int | None = None,
         low_gpu_mem_usage: bool = False,
+        max_memory: Mapping[Any, int | str] | None = None,
         low_cpu_mem_usage: bool = False,
         enable_deterministic_algorithms: bool = False,
         tokenizer: str | None = None,
@@ -179,6 +195,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.amp = amp
         self.device_map = kwargs.pop("device", None) if device_map is None else device_map  # the reference's old name
         self.low_gpu_mem_usage = low_gpu_mem_usage
+        self.max_memory = dict(max_memory) if isinstance(max_memory, Mapping) else max_memory
         self.low_cpu_mem_usage = low_cpu_mem_usage
         self.enable_deterministic_algorithms = enable_deterministic_algorithms
         self.tokenizer = tokenizer
@@ -250,6 +267,12 @@ class AutoRoundConfig(QuantizationConfigMixin):
             _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         self.tuning_device()  # raises naming the accepted forms
+        _require(
+            self.max_memory is None
+            or (isinstance(self.max_memory, dict) and all(isinstance(v, (int, str)) for v in self.max_memory.values())),
+            f"max_memory={self.max_memory!r} is not supported; accepted: None or a dict like "
+            "{0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's form)",
+        )
         for name in (
             "quant_lm_head", "quant_nontext_module", "enable_torch_compile", "disable_opt_rtn", "amp",
             "low_gpu_mem_usage", "low_cpu_mem_usage", "enable_deterministic_algorithms",
@@ -380,36 +403,68 @@ class AutoRoundConfig(QuantizationConfigMixin):
         out.update(copy.deepcopy(self.unknown_keys))
         return out
 
-    def tuning_device(self) -> str | None:
-        """The device blocks are tuned on, from ``device_map`` (the reference's name; ``device`` too): None (where
-        the model is), ``"auto"`` (the accelerator when there is one), ``"cpu"``, ``0`` / ``"0"`` (accelerator 0),
-        ``"cuda:1"``, ``"xpu"``, ``"hpu"`` ...  A device is a string, never a code path."""
+    def tuning_device(self) -> str | tuple[str, ...] | dict[str, str] | None:
+        """The devices blocks are tuned on, from ``device_map`` (the reference's name; ``device`` too).
+
+        One device, a string: None (where the model is), ``"auto"`` (the accelerator when there is one),
+        ``"cpu"``, ``0`` / ``"0"`` (accelerator 0), ``"cuda:1"``, ``"xpu"``, ``"hpu"`` ...  A device is a string,
+        never a code path.  Several devices, a tuple: ``"0,1"``, ``"cuda:0,cuda:1"``, ``"0,cpu"``, a list, or
+        ``"auto"`` on a machine with several accelerators (all of them); each block is tuned whole on the first
+        that holds it, else split layer by layer over them.  A dict ``{layer name or pattern: device}`` (the
+        reference's DeepSeek-V3 example): the named layers of every block are tuned there, the rest of the block
+        on the dict's first accelerator.  See :mod:`signround.placement`."""
         value = self.device_map
         if value is None:
             return None
+        if isinstance(value, Mapping):
+            _require(bool(value), f"device_map={value!r} is empty; {_ACCEPTED_DEVICE_MAPS}")
+            for key in value:
+                _require(
+                    isinstance(key, str) and bool(key.strip(".")) and _is_pattern(key),
+                    f"device_map key {key!r} is not a layer name or pattern; {_ACCEPTED_DEVICE_MAPS}",
+                )
+            return {key: self._one_device(device, several=True) for key, device in value.items()}
+        if isinstance(value, (list, tuple)):
+            return self._several(list(value))
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        _require(
-            isinstance(value, str),
-            f"device_map={value!r} is not supported for tuning yet; accepted: None, 'auto', 'cpu', an accelerator "
-            "index (0) or a device string ('cuda:1', 'xpu', 'hpu'); several devices come with accelerate placement",
-        )
+        _require(isinstance(value, str), f"device_map={value!r} is not supported for tuning; {_ACCEPTED_DEVICE_MAPS}")
         value = value.strip()
         if value == "auto":
             accelerator = getattr(torch, "accelerator", None)
             current = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
+            if current is not None and accelerator.device_count() > 1:
+                return tuple(f"{current.type}:{i}" for i in range(accelerator.device_count()))
             return str(current) if current is not None else "cpu"
+        if "," in value:
+            return self._several(value.split(","))
+        return self._one_device(value)
+
+    def _several(self, items: list[Any]) -> str | tuple[str, ...]:
+        devices = tuple(dict.fromkeys(self._one_device(item, several=True) for item in items if str(item).strip()))
+        _require(bool(devices), f"device_map={self.device_map!r} names no device; {_ACCEPTED_DEVICE_MAPS}")
+        return devices if len(devices) > 1 else devices[0]
+
+    def _one_device(self, value: Any, several: bool = False) -> str:
+        """One device of ``device_map``, checked against this machine; in a list or dict a bare accelerator type
+        means its device 0 (``"cuda"`` -> ``"cuda:0"``)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        _require(
+            isinstance(value, str),
+            f"device_map={self.device_map!r}: {value!r} is not a device; {_ACCEPTED_DEVICE_MAPS}",
+        )
+        value = value.strip()
         if value.isdigit():
             accelerator = getattr(torch, "accelerator", None)
             current = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
             _require(current is not None, f"device_map={self.device_map!r} names an accelerator; this machine has none")
-            return f"{current.type}:{value}"
-        _require("," not in value, f"device_map={value!r}: several devices are not supported for tuning yet")
+            value = f"{current.type}:{value}"  # checked below like any device string
         try:
             device = torch.device(value)
         except (RuntimeError, TypeError) as err:
             raise ValueError(
-                f"device_map={self.device_map!r} is not a device; accepted: None, 'auto', 'cpu', 0, 'cuda:1', 'xpu'"
+                f"device_map={self.device_map!r}: {value!r} is not a device; {_ACCEPTED_DEVICE_MAPS}"
             ) from err
         if device.type != "cpu":
             accelerator = getattr(torch, "accelerator", None)
@@ -424,6 +479,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
                 device.index is None or device.index < count,
                 f"device_map={value!r}: only {count} {device.type} devices",
             )
+            if several and device.index is None:
+                return f"{device.type}:0"
         return value
 
     def to_diff_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -30,6 +30,21 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
         if previous_env is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Each block walk frees a block's worth of tensors; glibc's growing mmap threshold keeps such freed chunks in the
+    heap, where later allocations fragment them, and the process's RSS grows by about one packed block per block
+    (measured on a 6-block 2048-wide Llama under ``low_cpu_mem_usage``: +22 MB per block without this, flat with).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def peak_host_rss_bytes() -> int:

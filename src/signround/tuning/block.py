@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,11 @@ class TuneOptions:
     """Knobs of the tuning loop (a plain copy of the user-facing ones that matter here)."""
 
     iters: int = 200
-    device: str | None = None  # where blocks are tuned (None: where each block is)
+    # where blocks are tuned (None: where each block is); several devices (a tuple, or a dict from layer name or
+    # pattern to device) spread each block with accelerate, see signround.placement
+    device: str | tuple[str, ...] | dict[str, str] | None = None
     low_gpu_mem_usage: bool = False  # cached block inputs / outputs on the host, moved per batch
+    max_memory: dict[Any, int | str] | None = None  # several devices: each one's budget (None: its free memory)
     lr: float | None = None
     minmax_lr: float | None = None
     batch_size: int = 8
@@ -216,6 +220,13 @@ def tune_block(
     Returns the quantized tensors of the kept parameters and leaves each Linear's weight set to its
     dequantized value, so the block now computes what the packed model will.
     """
+    if options.iters == 0:  # nothing to tune: no per-weight state (fp32 masters, v) for the whole block at once
+        quantized = {
+            name: quantize(linear.weight, spec, None, a0.float(), b0.float(), options.scale_dtype)
+            for name, (linear, spec, (a0, b0)) in layers.items()
+        }
+        _write_dequantized(layers, quantized)
+        return BlockResult(quantized=quantized)
     tunables = {
         name: TunableLinear(linear, spec, a0, b0, options.scale_dtype)
         for name, (linear, spec, (a0, b0)) in layers.items()
@@ -232,13 +243,18 @@ def tune_block(
     finally:
         for name, tl in tunables.items():
             block.set_submodule(name, tl.linear)
-    for name, (linear, _spec, _init) in layers.items():
-        with torch.no_grad():
-            linear.weight.copy_(dequantize(quantized[name], torch.float32).to(linear.weight.dtype))
+    _write_dequantized(layers, quantized)
     if result is None:
         return BlockResult(quantized=quantized)
     result.quantized = quantized
     return result
+
+
+@torch.no_grad()
+def _write_dequantized(layers: dict[str, tuple[nn.Linear, ...]], quantized: dict[str, QuantizedTensor]) -> None:
+    """Each Linear computes what its packed layer will."""
+    for name, (linear, *_rest) in layers.items():
+        linear.weight.copy_(dequantize(quantized[name], torch.float32).to(linear.weight.dtype))
 
 
 def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor) -> torch.dtype | None:

@@ -11,7 +11,7 @@ Memory policy lives here only: the cached streams stay on the device of the bloc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..models import final_norm, find_blocks, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
 from ..offload import is_offloaded, materialize
+from ..placement import Dispatch, Spread, main_device
 from ..quant.int import QuantizedTensor, dequantize, quantize
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, TuneOptions, run_block, tune_block
@@ -71,7 +72,7 @@ class _InputEnergy:
     def _hook(self, name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            self.sums[name] += x.square().sum(0)
+            self.sums[name] += x.square().sum(0).to(self.sums[name].device)  # a layer placed off the main device
             self.counts[name] += x.shape[0]
 
         return hook
@@ -100,8 +101,13 @@ def _block_device(block: nn.Module) -> torch.device:
 
 def placement(options: TuneOptions, block_device: torch.device) -> tuple[torch.device, torch.device]:
     """Where a block is tuned and where its cached streams live: the requested device (else where the block
-    is); the cache on the host under ``low_gpu_mem_usage`` (one transfer per batch), else beside the block."""
-    device = torch.device(options.device) if options.device else block_device
+    is); the cache on the host under ``low_gpu_mem_usage`` (one transfer per batch), else beside the block.
+    With several devices (a list or a dict, :mod:`signround.placement`) the first is the one the block's inputs,
+    outputs and loss live on; accelerate's hooks take each placed layer's computation to its own device."""
+    if isinstance(options.device, (tuple, list, Mapping)):
+        device = main_device(options.device)
+    else:
+        device = torch.device(options.device) if options.device else block_device
     return device, torch.device("cpu") if options.low_gpu_mem_usage else device
 
 
@@ -149,6 +155,8 @@ def run(
     was_training = model.training
     model.eval()
     torch.manual_seed(options.seed)
+    spread = Spread.of(options)  # several tuning devices: each block spread by accelerate; None: one device
+    dispatch: Dispatch | None = None
     try:
         with torch.no_grad():
             fp_inputs = capture_block_inputs(model, blocks[0], input_ids, attention_mask)
@@ -181,7 +189,10 @@ def run(
                 home = torch.device("cpu")
                 materialize(block, home)
             device, cache = placement(options, home)
-            block.to(device)  # a no-op unless tuning elsewhere than the block lives (device_map)
+            if spread is None:
+                block.to(device)  # a no-op unless tuning elsewhere than the block lives (device_map)
+            else:
+                dispatch = spread.dispatch(block, prefix[:-1], set(layers), fp_inputs.hidden, cache, bs, home)
             fp_in, q_in = fp_inputs.placed(cache, device), q_inputs.placed(cache, device)
             # Before tuning, the optimised-RTN init weighs each input feature by its energy on the fp stream,
             # measured in the pass that computes the targets anyway (tuning then corrects for the quantized
@@ -206,13 +217,19 @@ def run(
                     report.quantized[prefix + name] = _moved(qt, home)
                 report.block_losses.append((result.init_loss, result.final_loss))
                 q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
-            block.to(home)
+            if dispatch is None:
+                block.to(home)
+            else:
+                dispatch.release()  # hooks off, the block home
+                dispatch = None
             fp_inputs = fp_in.with_hidden(fp_out)
             q_inputs = q_in.with_hidden(q_out.to(cache))
             bar.update(1)
             if on_block is not None:
                 on_block(BlockCheckpoint(i + 1, fp_out, q_out, report))
         bar.close()
+        if spread is not None:
+            spread.close()
         _quantize_head(model, plan, q_inputs, options, report)
         _quantize_unwalked(model, plan, options, report)
         if report.expert_tokens:
@@ -226,6 +243,8 @@ def run(
         for p, flag in params_require_grad.items():
             p.requires_grad_(flag)
     finally:
+        if dispatch is not None:  # a block failed mid-tuning: no hooks left behind
+            dispatch.release()
         model.train(was_training)
     return report
 
