@@ -445,3 +445,29 @@ def test_max_memory_reaches_the_tuning_options_and_bad_values_are_refused():
     assert tune_options(config, show_progress=False).max_memory == {"0": "20GiB", "cpu": "64GiB"}
     with pytest.raises(ValueError, match="max_memory='20GiB' is not supported; accepted: None or a dict"):
         signround.AutoRoundConfig(max_memory="20GiB")
+
+
+def test_quantize_on_load_placement_keeps_tuning_room_on_accelerators():
+    """transformers' own placement (``_get_device_map`` for ``device_map="sequential"``) asks the quantizer:
+    quantizing on load, each accelerator keeps ``TUNING_HEADROOM`` free, so a model that just fits card 0 spills
+    a block to the host; loading a packed checkpoint changes nothing.  Device ids are only planned, never used."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    from signround.hf_quantizer import TUNING_HEADROOM, SignRoundHfQuantizer
+
+    with torch.device("meta"):
+        model = make_tiny_llama()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    max_memory = {0: int(size * 1.05), "cpu": 10 * size}
+    config = signround.AutoRoundConfig()
+    quantizing = SignRoundHfQuantizer(config, pre_quantized=False)
+    loading = SignRoundHfQuantizer(config, pre_quantized=True)
+    assert quantizing.adjust_max_memory(dict(max_memory)) == {
+        0: int(max_memory[0] * (1 - TUNING_HEADROOM)),
+        "cpu": 10 * size,
+    }
+    assert loading.adjust_max_memory(dict(max_memory)) == max_memory
+    placed_loading = _get_device_map(model, "sequential", dict(max_memory), loading)
+    placed_quantizing = _get_device_map(model, "sequential", dict(max_memory), quantizing)
+    assert set(placed_loading.values()) == {0}
+    assert "cpu" in set(placed_quantizing.values()) and 0 in set(placed_quantizing.values())

@@ -132,6 +132,15 @@ def _mark_parents_initialized(model: nn.Module, installed: dict[str, Any], store
             parent._is_hf_initialized = True
 
 
+# Share of each accelerator kept free for tuning when transformers places a model to quantize on load.
+TUNING_HEADROOM = 0.2
+
+
+def _is_accelerator_key(key: Any) -> bool:
+    """A ``max_memory`` key naming an accelerator (``0``, ``"cuda:1"``), not the host or disk."""
+    return str(key) not in ("cpu", "disk", "mps") if not isinstance(key, bool) else False
+
+
 class SignRoundHfQuantizer(HfQuantizer):
     """Quantize-on-load for unquantized checkpoints; QuantLinear rebuild for packed ones."""
 
@@ -146,6 +155,20 @@ class SignRoundHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.device_map = kwargs.get("device_map")
+
+    def adjust_max_memory(self, max_memory: dict[Any, int | str]) -> dict[Any, int | str]:
+        """Quantize-on-load with an accelerate ``device_map`` ("auto", "balanced", ...): each accelerator keeps a
+        share free for the block being tuned on it (its fp32 masters, rounding offsets, their gradients and the
+        activations: about four times one block's weights, a few percent of a model's).  A fixed share, like the
+        bitsandbytes quantizer's, because transformers passes no model here.  Host and disk budgets are kept."""
+        if self.pre_quantized:
+            return max_memory
+        return {
+            key: int(value * (1 - TUNING_HEADROOM))
+            if _is_accelerator_key(key) and not isinstance(value, str)
+            else value
+            for key, value in max_memory.items()
+        }
 
     # -- loading a packed checkpoint ------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
