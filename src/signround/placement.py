@@ -316,14 +316,15 @@ class Dispatch:
             )
         self._hook = AlignDevicesHook
         self._add = add_hook_to_module
-        self.handle = block.register_forward_pre_hook(self._follow)
+        # the hook edits modules: torch.compile must not trace it (disabled here, not by a decorator at import,
+        # which would import torch._dynamo and triton with signround)
+        self.handle = block.register_forward_pre_hook(torch.compiler.disable(self._follow))
 
     @property
     def devices(self) -> dict[str, torch.device]:
         """Where each placed module runs (``""``: the block and everything not placed)."""
         return {"": self.main, **self.entries}
 
-    @torch.compiler.disable
     def _follow(self, block: nn.Module, _args: tuple) -> None:
         for name, device in self.entries.items():
             module = block.get_submodule(name)
