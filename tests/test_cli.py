@@ -16,7 +16,17 @@ from signround.config import RECIPES
 
 
 def _kwargs(*argv: str) -> dict:
-    return _config_kwargs(_quantize_parser().parse_args(["--model", "m", *argv]))
+    """The config kwargs of a command line, without low_cpu_mem_usage (on unless disabled, tested below)."""
+    kwargs = _config_kwargs(_quantize_parser().parse_args(["--model", "m", *argv]))
+    assert kwargs.pop("low_cpu_mem_usage") is ("--disable_low_cpu_mem_usage" not in argv)
+    return kwargs
+
+
+def test_low_cpu_mem_usage_is_on_unless_disabled_as_in_the_reference_cli() -> None:
+    parse = _quantize_parser().parse_args
+    assert _config_kwargs(parse(["--model", "m"]))["low_cpu_mem_usage"] is True
+    assert _config_kwargs(parse(["--model", "m", "--low_cpu_mem_usage"]))["low_cpu_mem_usage"] is True
+    assert _config_kwargs(parse(["--model", "m", "--disable_low_cpu_mem_usage"]))["low_cpu_mem_usage"] is False
 
 
 def test_recipe_light_sets_reference_values() -> None:

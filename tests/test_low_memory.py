@@ -165,3 +165,21 @@ def test_quantize_on_load_with_a_disk_device_map_reads_the_offloaded_block_at_it
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, in_memory)
+
+
+def test_plain_rtn_reads_the_offloaded_blocks_and_writes_the_same_tensors(fp_dir, tmp_path):
+    """iters=0 with disable_opt_rtn walks no block: the blocks left on "disk" are read before quantizing."""
+
+    def run(low: bool, out: Path) -> Path:
+        ar = signround.AutoRound(
+            str(fp_dir),
+            bits=4,
+            group_size=32,
+            iters=0,
+            disable_opt_rtn=True,
+            low_cpu_mem_usage=low,
+            show_progress=False,
+        )
+        return ar.quantize_and_save(out)
+
+    assert _digests(run(True, tmp_path / "low")) == _digests(run(False, tmp_path / "normal"))

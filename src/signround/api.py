@@ -145,7 +145,9 @@ def quantize_model(
         return QuantizationResult(plan, TuneReport())
     options = tune_options(config, show_progress)
     if config.iters == 0 and config.disable_opt_rtn:  # plain RTN needs no calibration data
-        return QuantizationResult(plan, rtn_only(model, plan, options))
+        report = rtn_only(model, plan, options)
+        offload.settle(model)
+        return QuantizationResult(plan, report)
     calib = load_calibration(config.dataset, text_tokenizer(tokenizer), config.seqlen, config.nsamples, config.seed)
     block_path = find_blocks(model)[0]
     resume, on_block = None, None

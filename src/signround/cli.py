@@ -136,7 +136,15 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached block inputs on the host")
     p.add_argument(
-        "--low_cpu_mem_usage", action="store_true", help="blocks stay on disk until their turn, packed at once"
+        "--low_cpu_mem_usage",
+        action="store_true",
+        help="the default (kept for the reference's scripts): blocks stay on disk until their turn, each packed "
+        "block is written to its output shard at once",
+    )
+    p.add_argument(
+        "--disable_low_cpu_mem_usage",
+        action="store_true",
+        help="load the whole model into memory and keep the packed blocks there until the save",
     )
     p.add_argument(
         "--enable_deterministic_algorithms", action="store_true", help="torch's deterministic algorithms (same bytes)"
@@ -166,11 +174,12 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["sym"] = args.sym
     for flag in (
         "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "enable_torch_compile", "low_gpu_mem_usage",
-        "low_cpu_mem_usage",
         "enable_deterministic_algorithms",
     ):  # fmt: skip
         if getattr(args, flag):
             kwargs[flag] = True
+    # as the reference's CLI: on unless disabled (same tensors either way; see docs/big_models.md)
+    kwargs["low_cpu_mem_usage"] = not args.disable_low_cpu_mem_usage
     if args.disable_amp:
         kwargs["amp"] = False
     if args.layer_config:

@@ -354,6 +354,8 @@ def _is_tied(model: nn.Module) -> bool:
 def rtn_only(model: nn.Module, plan: QuantPlan, options: TuneOptions) -> TuneReport:
     """Plain RTN of every planned layer without calibration data (``iters=0, disable_opt_rtn=True``)."""
     report = TuneReport()
+    if is_offloaded(model):  # low_cpu_mem_usage: no block walk here, so blocks left on "disk" are read now
+        materialize(model, torch.device("cpu"))
     if head_name(model) in plan.layers:
         untie_head(model)  # else writing the dequantized head would overwrite the tied embedding table
     for name, spec in plan.layers.items():
