@@ -114,11 +114,22 @@ class TunableLinear(nn.Module):
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"v": self.v.detach().clone(), "alpha": self.alpha.detach().clone(), "beta": self.beta.detach().clone()}
 
+    def start_state(self) -> dict[str, torch.Tensor | None]:
+        """The starting point without a copy of ``v`` (zeros at the start: made again only if it is judged)."""
+        return {"v": None, "alpha": self.alpha.detach().clone(), "beta": self.beta.detach().clone()}
+
+    def live_state(self) -> dict[str, torch.Tensor]:
+        """The current parameters by reference (the last iterate, judged without a copy)."""
+        return {"v": self.v.detach(), "alpha": self.alpha.detach(), "beta": self.beta.detach()}
+
     @torch.no_grad()
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.v.copy_(state["v"])
-        self.alpha.copy_(state["alpha"])
-        self.beta.copy_(state["beta"])
+    def use(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Compute with ``state``'s tensors from now on, by reference (no copy of a weight-sized ``v``); ``v``
+        None is the all-zero start.  For judging candidates after the loop, when nothing trains any more."""
+        v = state["v"]
+        self.v = nn.Parameter(torch.zeros_like(self.v) if v is None else v, requires_grad=False)
+        self.alpha = nn.Parameter(state["alpha"], requires_grad=False)
+        self.beta = nn.Parameter(state["beta"], requires_grad=False)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
@@ -292,7 +303,9 @@ def _signsgd_loop(
     def snapshot() -> dict[str, dict[str, torch.Tensor]]:
         return {name: tl.snapshot() for name, tl in tunables.items()}
 
-    init_state = snapshot()
+    # Tuning state is weight-sized per layer (fp32 masters, v, its gradient): the starting point keeps no copy of
+    # v (zeros) and the last iterate is judged in place, so only the minibatch winner is a copy.
+    init_state = {name: tl.start_state() for name, tl in tunables.items()}
     best_loss, best_state, best_iter = float("inf"), init_state, -1
     losses: list[float] = []
     for it in range(options.iters):
@@ -317,14 +330,16 @@ def _signsgd_loop(
     # Minibatch losses come from different random batches, so the "best" one is a noisy pick: judge the
     # last iterate, the minibatch winner and the starting point on the whole calibration set, keep the lowest.
     # The winner's outputs on that pass are the block's quantized-stream outputs (no separate pass).
-    candidates = [(snapshot(), options.iters), (best_state, best_iter), (init_state, -1)]
+    optimizer.zero_grad(set_to_none=True)
+    live = {name: tl.live_state() for name, tl in tunables.items()}
+    candidates = [(live, options.iters), (best_state, best_iter), (init_state, -1)]
     final: tuple[float, dict, int, torch.Tensor] | None = None
     init_loss = float("nan")
     for state, iteration in candidates:
         if iteration == 0:  # the minibatch winner is the starting point itself
             continue
         for name, tl in tunables.items():
-            tl.load(state[name])
+            tl.use(state[name])
         loss, outputs = _full_loss(block, tunables, inputs, targets, bs, dtype)
         if iteration == -1:
             init_loss = loss
@@ -334,7 +349,7 @@ def _signsgd_loop(
     assert final is not None
     final_loss, final_state, best_iter, outputs = final
     for name, tl in tunables.items():
-        tl.load(final_state[name])
+        tl.use(final_state[name])
     return BlockResult(
         quantized={},
         init_loss=init_loss,
