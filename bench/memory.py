@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, nargs="+", default=[0, 2])
     p.add_argument("--model", choices=["llama-1.1b", "smollm2-135m"], default="llama-1.1b")
+    p.add_argument("--modes", nargs="+", choices=["low", "normal"], default=["low", "normal"], help="settings to run")
     args = p.parse_args()
     if args.child:
         args.iters = args.iters[0]
@@ -126,7 +127,7 @@ def main() -> None:
     flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx512", "amx"))})
     rows = []
     for iters in args.iters:
-        for low in (1, 0):
+        for low in (1 if mode == "low" else 0 for mode in args.modes):
             out = CACHE / f"out-{args.model}-low{low}-iters{iters}"
             cmd = [sys.executable, __file__, "--child", "--low", str(low), "--iters", str(iters), "--out", str(out)]
             cmd += ["--model", args.model]
@@ -147,10 +148,11 @@ def main() -> None:
     print("| low_cpu_mem_usage | iters | peak RSS GB | peak RSS / checkpoint | seconds | output identical |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        twin = next(r for r in rows if r["iters"] == row["iters"] and r is not row)
+        twin = next((r for r in rows if r["iters"] == row["iters"] and r is not row), None)
+        same = "-" if twin is None else row["files"] == twin["files"]
         print(
             f"| {row['low_cpu_mem_usage']} | {row['iters']} | {row['peak_rss_bytes'] / 1e9:.2f} | "
-            f"{row['peak_rss_bytes'] / ckpt_bytes:.2f} | {row['seconds']} | {row['files'] == twin['files']} |"
+            f"{row['peak_rss_bytes'] / ckpt_bytes:.2f} | {row['seconds']} | {same} |"
         )
 
 
