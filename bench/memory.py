@@ -19,7 +19,6 @@ computes exactly what the in-memory one does.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -67,6 +66,7 @@ def _model(name: str) -> tuple[Path, int]:
 def child(args: argparse.Namespace) -> None:
     """One quantization in this process; prints one JSON line."""
     import signround
+    from signround.streaming import output_digests
 
     started = time.perf_counter()
     path, group_size = _model(args.model)
@@ -83,29 +83,10 @@ def child(args: argparse.Namespace) -> None:
                 "seconds": round(time.perf_counter() - started, 1),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "output_bytes": sum(f.stat().st_size for f in Path(out).glob("*.safetensors")),
-                "files": _digest(Path(out)),
+                "files": output_digests(out),
             }
         )
     )
-
-
-def _digest(out: Path) -> dict[str, str]:
-    """sha256 of every tensor (by name, whatever shard holds it) and of every other file but the shard index:
-    a streamed save splits the same tensors over more shards than an in-memory one."""
-    import torch
-    from safetensors import safe_open
-
-    digest = {}
-    for f in sorted(out.iterdir()):
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                    t = handle.get_tensor(name).contiguous()
-                    raw = t.view(-1).view(torch.uint8).numpy().tobytes()
-                    digest[name] = f"{t.dtype}{tuple(t.shape)} {hashlib.sha256(raw).hexdigest()}"
-        elif f.name != "model.safetensors.index.json":
-            digest[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return digest
 
 
 def main() -> None:

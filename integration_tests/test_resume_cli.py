@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from signround.streaming import output_digests
 
 SIGNROUND = Path(sys.executable).with_name("signround")
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
@@ -27,17 +28,6 @@ def _command(stories_dir: Path, shakespeare: Path, out: Path, iters: int = 10) -
 
 def _digests(directory: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
-
-
-def _tensor_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every tensor by name, whichever shard holds it (a streamed save has one shard per block)."""
-    from safetensors.torch import load_file
-
-    digests = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        for name, t in load_file(f).items():
-            digests[name] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-    return digests
 
 
 def _kill_when(command: list[str], appeared, timeout: float = 240) -> None:
@@ -70,7 +60,7 @@ def uninterrupted(uninterrupted_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted_tensors(uninterrupted_dir) -> dict[str, str]:
-    return _tensor_digests(uninterrupted_dir)
+    return output_digests(uninterrupted_dir, files=False)
 
 
 def test_killed_after_block_2_resumes_to_identical_bytes(uninterrupted, tmp_path, stories_dir, shakespeare):
@@ -139,5 +129,5 @@ def test_streaming_run_killed_after_block_2_and_during_the_save_resumes_to_ident
     assert "continuing at block 5" in rerun.stderr
     assert "5 finished blocks are in their shards already: not read again" in rerun.stderr
     assert len(list(out.glob("model-*-of-00006.safetensors"))) == 6
-    assert _tensor_digests(out) == uninterrupted_tensors
+    assert output_digests(out, files=False) == uninterrupted_tensors
     assert not work.exists()

@@ -3,7 +3,6 @@ their turn, each is packed as soon as it is tuned, and the output is byte-identi
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from tiny_families import make_tiny_llama
 
 import signround
 from signround.offload import is_offloaded, offload_device_map
+from signround.streaming import output_digests
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +29,6 @@ def _autoround(fp_dir: Path, shakespeare: Path, low: bool) -> signround.AutoRoun
         str(fp_dir), bits=4, group_size=32, iters=3, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare),
         low_cpu_mem_usage=low, show_progress=False,
     )  # fmt: skip
-
-
-def _digests(directory: Path) -> dict[str, str]:
-    """sha256 of every tensor by name (whichever shard holds it) and of every other file but the shard index."""
-    from safetensors import safe_open
-
-    digests = {}
-    for f in sorted(directory.iterdir()):
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118
-                    t = handle.get_tensor(name).contiguous()
-                    raw = t.view(-1).view(torch.uint8).numpy().tobytes()
-                    digests[name] = f"{t.dtype}{tuple(t.shape)} {hashlib.sha256(raw).hexdigest()}"
-        elif f.name != "model.safetensors.index.json":
-            digests[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return digests
 
 
 def test_device_map_puts_each_block_on_disk_and_the_rest_on_the_cpu():
@@ -95,7 +78,7 @@ def test_blocks_are_read_at_their_turn_packed_streamed_at_once_and_the_output_is
     assert not work_dir_for(tmp_path / "low").exists()
 
     normal = _autoround(fp_dir, shakespeare, low=False).quantize_and_save(tmp_path / "normal")
-    assert _digests(low) == _digests(normal)
+    assert output_digests(low) == output_digests(normal)
     ids = torch.arange(12)[None]
     with torch.no_grad():
         torch.testing.assert_close(
@@ -182,4 +165,4 @@ def test_plain_rtn_reads_the_offloaded_blocks_and_writes_the_same_tensors(fp_dir
         )
         return ar.quantize_and_save(out)
 
-    assert _digests(run(True, tmp_path / "low")) == _digests(run(False, tmp_path / "normal"))
+    assert output_digests(run(True, tmp_path / "low")) == output_digests(run(False, tmp_path / "normal"))

@@ -119,6 +119,24 @@ class BlockShards:
         self.finished = True
 
 
+def output_digests(directory: str | os.PathLike, files: bool = True) -> dict[str, str]:
+    """sha256 of every tensor of a saved output by name, whichever shard holds it, and (``files``) of every other
+    file but the shard index: equal for a streamed save and an in-memory one of the same model."""
+    import hashlib
+
+    digests = {}
+    for f in sorted(Path(directory).iterdir()):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                    t = handle.get_tensor(name).contiguous()
+                    raw = t.view(-1).view(torch.uint8).numpy().tobytes()
+                    digests[name] = f"{t.dtype}{tuple(t.shape)} {hashlib.sha256(raw).hexdigest()}"
+        elif files and f.is_file() and f.name != SAFE_INDEX:
+            digests[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return digests
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link (the work dir sits beside the output, on the same filesystem), else a copy."""
     try:
