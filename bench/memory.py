@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,18 +64,57 @@ def _model(name: str) -> tuple[Path, int]:
     return MODEL, 128
 
 
+class RssSampler:
+    """Samples /proc/self/status every 20 ms: the peak RSS and how it splits into anonymous memory (tensors,
+    Python's heap) and file-backed pages (the memory-mapped checkpoint, shared libraries)."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self) -> None:
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def read(cls) -> dict[str, int]:
+        values = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in cls.FIELDS:
+                values[key] = int(rest.split()[0]) * 1024
+        return values
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            now = self.read()
+            if now["VmRSS"] > self.peak["VmRSS"]:
+                self.peak = now
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def child(args: argparse.Namespace) -> None:
     """One quantization in this process; prints one JSON line."""
+    baseline = {"python_bytes": RssSampler.read()["VmRSS"]}
     import signround
     from signround.streaming import output_digests
 
+    baseline["imports_bytes"] = RssSampler.read()["VmRSS"]
     started = time.perf_counter()
     path, group_size = _model(args.model)
     ar = signround.AutoRound(
         str(path), bits=4, group_size=group_size, iters=args.iters, nsamples=8, seqlen=128, batch_size=4,
         dataset=str(CALIB), low_cpu_mem_usage=args.low, show_progress=False,
     )  # fmt: skip
-    out = ar.quantize_and_save(args.out)
+    baseline["loaded_bytes"] = RssSampler.read()["VmRSS"]
+    with RssSampler() as sampler:
+        out = ar.quantize_and_save(args.out)
     print(
         json.dumps(
             {
@@ -82,6 +122,8 @@ def child(args: argparse.Namespace) -> None:
                 "iters": args.iters,
                 "seconds": round(time.perf_counter() - started, 1),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                **baseline,
+                "sampled_peak": {key: sampler.peak[key] for key in RssSampler.FIELDS},
                 "output_bytes": sum(f.stat().st_size for f in Path(out).glob("*.safetensors")),
                 "files": output_digests(out),
             }

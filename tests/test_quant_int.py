@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from signround.quant.int import dequantize, fake_quant, group_view, quantize
+from signround.quant.int import GroupedWeight, dequantize, fake_quant, group_view, quantize
 from signround.schemes import LayerSpec
 
 BITS = (2, 3, 4, 8)
@@ -209,3 +209,44 @@ def test_fake_quant_keeps_dtype_and_shape() -> None:
     w = torch.randn(8, 64, dtype=torch.bfloat16)
     out = fake_quant(w, LayerSpec(bits=4, group_size=32))
     assert out.dtype == torch.bfloat16 and out.shape == w.shape
+
+
+# -- what tuning keeps per weight ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bits", "group_size", "sym"), [(2, 32, True), (3, -1, False), (4, 64, False), (8, 64, True)])
+def test_fake_quant_codes_are_exactly_what_quantize_packs(bits: int, group_size: int, sym: bool, dtype) -> None:
+    """Tuning keeps the minibatch winner as the codes its forward used: they must be the packed codes."""
+    spec, w, v, alpha, beta = _random_case(bits, group_size, sym, seed=11)
+    w = w.to(dtype)
+    gw = GroupedWeight.of(w, group_size)
+    qdq, rounded = gw.fake_quant_with_codes(spec, v, alpha, beta, out_dtype=torch.float32)
+    packed = rounded.quantized(torch.float16)
+    expected = quantize(w, spec, v, alpha, beta)
+    for field in ("codes", "scales", "zeros"):
+        assert torch.equal(getattr(packed, field), getattr(expected, field)), field
+    assert torch.equal(qdq, dequantize(expected))
+    # the clipped ends are marked outside [0, maxq], and there are some at these clip factors
+    marked = rounded.marked_codes
+    assert marked.element_size() == (1 if bits <= 6 else 2)
+    assert int(marked.min()) == -1 or int(marked.max()) == 2**bits
+
+
+def test_tuning_keeps_the_stored_weight_not_a_float32_copy() -> None:
+    """A bf16 weight is used as stored (widening to float32 is exact, done on the fly): same values and
+    gradients as the float32 copy, and the backward keeps that weight plus one byte per weight, nothing else."""
+    spec, w, v0, a0, b0 = _random_case(4, 32, False, seed=12)
+    w16 = w.to(torch.bfloat16)
+    results = []
+    for weight in (w16, w16.float()):
+        v, alpha, beta = (t.clone().requires_grad_(True) for t in (v0, a0, b0))
+        gw = GroupedWeight.of(weight, 32)
+        out = gw.fake_quant(spec, v, alpha, beta, out_dtype=torch.bfloat16)
+        if weight.dtype == torch.bfloat16:
+            assert gw.wg.data_ptr() == w16.data_ptr()
+            qdq_node = out.grad_fn.next_functions[0][0]  # under the reshape
+            full = [t for t in qdq_node.saved_tensors if t.numel() == w.numel()]
+            assert sorted(t.element_size() for t in full) == [1, 2]  # the bf16 weight and the one-byte codes
+        (out.float() ** 2).sum().backward()
+        results.append((out, v.grad, alpha.grad, beta.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

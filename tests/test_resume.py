@@ -75,3 +75,27 @@ def test_resuming_from_another_model_config_or_data_is_refused(tmp_path):
 
 def test_work_dir_sits_beside_the_output(tmp_path):
     assert work_dir_for(tmp_path / "out") == tmp_path / ".out.signround-resume"
+
+
+def _rss_file_kib() -> int:
+    for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_fingerprint_reads_a_few_pages_of_a_memory_mapped_weight(tmp_path) -> None:
+    """A low_cpu_mem_usage run keeps its embeddings and head memory-mapped: fingerprinting them must not fault
+    the whole tensor in (a strided sample of single values did, 2 x 131 MB on a 1B model)."""
+    path = tmp_path / "weight.bin"
+    numel = 16 * 2**20  # 64 MiB of float32
+    torch.arange(numel, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(mapped, requires_grad=False)
+    before = _rss_file_kib()
+    digest = fingerprint(model, {}, IDS)["model"]
+    assert _rss_file_kib() - before < 16 * 1024  # a quarter of the 64 MiB file at most (a strided sample: all)
+    with torch.no_grad():
+        model.weight[-1] += 1  # the last value is in the sample
+    assert fingerprint(model, {}, IDS)["model"] != digest

@@ -12,7 +12,7 @@ from torch import nn
 from signround.quant.int import dequantize, group_view, quantize
 from signround.schemes import LayerSpec, resolve_plan
 from signround.tuning import engine
-from signround.tuning.block import TuneOptions, run_block, tune_block
+from signround.tuning.block import TunableLinear, TuneOptions, run_block, tune_block
 from signround.tuning.inputs import BlockInputs, capture_block_inputs
 from signround.tuning.rtn import FACTOR_MIN, optimized_rtn_params, plain_rtn_params
 from signround.tuning.signsgd import SignSGD, default_lr, linear_decay
@@ -222,6 +222,36 @@ def test_tune_block_iters_zero_is_rtn_with_given_params(tiny_llama_factory) -> N
     )
     assert result.init_loss is None and result.final_loss is None
     assert torch.equal(block.self_attn.o_proj.weight, dequantize(quantize(w, spec, None, alpha, beta)))
+
+
+def test_v_step_in_backward_is_the_optimizer_step_and_frees_the_gradient() -> None:
+    """With one batch per step, v's signed step runs inside the backward as soon as its gradient is ready: the
+    same update as SignSGD's step + clamp, and no v gradient is left once the backward is done."""
+    gen = torch.Generator().manual_seed(3)
+    spec = LayerSpec(bits=2, group_size=32)
+    x = torch.randn(6, 64, generator=gen)
+    target = torch.randn(6, 48, generator=gen)
+    moved = []
+    for fused in (True, False):
+        linear = nn.Linear(64, 48, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(48, 64, generator=torch.Generator().manual_seed(4)))
+        tl = TunableLinear(linear, spec, *plain_rtn_params(linear.weight, spec), torch.float16)
+        with torch.no_grad():
+            tl.v.copy_(torch.rand(48, 64, generator=torch.Generator().manual_seed(5)) - 0.5)
+        lr = 0.3  # large, so that clamping to [-0.5, 0.5] matters
+        remove = tl.step_v_in_backward(lambda: lr) if fused else None
+        F.mse_loss(tl(x), target).backward()
+        if fused:
+            assert tl.v.grad is None  # released inside the backward
+            assert tl.alpha.grad is not None  # the clipping factors still take the optimizer's step
+            remove()
+        else:
+            SignSGD([tl.v], lr=lr).step()
+            tl.clamp_()
+        moved.append(tl.v.detach().clone())
+    assert torch.equal(moved[0], moved[1])
+    assert float(moved[0].abs().max()) == 0.5
 
 
 # -- input capture ---------------------------------------------------------------------------------------------------

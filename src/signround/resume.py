@@ -55,17 +55,30 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+SAMPLE_RUNS, SAMPLE_RUN_LENGTH = 4, 1024
+
+
+def _weight_sample(p: torch.Tensor) -> torch.Tensor:
+    """4 evenly spaced runs of 1024 consecutive values.  Each run faults in one read-around window (about 2 MB)
+    of a memory-mapped weight, where a strided sample of single values faults in nearly every page of it,
+    keeping a checkpoint's embeddings and head resident for the whole run."""
+    flat = p.detach().reshape(-1)
+    if flat.numel() <= SAMPLE_RUNS * SAMPLE_RUN_LENGTH:
+        return flat.float()
+    starts = torch.linspace(0, flat.numel() - SAMPLE_RUN_LENGTH, SAMPLE_RUNS).long().tolist()
+    return torch.cat([flat[s : s + SAMPLE_RUN_LENGTH] for s in starts]).float()
+
+
 def _weights_digest(model: nn.Module) -> str:
-    """Every parameter's name, shape and dtype, plus a strided sample of its values (4096 at most), so that the
-    digest of a multi-billion-parameter model takes milliseconds and still tells two checkpoints apart."""
+    """Every parameter's name, shape and dtype, plus a sample of its values (4096 at most), so that the digest
+    of a multi-billion-parameter model takes milliseconds, reads a few pages and still tells two checkpoints
+    apart."""
     parts: list[Any] = []
     for name, p in model.named_parameters():
         if p.device.type == "meta":  # offloaded (low_cpu_mem_usage): its checkpoint files stand for its values
             parts += [name, tuple(p.shape), str(p.dtype)]
             continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        parts += [name, flat[::step][:4096].float()]
+        parts += [name, _weight_sample(p)]
     source = Path(str(getattr(model, "name_or_path", "") or ""))
     if source.is_dir():
         parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(source.glob("*.safetensors"))]

@@ -131,13 +131,16 @@ class GroupedWeight:
     """A weight viewed as groups, with its per-group range computed once.
 
     Tuning calls the fake quantizer hundreds of times on the same weight; only ``v``, ``alpha`` and
-    ``beta`` change, so the grouping and the min/max reductions are done here once.
+    ``beta`` change, so the grouping and the min/max reductions are done here once.  The weight is kept in
+    its own dtype (a bf16 checkpoint's tensor, not a float32 copy): widening bf16 / fp16 to float32 is exact,
+    so the arithmetic, done in float32 on the fly, is the same and the weight costs half the memory.
     """
 
     def __init__(self, wg: torch.Tensor, shape: torch.Size):
         self.wg = wg
         self.shape = shape
-        self.wmin, self.wmax = group_min_max(wg)
+        wmin, wmax = group_min_max(wg)
+        self.wmin, self.wmax = wmin.float(), wmax.float()
 
     @classmethod
     def of(cls, w: torch.Tensor, group_size: int) -> GroupedWeight:
@@ -157,16 +160,127 @@ class GroupedWeight:
         Asking for the matmul's dtype here (bf16 in mixed precision) saves a separate cast of the
         full weight, forward and backward.
         """
+        return self.fake_quant_with_codes(spec, v, alpha, beta, scale_dtype, out_dtype)[0]
+
+    def fake_quant_with_codes(
+        self,
+        spec: LayerSpec,
+        v: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+        out_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, RoundedGroups]:
+        """``fake_quant`` and the integer codes it used (no extra memory: the backward keeps them anyway), so a
+        caller can keep exactly the quantization it measured without recomputing it."""
         scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
-        v = torch.zeros_like(self.wg) if v is None else v.reshape(self.wg.shape)
+        v = torch.zeros(self.wg.shape, device=self.wg.device) if v is None else v.reshape(self.wg.shape)
         out_dtype = self.wg.dtype if out_dtype is None else out_dtype
-        qdq = _GroupQDQ.apply(self.wg, v, scale.unsqueeze(-1), zero.unsqueeze(-1), 2**spec.bits - 1, out_dtype)
-        return qdq.reshape(self.shape)
+        maxq = 2**spec.bits - 1
+        qdq, codes = _GroupQDQ.apply(self.wg, v, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq, out_dtype)
+        rounded = RoundedGroups(codes, scale.detach(), zero.detach(), spec, self.shape)
+        return qdq.reshape(self.shape), rounded
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        spec: LayerSpec,
+        v: torch.Tensor,
+        alpha: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RoundedGroups]:
+        """``F.linear(x, fake_quant(...) in x's dtype, bias)`` and the codes used, for tuning: the backward
+        recomputes the quantized weight from the codes rather than keeping it (see ``_QDQLinear``)."""
+        scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
+        maxq = 2**spec.bits - 1
+        out, codes = _QDQLinear.apply(
+            x, self.wg, v.reshape(self.wg.shape), scale.unsqueeze(-1), zero.unsqueeze(-1), bias, maxq, self.shape
+        )
+        return out, RoundedGroups(codes, scale.detach(), zero.detach(), spec, self.shape)
+
+
+def marked_code_dtype(bits: int) -> torch.dtype:
+    """Smallest integer dtype holding ``-1 .. 2^bits`` (codes with the clipped ends marked)."""
+    return torch.int8 if bits <= 6 else torch.int16
+
+
+@dataclass
+class RoundedGroups:
+    """The fake quantizer's integer result: codes in ``[-1, 2^b]`` per ``[out, G, gs]`` element, where ``-1`` and
+    ``2^b`` mark a value clipped below 0 / above ``2^b - 1`` (they stand for code 0 / ``2^b - 1``), with the
+    per-group float32 ``scale`` (already rounded to the scale dtype) and integer-valued ``zero``.
+
+    One byte per weight for up to 6 bits keeps both what the backward needs (the code and whether it was
+    clipped) and what the packed checkpoint needs."""
+
+    marked_codes: torch.Tensor
+    scale: torch.Tensor  # [out, G]
+    zero: torch.Tensor  # [out, G]
+    spec: LayerSpec
+    shape: torch.Size
+
+    def quantized(self, scale_dtype: torch.dtype) -> QuantizedTensor:
+        """The packed form: exactly the values this fake quantization computed with."""
+        codes = self.marked_codes.clamp(0, 2**self.spec.bits - 1).to(torch.uint8)
+        return QuantizedTensor(
+            codes=codes.reshape(self.shape),
+            scales=self.scale.to(scale_dtype),
+            zeros=self.zero.to(torch.int32),
+            spec=self.spec,
+        )
 
 
 def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(-1, keepdim=True)`` for ``[out, G, gs]`` tensors in one pass, without the product tensor."""
     return torch.einsum("ogk,ogk->og", a, b).unsqueeze(-1)
+
+
+def _qdq_codes(
+    wg: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, marked)``: the clamped integer ``q - z`` as float32 and the marked codes (see ``RoundedGroups``)."""
+    # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
+    pre = torch.addcdiv(v, wg, scale).round_().add_(zero)
+    marked = pre.clamp(-1, maxq + 1).to(marked_code_dtype(maxq.bit_length()))
+    return pre.clamp_(0, maxq).sub_(zero), marked
+
+
+def _qdq_weight(marked: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, dtype: torch.dtype):
+    """The dequantized grouped weight in ``dtype`` from the marked codes (the values ``_qdq_codes`` gave)."""
+    q = marked.clamp(0, maxq).float().sub_(zero)
+    return torch.mul(q, scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
+
+
+def _qdq_backward(
+    grad: torch.Tensor,
+    wg: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    marked: torch.Tensor,
+    maxq: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``v``, ``scale`` and ``zero`` (those ``needs`` asks for) from the grouped weight's gradient."""
+    need_v, need_scale, need_zero = needs
+    g = grad.float()
+    inside = (marked >= 0) & (marked <= maxq)
+    grad_v = grad_scale = grad_zero = None
+    if need_scale:
+        q = marked.clamp(0, maxq).float().sub_(zero)
+        grad_scale = _group_dot(g, q)
+        del q
+    g_in = g * inside
+    del inside
+    if need_zero:
+        grad_zero = (g_in.sum(-1, keepdim=True) - g.sum(-1, keepdim=True)) * scale
+    del g
+    if need_scale:
+        grad_scale = grad_scale - _group_dot(g_in, wg.float()) / scale
+    if need_v:
+        grad_v = g_in.mul_(scale)
+    return grad_v, grad_scale, grad_zero
 
 
 class _GroupQDQ(torch.autograd.Function):
@@ -178,31 +292,58 @@ class _GroupQDQ(torch.autograd.Function):
     gradients as the composed ops: round passes gradients straight through, clamp stops them outside
     the range).  With ``q`` the clamped integer and ``m`` the not-clipped mask:
       d/dv = s * m        d/ds = sum_group g * (q - m * w / s)        d/dz = sum_group g * (m - 1) * s
+    What is kept for the backward is the weight as stored and one small integer per weight: the code
+    ``round(w/s + v) + z`` clamped to ``[-1, maxq + 1]``, so that the ends outside ``[0, maxq]`` mark ``m = 0``.
+    It is also returned (not differentiable), as the codes the caller may keep.
     """
 
     @staticmethod
     def forward(ctx, wg, v, scale, zero, maxq, out_dtype):  # type: ignore[override]
-        # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
-        pre = torch.addcdiv(v, wg, scale).round_().add_(zero)
-        q = pre.clamp(0, maxq)
-        inside = q == pre  # not clipped
-        q.sub_(zero)
-        ctx.save_for_backward(wg, scale, q, inside)
-        out = torch.empty(wg.shape, dtype=out_dtype, device=wg.device)
-        return torch.mul(q, scale, out=out)
+        q, marked = _qdq_codes(wg, v, scale, zero, maxq)
+        ctx.save_for_backward(wg, scale, zero, marked)
+        ctx.maxq = maxq
+        ctx.mark_non_differentiable(marked)
+        return torch.mul(q, scale, out=torch.empty(wg.shape, dtype=out_dtype, device=wg.device)), marked
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        wg, scale, q, inside = ctx.saved_tensors
-        grad = grad.to(q.dtype)
-        g_in = grad * inside
-        grad_v = g_in * scale if ctx.needs_input_grad[1] else None
-        grad_scale = grad_zero = None
-        if ctx.needs_input_grad[2]:
-            grad_scale = _group_dot(grad, q) - _group_dot(g_in, wg) / scale
-        if ctx.needs_input_grad[3]:
-            grad_zero = (g_in.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True)) * scale
-        return None, grad_v, grad_scale, grad_zero, None, None
+    def backward(ctx, grad, _grad_marked):  # type: ignore[override]
+        wg, scale, zero, marked = ctx.saved_tensors
+        grads = _qdq_backward(grad, wg, scale, zero, marked, ctx.maxq, ctx.needs_input_grad[1:4])
+        return None, *grads, None, None
+
+
+class _QDQLinear(torch.autograd.Function):
+    """``x @ qdq(W)^T + b`` where the backward recomputes ``qdq(W)`` from the one-byte codes instead of keeping
+    it: between a block's forward and its backward each layer holds its input, its weight as stored and the
+    codes, not also a dense copy of the quantized weight (2 bytes per weight in bf16, 4 in float32; one
+    elementwise pass more per backward, next to three matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x, wg, v, scale, zero, bias, maxq, shape):  # type: ignore[override]
+        q, marked = _qdq_codes(wg, v, scale, zero, maxq)
+        weight = torch.mul(q, scale, out=torch.empty(wg.shape, dtype=x.dtype, device=wg.device)).reshape(shape)
+        del q
+        out = torch.nn.functional.linear(x, weight, bias)
+        ctx.save_for_backward(x, wg, scale, zero, marked)
+        ctx.maxq, ctx.shape, ctx.has_bias = maxq, shape, bias is not None
+        ctx.mark_non_differentiable(marked)
+        return out, marked
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_marked):  # type: ignore[override]
+        x, wg, scale, zero, marked = ctx.saved_tensors
+        need_x, _need_w, need_v, need_scale, need_zero, need_bias = ctx.needs_input_grad[:6]
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = None
+        if need_x:
+            weight = _qdq_weight(marked, scale, zero, ctx.maxq, x.dtype).reshape(ctx.shape)
+            grad_x = grad_out.matmul(weight)
+            del weight
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_flat.sum(0)
+        grad_w = grad_flat.t().mm(x.reshape(-1, x.shape[-1])).reshape(wg.shape)
+        grads = _qdq_backward(grad_w, wg, scale, zero, marked, ctx.maxq, (need_v, need_scale, need_zero))
+        return grad_x, None, *grads, grad_bias, None, None
 
 
 @torch.no_grad()

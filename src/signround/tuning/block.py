@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.int import GroupedWeight, QuantizedTensor, dequantize, quantize
+from ..quant.int import GroupedWeight, QuantizedTensor, RoundedGroups, dequantize, quantize
 from ..schemes import LayerSpec
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
@@ -62,7 +62,12 @@ class BlockResult:
 
 
 class TunableLinear(nn.Module):
-    """A Linear whose weight is fake-quantized with trainable ``v`` (per weight) and ``alpha``/``beta`` (per group)."""
+    """A Linear whose weight is fake-quantized with trainable ``v`` (per weight) and ``alpha``/``beta`` (per group).
+
+    Per weight it holds the checkpoint's own tensor (no float32 copy), ``v`` in float32 and, between a forward
+    and the next, the one-byte codes that forward used (``last``): 7 bytes per weight for a bf16 model.  The
+    backward recomputes the quantized weight from those codes instead of keeping it.
+    """
 
     def __init__(
         self,
@@ -77,33 +82,34 @@ class TunableLinear(nn.Module):
         self.spec = spec
         self.scale_dtype = scale_dtype
         weight = linear.weight.detach()
-        self.grouped = GroupedWeight.of(weight.float(), spec.group_size)
+        self.grouped = GroupedWeight.of(weight, spec.group_size)
         self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
-        self.alpha = nn.Parameter(alpha.float().clone())
-        self.beta = nn.Parameter(beta.float().clone())
-        self._frozen: dict[torch.dtype, torch.Tensor] | None = None
-
-    def qdq_weight(self, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.grouped.fake_quant(self.spec, self.v, self.alpha, self.beta, self.scale_dtype, out_dtype)
+        self.alpha0, self.beta0 = alpha.detach().float().clone(), beta.detach().float().clone()
+        self.alpha = nn.Parameter(self.alpha0.clone())
+        self.beta = nn.Parameter(self.beta0.clone())
+        self.last: RoundedGroups | None = None  # the codes of the last forward with the trainable parameters
+        self._judged: QuantizedTensor | None = None
+        self._judged_weight: dict[torch.dtype, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._frozen is None:
-            w = self.qdq_weight(x.dtype)
-        else:  # parameters fixed: one fake-quant for all batches
-            w = self._frozen.get(x.dtype)
-            if w is None:
-                w = self._frozen[x.dtype] = self.qdq_weight(x.dtype).detach()
         bias = self.linear.bias
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        bias = None if bias is None else bias.to(x.dtype)
+        if self._judged is None:
+            out, self.last = self.grouped.linear(x, self.spec, self.v, self.alpha, self.beta, self.scale_dtype, bias)
+            return out
+        w = self._judged_weight.get(x.dtype)  # a fixed candidate: one dequantization for all batches
+        if w is None:
+            w = self._judged_weight[x.dtype] = dequantize(self._judged, torch.float32).to(x.dtype)
+        return F.linear(x, w, bias)
 
     @contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Within this context the parameters do not change, so the quantized weight is computed once."""
-        self._frozen = {}
+    def judging(self, candidate: QuantizedTensor) -> Iterator[None]:
+        """Within this context the layer computes with ``candidate``'s weights (for the whole-set loss)."""
+        self._judged, self._judged_weight = candidate, {}
         try:
             yield
         finally:
-            self._frozen = None
+            self._judged, self._judged_weight = None, {}
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -111,29 +117,28 @@ class TunableLinear(nn.Module):
         self.alpha.clamp_(0.0, 1.0)
         self.beta.clamp_(0.0, 1.0)
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {"v": self.v.detach().clone(), "alpha": self.alpha.detach().clone(), "beta": self.beta.detach().clone()}
-
-    def start_state(self) -> dict[str, torch.Tensor | None]:
-        """The starting point without a copy of ``v`` (zeros at the start: made again only if it is judged)."""
-        return {"v": None, "alpha": self.alpha.detach().clone(), "beta": self.beta.detach().clone()}
-
-    def live_state(self) -> dict[str, torch.Tensor]:
-        """The current parameters by reference (the last iterate, judged without a copy)."""
-        return {"v": self.v.detach(), "alpha": self.alpha.detach(), "beta": self.beta.detach()}
-
     @torch.no_grad()
-    def use(self, state: dict[str, torch.Tensor | None]) -> None:
-        """Compute with ``state``'s tensors from now on, by reference (no copy of a weight-sized ``v``); ``v``
-        None is the all-zero start.  For judging candidates after the loop, when nothing trains any more."""
-        v = state["v"]
-        self.v = nn.Parameter(torch.zeros_like(self.v) if v is None else v, requires_grad=False)
-        self.alpha = nn.Parameter(state["alpha"], requires_grad=False)
-        self.beta = nn.Parameter(state["beta"], requires_grad=False)
+    def start(self) -> QuantizedTensor:
+        """The starting point: ``v = 0`` and the initial clipping."""
+        return quantize(self.grouped.wg.reshape(self.grouped.shape), self.spec, None, self.alpha0, self.beta0,
+                        self.scale_dtype)  # fmt: skip
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
+        """The current parameters, quantized."""
         return quantize(self.linear.weight, self.spec, self.v, self.alpha, self.beta, self.scale_dtype)
+
+    def step_v_in_backward(self, lr: Callable[[], float]) -> Callable[[], None]:
+        """Apply the signed step to ``v`` as soon as its gradient is ready (torch's post-accumulate-grad hook),
+        so no layer's ``v`` gradient outlives its own backward; returns the hook's remover."""
+
+        @torch.no_grad()
+        def step(v: torch.Tensor) -> None:
+            v.add_(v.grad.sign_(), alpha=-lr())
+            v.clamp_(-0.5, 0.5)
+            v.grad = None
+
+        return self.v.register_post_accumulate_grad_hook(step).remove
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -200,16 +205,18 @@ def block_in_dtype(block: nn.Module, keep: Iterable[str], dtype: torch.dtype | N
 def _full_loss(
     block: nn.Module,
     tunables: dict[str, TunableLinear],
+    candidate: dict[str, QuantizedTensor],
     inputs: BlockInputs,
     targets: torch.Tensor,
     batch_size: int,
     dtype: torch.dtype | None,
 ) -> tuple[float, torch.Tensor]:
-    """Mean squared error of the block's outputs against ``targets`` over every cached sample, and the outputs."""
+    """Mean squared error against ``targets`` over every cached sample of the block computing with ``candidate``'s
+    weights, and the outputs."""
     total, count, outs = 0.0, 0, []
     with ExitStack() as stack:
-        for tl in tunables.values():
-            stack.enter_context(tl.frozen())
+        for name, tl in tunables.items():
+            stack.enter_context(tl.judging(candidate[name]))
         for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
             total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
@@ -245,19 +252,13 @@ def tune_block(
     for name, tl in tunables.items():
         block.set_submodule(name, tl)
     try:
-        result = None
-        if options.iters > 0:
-            dtype = _loop_dtype(options, inputs, targets)
-            with block_in_dtype(block, tunables, dtype):
-                result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype)
-        quantized = {name: tl.quantized() for name, tl in tunables.items()}
+        dtype = _loop_dtype(options, inputs, targets)
+        with block_in_dtype(block, tunables, dtype):
+            result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype)
     finally:
         for name, tl in tunables.items():
             block.set_submodule(name, tl.linear)
-    _write_dequantized(layers, quantized)
-    if result is None:
-        return BlockResult(quantized=quantized)
-    result.quantized = quantized
+    _write_dequantized(layers, result.quantized)
     return result
 
 
@@ -300,58 +301,72 @@ def _signsgd_loop(
     n = len(inputs)
     bs = min(options.batch_size, n)
 
-    def snapshot() -> dict[str, dict[str, torch.Tensor]]:
-        return {name: tl.snapshot() for name, tl in tunables.items()}
+    # With one step per batch, v's signed step runs inside the backward as each layer's gradient is ready (v's
+    # gradients never all exist at once); accumulated gradients take the optimizer's step.
+    fused = options.gradient_accumulate_steps == 1
+    removers = (
+        [tl.step_v_in_backward(lambda: optimizer.param_groups[0]["lr"]) for tl in tunables.values()] if fused else []
+    )
 
-    # Tuning state is weight-sized per layer (fp32 masters, v, its gradient): the starting point keeps no copy of
-    # v (zeros) and the last iterate is judged in place, so only the minibatch winner is a copy.
-    init_state = {name: tl.start_state() for name, tl in tunables.items()}
-    best_loss, best_state, best_iter = float("inf"), init_state, -1
+    # The minibatch winner is kept as the one-byte codes its forward computed (not a copy of v); the starting
+    # point and the last iterate are quantized again only to be judged.
+    best_loss, best_state, best_iter = float("inf"), None, -1
     losses: list[float] = []
-    for it in range(options.iters):
-        total = 0.0
-        for _ in range(options.gradient_accumulate_steps):
-            idx = torch.randperm(n, generator=generator)[:bs]
-            h, kw = inputs.batch(idx)
-            out = block_output(forward(cast_floats(h, dtype), **cast_floats(kw, dtype)))
-            loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
-            (loss / options.gradient_accumulate_steps).backward()
-            total += loss.item() / options.gradient_accumulate_steps
-        losses.append(total)
-        if total < best_loss:  # loss of the parameters *before* this step
-            best_loss, best_state, best_iter = total, snapshot(), it
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for tl in tunables.values():
-            tl.clamp_()
-        scheduler.step()
-        if progress is not None:
-            progress(it, total)
+    try:
+        for it in range(options.iters):
+            total = 0.0
+            for step in range(options.gradient_accumulate_steps):
+                idx = torch.randperm(n, generator=generator)[:bs]
+                h, kw = inputs.batch(idx)
+                out = block_output(forward(cast_floats(h, dtype), **cast_floats(kw, dtype)))
+                loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
+                total += loss.item() / options.gradient_accumulate_steps
+                if step == options.gradient_accumulate_steps - 1 and total < best_loss:
+                    # the loss of the parameters *before* this step, and the codes they gave
+                    best_loss, best_iter = total, it
+                    best_state = {name: tl.last for name, tl in tunables.items()}
+                (loss / options.gradient_accumulate_steps).backward()
+            losses.append(total)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for tl in tunables.values():
+                tl.clamp_()
+            scheduler.step()
+            if progress is not None:
+                progress(it, total)
+    finally:
+        for remove in removers:
+            remove()
+    for tl in tunables.values():
+        tl.last = None
     # Minibatch losses come from different random batches, so the "best" one is a noisy pick: judge the
     # last iterate, the minibatch winner and the starting point on the whole calibration set, keep the lowest.
     # The winner's outputs on that pass are the block's quantized-stream outputs (no separate pass).
     optimizer.zero_grad(set_to_none=True)
-    live = {name: tl.live_state() for name, tl in tunables.items()}
-    candidates = [(live, options.iters), (best_state, best_iter), (init_state, -1)]
-    final: tuple[float, dict, int, torch.Tensor] | None = None
+
+    def candidate(iteration: int) -> dict[str, QuantizedTensor]:
+        if iteration == options.iters:
+            return {name: tl.quantized() for name, tl in tunables.items()}
+        if iteration == -1:
+            return {name: tl.start() for name, tl in tunables.items()}
+        return {name: rounded.quantized(options.scale_dtype) for name, rounded in best_state.items()}
+
+    final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor] | None = None
     init_loss = float("nan")
-    for state, iteration in candidates:
+    for iteration in (options.iters, best_iter, -1):
         if iteration == 0:  # the minibatch winner is the starting point itself
             continue
-        for name, tl in tunables.items():
-            tl.use(state[name])
-        loss, outputs = _full_loss(block, tunables, inputs, targets, bs, dtype)
+        quantized = candidate(iteration)
+        loss, outputs = _full_loss(block, tunables, quantized, inputs, targets, bs, dtype)
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:
-            final = (loss, state, iteration, outputs)
-        del outputs
+            final = (loss, quantized, iteration, outputs)
+        del quantized, outputs
     assert final is not None
-    final_loss, final_state, best_iter, outputs = final
-    for name, tl in tunables.items():
-        tl.use(final_state[name])
+    final_loss, quantized, best_iter, outputs = final
     return BlockResult(
-        quantized={},
+        quantized=quantized,
         init_loss=init_loss,
         final_loss=final_loss,
         best_iter=best_iter,
