@@ -219,7 +219,7 @@ def test_fake_quant_codes_are_exactly_what_quantize_packs(bits: int, group_size:
     spec, w, v, alpha, beta = _random_case(bits, group_size, sym, seed=11)
     w = w.to(dtype)
     gw = GroupedWeight.of(w, group_size)
-    qdq, rounded = gw.fake_quant_with_codes(spec, v, alpha, beta, out_dtype=torch.float32)
+    qdq, rounded = gw.fake_quant(spec, v, alpha, beta, out_dtype=torch.float32)
     packed = rounded.quantized(torch.float16)
     expected = quantize(w, spec, v, alpha, beta)
     for field in ("codes", "scales", "zeros"):
@@ -240,7 +240,7 @@ def test_tuning_keeps_the_stored_weight_not_a_float32_copy() -> None:
     for weight in (w16, w16.float()):
         v, alpha, beta = (t.clone().requires_grad_(True) for t in (v0, a0, b0))
         gw = GroupedWeight.of(weight, 32)
-        out = gw.fake_quant(spec, v, alpha, beta, out_dtype=torch.bfloat16)
+        out, _codes = gw.fake_quant(spec, v, alpha, beta, out_dtype=torch.bfloat16)
         if weight.dtype == torch.bfloat16:
             assert gw.wg.data_ptr() == w16.data_ptr()
             qdq_node = out.grad_fn.next_functions[0][0]  # under the reshape

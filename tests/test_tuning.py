@@ -231,6 +231,7 @@ def test_v_step_in_backward_is_the_optimizer_step_and_frees_the_gradient() -> No
     spec = LayerSpec(bits=2, group_size=32)
     x = torch.randn(6, 64, generator=gen)
     target = torch.randn(6, 48, generator=gen)
+    lr = 0.3  # large, so that clamping to [-0.5, 0.5] matters
     moved = []
     for fused in (True, False):
         linear = nn.Linear(64, 48, bias=False)
@@ -239,7 +240,6 @@ def test_v_step_in_backward_is_the_optimizer_step_and_frees_the_gradient() -> No
         tl = TunableLinear(linear, spec, *plain_rtn_params(linear.weight, spec), torch.float16)
         with torch.no_grad():
             tl.v.copy_(torch.rand(48, 64, generator=torch.Generator().manual_seed(5)) - 0.5)
-        lr = 0.3  # large, so that clamping to [-0.5, 0.5] matters
         remove = tl.step_v_in_backward(lambda: lr) if fused else None
         F.mse_loss(tl(x), target).backward()
         if fused:

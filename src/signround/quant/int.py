@@ -124,7 +124,7 @@ def fake_quant(
     Rounding uses a straight-through estimator, so gradients reach ``v`` and, through the scale, the
     clipping factors.  Returns a tensor of ``w``'s shape and dtype.
     """
-    return GroupedWeight.of(w, spec.group_size).fake_quant(spec, v, alpha, beta, scale_dtype)
+    return GroupedWeight.of(w, spec.group_size).fake_quant(spec, v, alpha, beta, scale_dtype)[0]
 
 
 class GroupedWeight:
@@ -154,25 +154,11 @@ class GroupedWeight:
         beta: torch.Tensor | None = None,
         scale_dtype: torch.dtype = torch.float16,
         out_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        """The dequantized weight ``[out, in]`` in ``out_dtype`` (default: the weight's dtype).
-
-        Asking for the matmul's dtype here (bf16 in mixed precision) saves a separate cast of the
-        full weight, forward and backward.
-        """
-        return self.fake_quant_with_codes(spec, v, alpha, beta, scale_dtype, out_dtype)[0]
-
-    def fake_quant_with_codes(
-        self,
-        spec: LayerSpec,
-        v: torch.Tensor | None = None,
-        alpha: torch.Tensor | None = None,
-        beta: torch.Tensor | None = None,
-        scale_dtype: torch.dtype = torch.float16,
-        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, RoundedGroups]:
-        """``fake_quant`` and the integer codes it used (no extra memory: the backward keeps them anyway), so a
-        caller can keep exactly the quantization it measured without recomputing it."""
+        """The dequantized weight ``[out, in]`` in ``out_dtype`` (default: the weight's dtype), and the integer
+        codes it used (no extra memory: the backward keeps them anyway), so that a caller can keep exactly the
+        quantization it measured.  Asking for the matmul's dtype here (bf16 in mixed precision) saves a separate
+        cast of the full weight, forward and backward."""
         scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
         v = torch.zeros(self.wg.shape, device=self.wg.device) if v is None else v.reshape(self.wg.shape)
         out_dtype = self.wg.dtype if out_dtype is None else out_dtype
