@@ -19,6 +19,7 @@ Codes are unsigned integers in ``[0, 2^b - 1]`` and ``w ≈ scale * (code - zero
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -223,24 +224,40 @@ def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ogk,ogk->og", a, b).unsqueeze(-1)
 
 
-def _qdq_codes(
-    wg: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+CHUNK_ELEMENTS = 1 << 20  # elementwise passes run over about a million weights at a time
+
+
+def _row_slices(wg: torch.Tensor) -> list[slice]:
+    """Output-row slices of a grouped weight ``[out, G, gs]`` of about ``CHUNK_ELEMENTS`` each: the float32
+    temporaries of the fake quantizer stay a few MB instead of several copies of the largest layer."""
+    rows = max(1, CHUNK_ELEMENTS // (wg.shape[1] * wg.shape[2]))
+    return [slice(start, start + rows) for start in range(0, wg.shape[0], rows)]
+
+
+def _qdq_forward(
+    wg: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, marked)``: the clamped integer ``q - z`` as float32 and the marked codes (see ``RoundedGroups``)."""
-    # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
-    pre = torch.addcdiv(v, wg, scale).round_().add_(zero)
-    marked = pre.clamp(-1, maxq + 1).to(marked_code_dtype(maxq.bit_length()))
-    return pre.clamp_(0, maxq).sub_(zero), marked
+    """``(dequantized weight in out_dtype, marked codes)``, both grouped ``[out, G, gs]``."""
+    weight = torch.empty(wg.shape, dtype=out_dtype, device=wg.device)
+    marked = torch.empty(wg.shape, dtype=marked_code_dtype(maxq.bit_length()), device=wg.device)
+    for rows in _row_slices(wg):
+        # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
+        pre = torch.addcdiv(v[rows], wg[rows], scale[rows]).round_().add_(zero[rows])
+        marked[rows] = pre.clamp(-1, maxq + 1)
+        torch.mul(pre.clamp_(0, maxq).sub_(zero[rows]), scale[rows], out=weight[rows])
+    return weight, marked
 
 
 def _qdq_weight(marked: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, dtype: torch.dtype):
-    """The dequantized grouped weight in ``dtype`` from the marked codes (the values ``_qdq_codes`` gave)."""
-    q = marked.clamp(0, maxq).float().sub_(zero)
-    return torch.mul(q, scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
+    """The dequantized grouped weight in ``dtype`` from the marked codes (the values ``_qdq_forward`` gave)."""
+    weight = torch.empty(marked.shape, dtype=dtype, device=marked.device)
+    for rows in _row_slices(marked):
+        torch.mul(marked[rows].clamp(0, maxq).float().sub_(zero[rows]), scale[rows], out=weight[rows])
+    return weight
 
 
 def _qdq_backward(
-    grad: torch.Tensor,
+    grad_rows: Callable[[slice], torch.Tensor],
     wg: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
@@ -248,24 +265,25 @@ def _qdq_backward(
     maxq: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``v``, ``scale`` and ``zero`` (those ``needs`` asks for) from the grouped weight's gradient."""
+    """Gradients of ``v``, ``scale`` and ``zero`` (those ``needs`` asks for), given the grouped weight's gradient
+    one row slice at a time (``grad_rows``: it may be computed per slice too)."""
     need_v, need_scale, need_zero = needs
-    g = grad.float()
-    inside = (marked >= 0) & (marked <= maxq)
-    grad_v = grad_scale = grad_zero = None
-    if need_scale:
-        q = marked.clamp(0, maxq).float().sub_(zero)
-        grad_scale = _group_dot(g, q)
-        del q
-    g_in = g * inside
-    del inside
-    if need_zero:
-        grad_zero = (g_in.sum(-1, keepdim=True) - g.sum(-1, keepdim=True)) * scale
-    del g
-    if need_scale:
-        grad_scale = grad_scale - _group_dot(g_in, wg.float()) / scale
-    if need_v:
-        grad_v = g_in.mul_(scale)
+    grad_v = torch.empty(wg.shape, dtype=torch.float32, device=wg.device) if need_v else None
+    grad_scale = torch.empty_like(scale) if need_scale else None
+    grad_zero = torch.empty_like(scale) if need_zero else None
+    for rows in _row_slices(wg):
+        g = grad_rows(rows).float()
+        codes = marked[rows]
+        inside = (codes >= 0) & (codes <= maxq)
+        if need_scale:
+            grad_scale[rows] = _group_dot(g, codes.clamp(0, maxq).float().sub_(zero[rows]))
+        g_in = g * inside
+        if need_zero:
+            grad_zero[rows] = (g_in.sum(-1, keepdim=True) - g.sum(-1, keepdim=True)) * scale[rows]
+        if need_scale:
+            grad_scale[rows] -= _group_dot(g_in, wg[rows].float()) / scale[rows]
+        if need_v:
+            torch.mul(g_in, scale[rows], out=grad_v[rows])
     return grad_v, grad_scale, grad_zero
 
 
@@ -285,16 +303,16 @@ class _GroupQDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wg, v, scale, zero, maxq, out_dtype):  # type: ignore[override]
-        q, marked = _qdq_codes(wg, v, scale, zero, maxq)
+        weight, marked = _qdq_forward(wg, v, scale, zero, maxq, out_dtype)
         ctx.save_for_backward(wg, scale, zero, marked)
         ctx.maxq = maxq
         ctx.mark_non_differentiable(marked)
-        return torch.mul(q, scale, out=torch.empty(wg.shape, dtype=out_dtype, device=wg.device)), marked
+        return weight, marked
 
     @staticmethod
     def backward(ctx, grad, _grad_marked):  # type: ignore[override]
         wg, scale, zero, marked = ctx.saved_tensors
-        grads = _qdq_backward(grad, wg, scale, zero, marked, ctx.maxq, ctx.needs_input_grad[1:4])
+        grads = _qdq_backward(grad.__getitem__, wg, scale, zero, marked, ctx.maxq, ctx.needs_input_grad[1:4])
         return None, *grads, None, None
 
 
@@ -302,14 +320,13 @@ class _QDQLinear(torch.autograd.Function):
     """``x @ qdq(W)^T + b`` where the backward recomputes ``qdq(W)`` from the one-byte codes instead of keeping
     it: between a block's forward and its backward each layer holds its input, its weight as stored and the
     codes, not also a dense copy of the quantized weight (2 bytes per weight in bf16, 4 in float32; one
-    elementwise pass more per backward, next to three matmuls)."""
+    elementwise pass more per backward, next to three matmuls).  The weight's gradient is computed one row
+    slice at a time and consumed at once."""
 
     @staticmethod
     def forward(ctx, x, wg, v, scale, zero, bias, maxq, shape):  # type: ignore[override]
-        q, marked = _qdq_codes(wg, v, scale, zero, maxq)
-        weight = torch.mul(q, scale, out=torch.empty(wg.shape, dtype=x.dtype, device=wg.device)).reshape(shape)
-        del q
-        out = torch.nn.functional.linear(x, weight, bias)
+        weight, marked = _qdq_forward(wg, v, scale, zero, maxq, x.dtype)
+        out = torch.nn.functional.linear(x, weight.reshape(shape), bias)
         ctx.save_for_backward(x, wg, scale, zero, marked)
         ctx.maxq, ctx.shape, ctx.has_bias = maxq, shape, bias is not None
         ctx.mark_non_differentiable(marked)
@@ -320,14 +337,16 @@ class _QDQLinear(torch.autograd.Function):
         x, wg, scale, zero, marked = ctx.saved_tensors
         need_x, _need_w, need_v, need_scale, need_zero, need_bias = ctx.needs_input_grad[:6]
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        x_flat = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = None
         if need_x:
-            weight = _qdq_weight(marked, scale, zero, ctx.maxq, x.dtype).reshape(ctx.shape)
-            grad_x = grad_out.matmul(weight)
-            del weight
+            grad_x = grad_out.matmul(_qdq_weight(marked, scale, zero, ctx.maxq, x.dtype).reshape(ctx.shape))
         if need_bias and ctx.has_bias:
             grad_bias = grad_flat.sum(0)
-        grad_w = grad_flat.t().mm(x.reshape(-1, x.shape[-1])).reshape(wg.shape)
+
+        def grad_w(rows: slice) -> torch.Tensor:
+            return grad_flat[:, rows].t().mm(x_flat).reshape(-1, *wg.shape[1:])
+
         grads = _qdq_backward(grad_w, wg, scale, zero, marked, ctx.maxq, (need_v, need_scale, need_zero))
         return grad_x, None, *grads, grad_bias, None, None
 
@@ -341,18 +360,21 @@ def quantize(
     beta: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float16,
 ) -> QuantizedTensor:
-    """Integer codes, scales and zeros for ``w`` — exactly the values ``fake_quant`` uses."""
-    w = w.float()
+    """Integer codes, scales and zeros for ``w`` — exactly the values ``fake_quant`` uses (in float32, a row
+    slice at a time: no float32 copy of the whole weight)."""
     wg = group_view(w, spec.group_size)
     wmin, wmax = group_min_max(wg)
-    scale, zero = scale_and_zero(wmin, wmax, spec, alpha, beta, scale_dtype)
-    x = wg / scale.unsqueeze(-1)
-    if v is not None:
-        x = x + group_view(v.float(), spec.group_size)
+    scale, zero = scale_and_zero(wmin.float(), wmax.float(), spec, alpha, beta, scale_dtype)
+    vg = None if v is None else group_view(v, spec.group_size)
     maxq = 2**spec.bits - 1
-    codes = (torch.round(x) + zero.unsqueeze(-1)).clamp(0, maxq)
+    codes = torch.empty(wg.shape, dtype=torch.uint8, device=w.device)
+    for rows in _row_slices(wg):
+        x = torch.div(wg[rows], scale[rows].unsqueeze(-1))  # float32 (never in place: wg may be the caller's)
+        if vg is not None:
+            x += vg[rows].float()
+        codes[rows] = x.round_().add_(zero[rows].unsqueeze(-1)).clamp_(0, maxq)
     return QuantizedTensor(
-        codes=codes.reshape(w.shape).to(torch.uint8),
+        codes=codes.reshape(w.shape),
         scales=scale.to(scale_dtype),
         zeros=zero.to(torch.int32),
         spec=spec,
@@ -366,3 +388,17 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     codes = qt.codes.reshape(out_features, in_features // gs, gs).to(dtype)
     w = (codes - qt.zeros.to(dtype).unsqueeze(-1)) * qt.scales.to(dtype).unsqueeze(-1)
     return w.reshape(out_features, in_features)
+
+
+def dequantize_rounded_once(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(qt, float32).to(dtype)`` — computed in float32, rounded once to ``dtype``: what the fake
+    quantizer hands a ``dtype`` matmul — a row slice at a time, without the float32 copy of the whole weight."""
+    out_features, in_features = qt.codes.shape
+    gs = effective_group_size(qt.spec.group_size, in_features)
+    codes = qt.codes.reshape(out_features, in_features // gs, gs)
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    zeros, scales = qt.zeros.unsqueeze(-1), qt.scales.unsqueeze(-1)
+    for rows in _row_slices(codes):
+        chunk = codes[rows].float().sub_(zeros[rows].float()).mul_(scales[rows].float())
+        out[rows] = chunk
+    return out.reshape(out_features, in_features)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.int import GroupedWeight, QuantizedTensor, RoundedGroups, dequantize, quantize
+from ..quant.int import GroupedWeight, QuantizedTensor, RoundedGroups, dequantize_rounded_once, quantize
 from ..schemes import LayerSpec
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
@@ -89,7 +89,6 @@ class TunableLinear(nn.Module):
         self.beta = nn.Parameter(self.beta0.clone())
         self.last: RoundedGroups | None = None  # the codes of the last forward with the trainable parameters
         self._judged: QuantizedTensor | None = None
-        self._judged_weight: dict[torch.dtype, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.linear.bias
@@ -97,25 +96,29 @@ class TunableLinear(nn.Module):
         if self._judged is None:
             out, self.last = self.grouped.linear(x, self.spec, self.v, self.alpha, self.beta, self.scale_dtype, bias)
             return out
-        w = self._judged_weight.get(x.dtype)  # a fixed candidate: one dequantization for all batches
-        if w is None:
-            w = self._judged_weight[x.dtype] = dequantize(self._judged, torch.float32).to(x.dtype)
-        return F.linear(x, w, bias)
+        # A fixed candidate, dequantized per batch: one elementwise pass next to the matmul, where keeping every
+        # layer's dense weight for the whole pass would cost 2-4 bytes per weight of the block.
+        return F.linear(x, dequantize_rounded_once(self._judged, x.dtype), bias)
 
     @contextmanager
     def judging(self, candidate: QuantizedTensor) -> Iterator[None]:
         """Within this context the layer computes with ``candidate``'s weights (for the whole-set loss)."""
-        self._judged, self._judged_weight = candidate, {}
+        self._judged = candidate
         try:
             yield
         finally:
-            self._judged, self._judged_weight = None, {}
+            self._judged = None
 
     @torch.no_grad()
     def clamp_(self) -> None:
         self.v.clamp_(-0.5, 0.5)
         self.alpha.clamp_(0.0, 1.0)
         self.beta.clamp_(0.0, 1.0)
+
+    def end_training(self) -> None:
+        """Drop the trained parameters and the last forward's codes (only fixed candidates are judged now)."""
+        self.v = self.alpha = self.beta = None
+        self.last = None
 
     @torch.no_grad()
     def start(self) -> QuantizedTensor:
@@ -266,7 +269,7 @@ def tune_block(
 def _write_dequantized(layers: dict[str, tuple[nn.Linear, ...]], quantized: dict[str, QuantizedTensor]) -> None:
     """Each Linear computes what its packed layer will."""
     for name, (linear, *_rest) in layers.items():
-        linear.weight.copy_(dequantize(quantized[name], torch.float32).to(linear.weight.dtype))
+        linear.weight.copy_(dequantize_rounded_once(quantized[name], linear.weight.dtype))
 
 
 def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor) -> torch.dtype | None:
@@ -304,9 +307,8 @@ def _signsgd_loop(
     # With one step per batch, v's signed step runs inside the backward as each layer's gradient is ready (v's
     # gradients never all exist at once); accumulated gradients take the optimizer's step.
     fused = options.gradient_accumulate_steps == 1
-    removers = (
-        [tl.step_v_in_backward(lambda: optimizer.param_groups[0]["lr"]) for tl in tunables.values()] if fused else []
-    )
+    v_group = optimizer.param_groups[0]
+    removers = [tl.step_v_in_backward(lambda: v_group["lr"]) for tl in tunables.values()] if fused else []
 
     # The minibatch winner is kept as the one-byte codes its forward computed (not a copy of v); the starting
     # point and the last iterate are quantized again only to be judged.
@@ -337,32 +339,32 @@ def _signsgd_loop(
     finally:
         for remove in removers:
             remove()
-    for tl in tunables.values():
-        tl.last = None
     # Minibatch losses come from different random batches, so the "best" one is a noisy pick: judge the
     # last iterate, the minibatch winner and the starting point on the whole calibration set, keep the lowest.
-    # The winner's outputs on that pass are the block's quantized-stream outputs (no separate pass).
-    optimizer.zero_grad(set_to_none=True)
-
-    def candidate(iteration: int) -> dict[str, QuantizedTensor]:
-        if iteration == options.iters:
-            return {name: tl.quantized() for name, tl in tunables.items()}
-        if iteration == -1:
-            return {name: tl.start() for name, tl in tunables.items()}
-        return {name: rounded.quantized(options.scale_dtype) for name, rounded in best_state.items()}
+    # The winner's outputs on that pass are the block's quantized-stream outputs (no separate pass).  The last
+    # iterate is quantized first, so that v (4 bytes per weight) is gone before the judging passes.
+    last = {name: tl.quantized() for name, tl in tunables.items()}
+    del optimizer, scheduler
+    for tl in tunables.values():
+        tl.end_training()
 
     final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor] | None = None
     init_loss = float("nan")
-    for iteration in (options.iters, best_iter, -1):
-        if iteration == 0:  # the minibatch winner is the starting point itself
-            continue
-        quantized = candidate(iteration)
-        loss, outputs = _full_loss(block, tunables, quantized, inputs, targets, bs, dtype)
+
+    def judge(iteration: int, candidate: dict[str, QuantizedTensor]) -> None:
+        nonlocal final, init_loss
+        loss, outputs = _full_loss(block, tunables, candidate, inputs, targets, bs, dtype)
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:
-            final = (loss, quantized, iteration, outputs)
-        del quantized, outputs
+            final = (loss, candidate, iteration, outputs)
+
+    judge(options.iters, last)
+    del last
+    if best_state is not None and best_iter != 0:  # (iteration 0's winner is the starting point itself)
+        judge(best_iter, {name: rounded.quantized(options.scale_dtype) for name, rounded in best_state.items()})
+    del best_state
+    judge(-1, {name: tl.start() for name, tl in tunables.items()})
     assert final is not None
     final_loss, quantized, best_iter, outputs = final
     return BlockResult(

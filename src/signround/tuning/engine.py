@@ -22,7 +22,7 @@ from ..models import final_norm, find_blocks, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
 from ..offload import is_offloaded, materialize
 from ..placement import Dispatch, Spread, main_device
-from ..quant.int import QuantizedTensor, dequantize, quantize
+from ..quant.int import QuantizedTensor, dequantize, dequantize_rounded_once, quantize
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, TuneOptions, run_block, tune_block
 from .inputs import BlockInputs, capture_block_inputs
@@ -318,7 +318,7 @@ def _set_dequantized(model: nn.Module, quantized: dict[str, QuantizedTensor]) ->
     quantized here, or in an earlier run that this one resumes."""
     for name, qt in quantized.items():
         linear = model.get_submodule(name)
-        linear.weight.copy_(dequantize(qt, torch.float32).to(linear.weight.dtype))
+        linear.weight.copy_(dequantize_rounded_once(qt, linear.weight.dtype))
 
 
 @torch.no_grad()
