@@ -26,6 +26,7 @@ import torch
 
 from ..schemes import LayerSpec
 
+GradSink = Callable[[slice, torch.Tensor], None]  # (grouped row slice, its gradient), see GroupedWeight.linear
 SCALE_EPS = 1e-5  # smallest |scale| allowed, as the reference's q_scale_thresh
 
 
@@ -177,14 +178,19 @@ class GroupedWeight:
         beta: torch.Tensor | None = None,
         scale_dtype: torch.dtype = torch.float16,
         bias: torch.Tensor | None = None,
+        grad_v_sink: GradSink | None = None,
     ) -> tuple[torch.Tensor, RoundedGroups]:
         """``F.linear(x, fake_quant(...) in x's dtype, bias)`` and the codes used, for tuning: the backward
-        recomputes the quantized weight from the codes rather than keeping it (see ``_QDQLinear``)."""
+        recomputes the quantized weight from the codes rather than keeping it (see ``_QDQLinear``).
+
+        ``grad_v_sink(rows, grad)``: the backward hands ``v``'s gradient to it one grouped row slice at a time
+        (e.g. to step ``v`` at once) instead of returning it, so no weight-sized gradient of ``v`` ever exists."""
         scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
         maxq = 2**spec.bits - 1
         out, codes = _QDQLinear.apply(
-            x, self.wg, v.reshape(self.wg.shape), scale.unsqueeze(-1), zero.unsqueeze(-1), bias, maxq, self.shape
-        )
+            x, self.wg, v.reshape(self.wg.shape), scale.unsqueeze(-1), zero.unsqueeze(-1), bias, maxq, self.shape,
+            grad_v_sink,
+        )  # fmt: skip
         return out, RoundedGroups(codes, scale.detach(), zero.detach(), spec, self.shape)
 
 
@@ -264,11 +270,13 @@ def _qdq_backward(
     marked: torch.Tensor,
     maxq: int,
     needs: tuple[bool, bool, bool],
+    grad_v_sink: GradSink | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``v``, ``scale`` and ``zero`` (those ``needs`` asks for), given the grouped weight's gradient
-    one row slice at a time (``grad_rows``: it may be computed per slice too)."""
+    one row slice at a time (``grad_rows``: it may be computed per slice too).  With ``grad_v_sink`` ``v``'s
+    gradient goes there slice by slice and None is returned for it."""
     need_v, need_scale, need_zero = needs
-    grad_v = torch.empty(wg.shape, dtype=torch.float32, device=wg.device) if need_v else None
+    grad_v = torch.empty(wg.shape, dtype=torch.float32, device=wg.device) if need_v and not grad_v_sink else None
     grad_scale = torch.empty_like(scale) if need_scale else None
     grad_zero = torch.empty_like(scale) if need_zero else None
     for rows in _row_slices(wg):
@@ -282,7 +290,9 @@ def _qdq_backward(
             grad_zero[rows] = (g_in.sum(-1, keepdim=True) - g.sum(-1, keepdim=True)) * scale[rows]
         if need_scale:
             grad_scale[rows] -= _group_dot(g_in, wg[rows].float()) / scale[rows]
-        if need_v:
+        if grad_v_sink is not None:
+            grad_v_sink(rows, g_in.mul_(scale[rows]))
+        elif need_v:
             torch.mul(g_in, scale[rows], out=grad_v[rows])
     return grad_v, grad_scale, grad_zero
 
@@ -324,11 +334,11 @@ class _QDQLinear(torch.autograd.Function):
     slice at a time and consumed at once."""
 
     @staticmethod
-    def forward(ctx, x, wg, v, scale, zero, bias, maxq, shape):  # type: ignore[override]
+    def forward(ctx, x, wg, v, scale, zero, bias, maxq, shape, grad_v_sink):  # type: ignore[override]
         weight, marked = _qdq_forward(wg, v, scale, zero, maxq, x.dtype)
         out = torch.nn.functional.linear(x, weight.reshape(shape), bias)
         ctx.save_for_backward(x, wg, scale, zero, marked)
-        ctx.maxq, ctx.shape, ctx.has_bias = maxq, shape, bias is not None
+        ctx.maxq, ctx.shape, ctx.has_bias, ctx.grad_v_sink = maxq, shape, bias is not None, grad_v_sink
         ctx.mark_non_differentiable(marked)
         return out, marked
 
@@ -347,8 +357,9 @@ class _QDQLinear(torch.autograd.Function):
         def grad_w(rows: slice) -> torch.Tensor:
             return grad_flat[:, rows].t().mm(x_flat).reshape(-1, *wg.shape[1:])
 
-        grads = _qdq_backward(grad_w, wg, scale, zero, marked, ctx.maxq, (need_v, need_scale, need_zero))
-        return grad_x, None, *grads, grad_bias, None, None
+        needs = (need_v, need_scale, need_zero)
+        grads = _qdq_backward(grad_w, wg, scale, zero, marked, ctx.maxq, needs, ctx.grad_v_sink)
+        return grad_x, None, *grads, grad_bias, None, None, None
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.int import GroupedWeight, QuantizedTensor, RoundedGroups, dequantize_rounded_once, quantize
+from ..quant.int import GradSink, GroupedWeight, QuantizedTensor, RoundedGroups, dequantize_rounded_once, quantize
 from ..schemes import LayerSpec
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
@@ -89,12 +89,15 @@ class TunableLinear(nn.Module):
         self.beta = nn.Parameter(self.beta0.clone())
         self.last: RoundedGroups | None = None  # the codes of the last forward with the trainable parameters
         self._judged: QuantizedTensor | None = None
+        self._v_step: GradSink | None = None  # v's signed step, applied inside the backward (step_v_in_backward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.linear.bias
         bias = None if bias is None else bias.to(x.dtype)
         if self._judged is None:
-            out, self.last = self.grouped.linear(x, self.spec, self.v, self.alpha, self.beta, self.scale_dtype, bias)
+            out, self.last = self.grouped.linear(
+                x, self.spec, self.v, self.alpha, self.beta, self.scale_dtype, bias, self._v_step
+            )
             return out
         # A fixed candidate, dequantized per batch: one elementwise pass next to the matmul, where keeping every
         # layer's dense weight for the whole pass would cost 2-4 bytes per weight of the block.
@@ -132,16 +135,20 @@ class TunableLinear(nn.Module):
         return quantize(self.linear.weight, self.spec, self.v, self.alpha, self.beta, self.scale_dtype)
 
     def step_v_in_backward(self, lr: Callable[[], float]) -> Callable[[], None]:
-        """Apply the signed step to ``v`` as soon as its gradient is ready (torch's post-accumulate-grad hook),
-        so no layer's ``v`` gradient outlives its own backward; returns the hook's remover."""
+        """From now on, apply the signed step to ``v`` inside the backward, one row slice at a time as its
+        gradient is computed (no weight-sized gradient of ``v`` ever exists); returns the undo."""
+        v = self.v.detach().view(self.grouped.wg.shape)
 
         @torch.no_grad()
-        def step(v: torch.Tensor) -> None:
-            v.add_(v.grad.sign_(), alpha=-lr())
-            v.clamp_(-0.5, 0.5)
-            v.grad = None
+        def step(rows: slice, grad: torch.Tensor) -> None:
+            v[rows].add_(grad.sign_(), alpha=-lr()).clamp_(-0.5, 0.5)
 
-        return self.v.register_post_accumulate_grad_hook(step).remove
+        self._v_step = step
+
+        def undo() -> None:
+            self._v_step = None
+
+        return undo
 
 
 def fast_bf16(device: torch.device) -> bool:
