@@ -158,8 +158,8 @@ class SignRoundHfQuantizer(HfQuantizer):
 
     def adjust_max_memory(self, max_memory: dict[Any, int | str]) -> dict[Any, int | str]:
         """Quantize-on-load with an accelerate ``device_map`` ("auto", "balanced", ...): each accelerator keeps a
-        share free for the block being tuned on it (its fp32 masters, rounding offsets, their gradients and the
-        activations: about four times one block's weights, a few percent of a model's).  A fixed share, like the
+        share free for the block being tuned on it (its rounding offsets, codes and activations: a few times one
+        block's weights, a few percent of a model's).  A fixed share, like the
         bitsandbytes quantizer's, because transformers passes no model here.  Host and disk budgets are kept."""
         if self.pre_quantized:
             return max_memory

@@ -34,11 +34,12 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# The tuning cost of a Linear, beyond its weight (measured from tuning/block.py; alpha/beta, one per group, aside):
-# per weight element, fp32 master (4 B) + rounding offset v (4) + its gradient (4) + three saved states of v (the
-# start, the best, the last: 12) + the quantizer's saved grid and mask (5) + the dequantized weight for the matmul
-# (2 in bf16, 4 in fp32): 31, rounded up.
-TUNING_BYTES_PER_WEIGHT = 32
+# The tuning cost of a Linear, beyond its weight (measured from tuning/block.py and quant/int.py; alpha/beta, one
+# per group, aside): per weight element, the rounding offset v in fp32 (4 B) + the codes of the last forward and of
+# the kept minibatch winner (1 each, 2 at 7-8 bits) + the dense quantized weight the matmul of the layer being run
+# needs (2 in bf16, 4 in fp32; one layer at a time, counted for all as a margin for the allocator): 12 at most.
+# The weight is used as stored (no fp32 master) and v's gradient is consumed slice by slice inside the backward.
+TUNING_BYTES_PER_WEIGHT = 12
 # Per token of one tuning step and per input and output feature of a tuned Linear: its input and output kept for
 # backward and their gradients, in fp32 (bf16 needs half).
 ACTIVATION_BYTES_PER_FEATURE = 8
@@ -213,7 +214,7 @@ def plan_block(
         kept = f" ({_fmt(reserve)} of {devices[0]} kept for the cached streams)" if reserve else ""
         raise PlacementError(
             f"{name} ({type(block).__name__}) does not fit the tuning devices even split layer by layer: it needs "
-            f"about {_fmt(need)} ({_fmt(size)} of weights x {factor:.1f} for fp32 masters, rounding state and "
+            f"about {_fmt(need)} ({_fmt(size)} of weights x {factor:.1f} for the rounding state, codes and "
             f"activations); budgets: {budget_text}{kept}; add devices, raise max_memory or lower batch_size/seqlen"
         )
     if "" in split:
