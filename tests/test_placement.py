@@ -192,14 +192,14 @@ def _device_of(device_map: dict[str, str], name: str) -> str:
     raise AssertionError(f"{name} has no device in {device_map}")
 
 
-def test_the_tuning_budget_counts_masters_rounding_state_and_activations():
+def test_the_tuning_budget_counts_rounding_state_and_activations():
     block = _block()
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     size, need = placement.tuning_bytes(block, tokens=64)
     assert size == sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
     weights = sum(m.weight.numel() for m in linears)
     features = sum(m.in_features + m.out_features for m in linears)
-    assert need == size + 32 * weights + 8 * 64 * features
+    assert need == size + placement.TUNING_BYTES_PER_WEIGHT * weights + 8 * 64 * features
     assert placement.runtime_budgets(["cpu"])["cpu"] > 0  # from free memory at run time (the host: available RAM)
 
 

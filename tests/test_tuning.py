@@ -254,6 +254,26 @@ def test_v_step_in_backward_is_the_optimizer_step_and_frees_the_gradient() -> No
     assert float(moved[0].abs().max()) == 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tuning_state_per_weight_is_within_the_placement_budget(dtype) -> None:
+    """What a tuned Linear holds between its forward and its backward, beyond its weight and input: v, the codes
+    (saved and returned: one tensor) and per-group scales.  Placement budgets TUNING_BYTES_PER_WEIGHT for it."""
+    from signround.placement import TUNING_BYTES_PER_WEIGHT
+
+    spec = LayerSpec(bits=4, group_size=32)
+    linear = nn.Linear(256, 128, bias=False).to(dtype)
+    tl = TunableLinear(linear, spec, *plain_rtn_params(linear.weight, spec), torch.float16)
+    x = torch.randn(4, 256, dtype=dtype)
+    out = tl(x)
+    held = {t.data_ptr(): t for t in out.grad_fn.saved_tensors if t.data_ptr() not in (x.data_ptr(),)}
+    held.pop(linear.weight.data_ptr(), None)  # the weight as stored: no float32 copy of it is among them
+    held.update({tl.v.data_ptr(): tl.v, tl.last.marked_codes.data_ptr(): tl.last.marked_codes})
+    state = sum(t.numel() * t.element_size() for t in held.values())
+    assert all(t.dtype != torch.float32 or t.numel() < linear.weight.numel() for t in held.values() if t is not tl.v)
+    assert state <= TUNING_BYTES_PER_WEIGHT * linear.weight.numel()
+    assert state < 6 * linear.weight.numel()  # v (4 bytes) + one code byte + per-group scales
+
+
 # -- input capture ---------------------------------------------------------------------------------------------------
 def _first_block_outputs(model, ids, mask=None) -> torch.Tensor:
     """Block 0's real outputs during a normal batched forward (the oracle for replays)."""
