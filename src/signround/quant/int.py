@@ -179,17 +179,19 @@ class GroupedWeight:
         scale_dtype: torch.dtype = torch.float16,
         bias: torch.Tensor | None = None,
         grad_v_sink: GradSink | None = None,
+        workspace: Workspace | None = None,
     ) -> tuple[torch.Tensor, RoundedGroups]:
         """``F.linear(x, fake_quant(...) in x's dtype, bias)`` and the codes used, for tuning: the backward
         recomputes the quantized weight from the codes rather than keeping it (see ``_QDQLinear``).
 
         ``grad_v_sink(rows, grad)``: the backward hands ``v``'s gradient to it one grouped row slice at a time
-        (e.g. to step ``v`` at once) instead of returning it, so no weight-sized gradient of ``v`` ever exists."""
+        (e.g. to step ``v`` at once) instead of returning it, so no weight-sized gradient of ``v`` ever exists.
+        ``workspace``: buffers reused across steps (the codes returned are then one of its buffers)."""
         scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
         maxq = 2**spec.bits - 1
         out, codes = _QDQLinear.apply(
             x, self.wg, v.reshape(self.wg.shape), scale.unsqueeze(-1), zero.unsqueeze(-1), bias, maxq, self.shape,
-            grad_v_sink,
+            grad_v_sink, workspace,
         )  # fmt: skip
         return out, RoundedGroups(codes, scale.detach(), zero.detach(), spec, self.shape)
 
@@ -233,6 +235,35 @@ def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 20  # elementwise passes run over about a million weights at a time
 
 
+class Workspace:
+    """Buffers reused across the steps of one block's tuning, so that the allocator is not asked for (and does
+    not fragment its heap with) weight-sized blocks at every layer of every step:
+
+    * ``dense``: the dense quantized weight a layer's matmul needs, forward and backward; layers run one at a
+      time, so one buffer per dtype and device, as large as the largest layer, serves them all;
+    * ``codes``: buffers for the marked codes of a forward, handed back with ``recycle`` by the caller that
+      knows when they are no longer used (after the backward, and not kept as the best step's).
+    """
+
+    def __init__(self) -> None:
+        self._dense: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._codes: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+    def dense(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = shape.numel()
+        buffer = self._dense.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._dense[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def codes(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._codes.get((tuple(shape), dtype, device))
+        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+
+    def recycle(self, codes: torch.Tensor) -> None:
+        self._codes.setdefault((tuple(codes.shape), codes.dtype, codes.device), []).append(codes)
+
+
 def _row_slices(wg: torch.Tensor) -> list[slice]:
     """Output-row slices of a grouped weight ``[out, G, gs]`` of about ``CHUNK_ELEMENTS`` each: the float32
     temporaries of the fake quantizer stay a few MB instead of several copies of the largest layer."""
@@ -241,11 +272,23 @@ def _row_slices(wg: torch.Tensor) -> list[slice]:
 
 
 def _qdq_forward(
-    wg: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, out_dtype: torch.dtype
+    wg: torch.Tensor,
+    v: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    out_dtype: torch.dtype,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dequantized weight in out_dtype, marked codes)``, both grouped ``[out, G, gs]``."""
-    weight = torch.empty(wg.shape, dtype=out_dtype, device=wg.device)
-    marked = torch.empty(wg.shape, dtype=marked_code_dtype(maxq.bit_length()), device=wg.device)
+    """``(dequantized weight in out_dtype, marked codes)``, both grouped ``[out, G, gs]`` (with ``workspace``: in
+    its buffers, the weight in the shared one)."""
+    code_dtype = marked_code_dtype(maxq.bit_length())
+    if workspace is None:
+        weight = torch.empty(wg.shape, dtype=out_dtype, device=wg.device)
+        marked = torch.empty(wg.shape, dtype=code_dtype, device=wg.device)
+    else:
+        weight = workspace.dense(wg.shape, out_dtype, wg.device)
+        marked = workspace.codes(wg.shape, code_dtype, wg.device)
     for rows in _row_slices(wg):
         # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
         pre = torch.addcdiv(v[rows], wg[rows], scale[rows]).round_().add_(zero[rows])
@@ -254,9 +297,19 @@ def _qdq_forward(
     return weight, marked
 
 
-def _qdq_weight(marked: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, dtype: torch.dtype):
+def _qdq_weight(
+    marked: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    dtype: torch.dtype,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
     """The dequantized grouped weight in ``dtype`` from the marked codes (the values ``_qdq_forward`` gave)."""
-    weight = torch.empty(marked.shape, dtype=dtype, device=marked.device)
+    if workspace is None:
+        weight = torch.empty(marked.shape, dtype=dtype, device=marked.device)
+    else:
+        weight = workspace.dense(marked.shape, dtype, marked.device)
     for rows in _row_slices(marked):
         torch.mul(marked[rows].clamp(0, maxq).float().sub_(zero[rows]), scale[rows], out=weight[rows])
     return weight
@@ -334,11 +387,13 @@ class _QDQLinear(torch.autograd.Function):
     slice at a time and consumed at once."""
 
     @staticmethod
-    def forward(ctx, x, wg, v, scale, zero, bias, maxq, shape, grad_v_sink):  # type: ignore[override]
-        weight, marked = _qdq_forward(wg, v, scale, zero, maxq, x.dtype)
+    def forward(ctx, x, wg, v, scale, zero, bias, maxq, shape, grad_v_sink, workspace):  # type: ignore[override]
+        weight, marked = _qdq_forward(wg, v, scale, zero, maxq, x.dtype, workspace)
         out = torch.nn.functional.linear(x, weight.reshape(shape), bias)
+        del weight
         ctx.save_for_backward(x, wg, scale, zero, marked)
         ctx.maxq, ctx.shape, ctx.has_bias, ctx.grad_v_sink = maxq, shape, bias is not None, grad_v_sink
+        ctx.workspace = workspace
         ctx.mark_non_differentiable(marked)
         return out, marked
 
@@ -350,7 +405,9 @@ class _QDQLinear(torch.autograd.Function):
         x_flat = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = None
         if need_x:
-            grad_x = grad_out.matmul(_qdq_weight(marked, scale, zero, ctx.maxq, x.dtype).reshape(ctx.shape))
+            weight = _qdq_weight(marked, scale, zero, ctx.maxq, x.dtype, ctx.workspace).reshape(ctx.shape)
+            grad_x = grad_out.matmul(weight)
+            del weight
         if need_bias and ctx.has_bias:
             grad_bias = grad_flat.sum(0)
 
@@ -359,7 +416,7 @@ class _QDQLinear(torch.autograd.Function):
 
         needs = (need_v, need_scale, need_zero)
         grads = _qdq_backward(grad_w, wg, scale, zero, marked, ctx.maxq, needs, ctx.grad_v_sink)
-        return grad_x, None, *grads, grad_bias, None, None, None
+        return grad_x, None, *grads, grad_bias, None, None, None, None
 
 
 @torch.no_grad()

@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.int import GradSink, GroupedWeight, QuantizedTensor, RoundedGroups, dequantize_rounded_once, quantize
+from ..quant.int import (
+    GradSink,
+    GroupedWeight,
+    QuantizedTensor,
+    RoundedGroups,
+    Workspace,
+    dequantize_rounded_once,
+    quantize,
+)
+from ..runtime import return_freed_memory
 from ..schemes import LayerSpec
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
@@ -90,13 +99,14 @@ class TunableLinear(nn.Module):
         self.last: RoundedGroups | None = None  # the codes of the last forward with the trainable parameters
         self._judged: QuantizedTensor | None = None
         self._v_step: GradSink | None = None  # v's signed step, applied inside the backward (step_v_in_backward)
+        self.workspace: Workspace | None = None  # buffers shared by the block's layers while its loop runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.linear.bias
         bias = None if bias is None else bias.to(x.dtype)
         if self._judged is None:
             out, self.last = self.grouped.linear(
-                x, self.spec, self.v, self.alpha, self.beta, self.scale_dtype, bias, self._v_step
+                x, self.spec, self.v, self.alpha, self.beta, self.scale_dtype, bias, self._v_step, self.workspace
             )
             return out
         # A fixed candidate, dequantized per batch: one elementwise pass next to the matmul, where keeping every
@@ -321,6 +331,9 @@ def _signsgd_loop(
     # point and the last iterate are quantized again only to be judged.
     best_loss, best_state, best_iter = float("inf"), None, -1
     losses: list[float] = []
+    workspace = Workspace()
+    for tl in tunables.values():
+        tl.workspace = workspace
     try:
         for it in range(options.iters):
             total = 0.0
@@ -330,11 +343,16 @@ def _signsgd_loop(
                 out = block_output(forward(cast_floats(h, dtype), **cast_floats(kw, dtype)))
                 loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
                 total += loss.item() / options.gradient_accumulate_steps
-                if step == options.gradient_accumulate_steps - 1 and total < best_loss:
-                    # the loss of the parameters *before* this step, and the codes they gave
-                    best_loss, best_iter = total, it
+                improved = step == options.gradient_accumulate_steps - 1 and total < best_loss
+                if improved:  # the loss of the parameters *before* this step, and the codes they gave
+                    best_loss, best_iter, previous_best = total, it, best_state
                     best_state = {name: tl.last for name, tl in tunables.items()}
                 (loss / options.gradient_accumulate_steps).backward()
+            # The backward is done: codes no longer needed go back to the workspace for the next step.
+            for name, tl in tunables.items():
+                unused = (previous_best or {}).get(name) if improved else tl.last
+                if unused is not None:
+                    workspace.recycle(unused.marked_codes)
             losses.append(total)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -346,14 +364,17 @@ def _signsgd_loop(
     finally:
         for remove in removers:
             remove()
+        for tl in tunables.values():
+            tl.workspace = None
     # Minibatch losses come from different random batches, so the "best" one is a noisy pick: judge the
     # last iterate, the minibatch winner and the starting point on the whole calibration set, keep the lowest.
     # The winner's outputs on that pass are the block's quantized-stream outputs (no separate pass).  The last
     # iterate is quantized first, so that v (4 bytes per weight) is gone before the judging passes.
     last = {name: tl.quantized() for name, tl in tunables.items()}
-    del optimizer, scheduler
+    del optimizer, scheduler, workspace
     for tl in tunables.values():
         tl.end_training()
+    return_freed_memory()  # the loop's freed state back to the OS before the judging passes allocate theirs
 
     final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor] | None = None
     init_loss = float("nan")
@@ -369,7 +390,8 @@ def _signsgd_loop(
     judge(options.iters, last)
     del last
     if best_state is not None and best_iter != 0:  # (iteration 0's winner is the starting point itself)
-        judge(best_iter, {name: rounded.quantized(options.scale_dtype) for name, rounded in best_state.items()})
+        # each layer's marked codes are let go as soon as they are converted
+        judge(best_iter, {name: best_state.pop(name).quantized(options.scale_dtype) for name in list(best_state)})
     del best_state
     judge(-1, {name: tl.start() for name, tl in tunables.items()})
     assert final is not None
