@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -272,6 +273,44 @@ def test_tuning_state_per_weight_is_within_the_placement_budget(dtype) -> None:
     assert all(t.dtype != torch.float32 or t.numel() < linear.weight.numel() for t in held.values() if t is not tl.v)
     assert state <= TUNING_BYTES_PER_WEIGHT * linear.weight.numel()
     assert state < 6 * linear.weight.numel()  # v (4 bytes) + one code byte + per-group scales
+
+
+def test_the_kept_best_step_is_packed_with_the_codes_that_step_computed(tiny_llama_factory, monkeypatch) -> None:
+    """The loop keeps the minibatch winner as its codes and reuses other steps' code buffers: what is packed for
+    the winner must be exactly what its forward computed, untouched by the steps after it."""
+    from signround.quant import int as quant_int
+
+    _model, block, inputs, targets = _block_setup(tiny_llama_factory, n=8, seq=16)
+    spec = LayerSpec(bits=2, group_size=32)
+    layers = {
+        n: (m, spec, plain_rtn_params(m.weight, spec)) for n, m in block.named_modules() if isinstance(m, nn.Linear)
+    }
+    seen: list[dict[str, torch.Tensor]] = []  # per forward, the codes of every layer (copies, in call order)
+    linear = quant_int.GroupedWeight.linear
+
+    def recording(self, *args, **kwargs):
+        out, rounded = linear(self, *args, **kwargs)
+        if not seen or len(seen[-1]) == len(layers):
+            seen.append({})
+        seen[-1][len(seen[-1])] = rounded.quantized(torch.float16).codes.clone()
+        return out, rounded
+
+    monkeypatch.setattr(quant_int.GroupedWeight, "linear", recording)
+    # the last iterate would usually win: make it lose, so that the kept minibatch winner is what gets packed
+    last = TunableLinear.quantized
+
+    def worst(self):
+        qt = last(self)
+        return dataclasses.replace(qt, codes=torch.zeros_like(qt.codes))
+
+    monkeypatch.setattr(TunableLinear, "quantized", worst)
+    with torch.enable_grad():
+        result = tune_block(block, layers, inputs, targets, TuneOptions(iters=12, batch_size=2, show_progress=False, lr=0.3))
+    assert 0 < result.best_iter < 11, "this setting should keep a step in the middle (else the test shows nothing)"
+    kept = seen[result.best_iter]
+    assert len(kept) == len(layers)
+    for position, name in enumerate(layers):  # the block calls its layers in definition order here
+        assert torch.equal(result.quantized[name].codes, kept[position]), name
 
 
 # -- input capture ---------------------------------------------------------------------------------------------------
