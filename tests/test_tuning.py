@@ -305,7 +305,9 @@ def test_the_kept_best_step_is_packed_with_the_codes_that_step_computed(tiny_lla
 
     monkeypatch.setattr(TunableLinear, "quantized", worst)
     with torch.enable_grad():
-        result = tune_block(block, layers, inputs, targets, TuneOptions(iters=12, batch_size=2, show_progress=False, lr=0.3))
+        result = tune_block(
+            block, layers, inputs, targets, TuneOptions(iters=12, batch_size=2, show_progress=False, lr=0.3)
+        )
     assert 0 < result.best_iter < 11, "this setting should keep a step in the middle (else the test shows nothing)"
     kept = seen[result.best_iter]
     assert len(kept) == len(layers)
