@@ -202,7 +202,8 @@ def block_in_dtype(block: nn.Module, keep: Iterable[str], dtype: torch.dtype | N
 
     Mixed precision for the loop: running the whole block in bf16 (as the reference does) instead of
     under autocast avoids casting the residual stream back and forth around every op; the tunable
-    layers keep their float32 masters and only hand bf16 weights to the matmul.  Restored on exit.
+    layers keep their weights as stored (quantized in float32 arithmetic) and only hand bf16 weights to the
+    matmul.  Restored on exit.
     """
     if dtype is None:
         yield
@@ -258,7 +259,7 @@ def tune_block(
     Returns the quantized tensors of the kept parameters and leaves each Linear's weight set to its
     dequantized value, so the block now computes what the packed model will.
     """
-    if options.iters == 0:  # nothing to tune: no per-weight state (fp32 masters, v) for the whole block at once
+    if options.iters == 0:  # nothing to tune: no per-weight state (v, codes) for the whole block at once
         quantized = {
             name: quantize(linear.weight, spec, None, a0.float(), b0.float(), options.scale_dtype)
             for name, (linear, spec, (a0, b0)) in layers.items()
@@ -291,7 +292,7 @@ def _write_dequantized(layers: dict[str, tuple[nn.Linear, ...]], quantized: dict
 
 def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor) -> torch.dtype | None:
     """bf16 for the loop and the candidate selection where the device runs it natively (``amp``), else None
-    (the block's own dtype).  The fake quantizer's masters, the targets and the loss stay float32."""
+    (the block's own dtype).  The fake quantizer's arithmetic, the targets and the loss stay float32."""
     device = targets.device if targets.device.type != "cpu" else inputs.hidden.device
     return torch.bfloat16 if options.amp and fast_bf16(device) else None
 
