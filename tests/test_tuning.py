@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from signround.quant.int import dequantize, group_view, quantize
+from signround.quant.int import dequantize, fake_quant, group_view, quantize
 from signround.schemes import LayerSpec, resolve_plan
 from signround.tuning import engine
-from signround.tuning.block import TunableLinear, TuneOptions, run_block, tune_block
+from signround.tuning.block import TunableLinear, TuneOptions, block_output, run_block, tune_block
 from signround.tuning.inputs import BlockInputs, capture_block_inputs
 from signround.tuning.rtn import FACTOR_MIN, optimized_rtn_params, plain_rtn_params
 from signround.tuning.signsgd import SignSGD, default_lr, linear_decay
@@ -313,6 +313,79 @@ def test_the_kept_best_step_is_packed_with_the_codes_that_step_computed(tiny_lla
     assert len(kept) == len(layers)
     for position, name in enumerate(layers):  # the block calls its layers in definition order here
         assert torch.equal(result.quantized[name].codes, kept[position]), name
+
+
+class _PlainTunable(nn.Module):
+    """The textbook SignRound layer: float32 master, v / alpha / beta as parameters, autograd through the matmul."""
+
+    def __init__(self, linear: nn.Linear, spec: LayerSpec, alpha: torch.Tensor, beta: torch.Tensor):
+        super().__init__()
+        self.weight, self.spec = linear.weight.detach().float(), spec
+        self.v = nn.Parameter(torch.zeros_like(self.weight))
+        self.alpha, self.beta = nn.Parameter(alpha.float().clone()), nn.Parameter(beta.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, fake_quant(self.weight, self.spec, self.v, self.alpha, self.beta))
+
+
+def _plain_signround(block, layers, inputs, targets, iters: int, bs: int, seed: int):
+    """SignRound as the paper writes it: SignSGD on v, alpha, beta with a linear decay, copies of the parameters
+    at the best minibatch loss, then last / best / start judged on the whole set; returns (best_iter, packed)."""
+    tunables = {name: _PlainTunable(linear, spec, *ab) for name, (linear, spec, ab) in layers.items()}
+    for name, t in tunables.items():
+        block.set_submodule(name, t)
+    params = [p for t in tunables.values() for p in (t.v, t.alpha, t.beta)]
+    optimizer = SignSGD(params, lr=1.0 / iters)
+    scheduler = linear_decay(optimizer, iters)
+    generator = torch.Generator().manual_seed(seed)
+    start = [p.detach().clone() for p in params]
+    best, best_loss, best_iter = start, float("inf"), -1
+    for it in range(iters):
+        idx = torch.randperm(len(inputs), generator=generator)[:bs]
+        h, kw = inputs.batch(idx)
+        loss = F.mse_loss(block_output(block(h, **kw)), targets[idx])
+        if loss.item() < best_loss:
+            best, best_loss, best_iter = [p.detach().clone() for p in params], loss.item(), it
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for t in tunables.values():
+                t.v.clamp_(-0.5, 0.5), t.alpha.clamp_(0, 1), t.beta.clamp_(0, 1)
+        scheduler.step()
+    results = []
+    for state, iteration in (([p.detach().clone() for p in params], iters), (best, best_iter), (start, -1)):
+        with torch.no_grad():
+            for p, value in zip(params, state, strict=True):
+                p.copy_(value)
+            loss = F.mse_loss(run_block(block, inputs, bs), targets).item()
+            packed = {n: quantize(t.weight, t.spec, t.v, t.alpha, t.beta) for n, t in tunables.items()}
+        results.append((loss, iteration, packed))
+    for name, (linear, _spec, _ab) in layers.items():
+        block.set_submodule(name, linear)
+    loss, iteration, packed = min(results, key=lambda r: r[0])
+    return iteration, packed
+
+
+def test_the_engine_computes_what_textbook_signround_computes(tiny_llama_factory) -> None:
+    """The engine's memory-saving loop (codes instead of copies, v's step inside the backward, recomputed
+    weights, shared buffers) against a plain implementation of the same algorithm, in float32: the same kept
+    step and the same codes (up to the summation order of a matmul, which can flip a rounding on a tie)."""
+    _model, block, inputs, targets = _block_setup(tiny_llama_factory, n=8, seq=16)
+    spec = LayerSpec(bits=2, group_size=32)
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    layers = {n: (m, spec, optimized_rtn_params(m.weight, spec)) for n, m in linears.items()}
+    plain = copy.deepcopy(block)
+    plain_layers = {n: (plain.get_submodule(n), spec, ab) for n, (_m, _s, ab) in layers.items()}
+    with torch.enable_grad():
+        result = tune_block(
+            block, layers, inputs, targets, TuneOptions(iters=10, batch_size=4, show_progress=False, amp=False)
+        )
+        best_iter, packed = _plain_signround(plain, plain_layers, inputs, targets, iters=10, bs=4, seed=42)
+    assert result.best_iter == best_iter
+    for name in linears:
+        same = (result.quantized[name].codes == packed[name].codes).float().mean().item()
+        assert same > 0.999, f"{name}: {same:.4f} of the codes agree"
 
 
 # -- input capture ---------------------------------------------------------------------------------------------------
