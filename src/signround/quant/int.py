@@ -271,6 +271,25 @@ def _row_slices(wg: torch.Tensor) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, wg.shape[0], rows)]
 
 
+def _unclamped_codes(wg: torch.Tensor, v: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``round(w / s + v) + z`` in float32, before clamping to the grid: the one definition of the rounding, used by
+    the fake quantizer and by ``quantize`` alike (never in place on ``wg``, which may be the caller's weight).
+    Callers clamp against scalar bounds, much faster on CPU than against per-group tensor bounds."""
+    x = torch.div(wg, scale) if v is None else torch.addcdiv(v, wg, scale)
+    return x.round_().add_(zero)
+
+
+def _dequantize_groups(
+    codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, maxq: int, out: torch.Tensor
+) -> torch.Tensor:
+    """``(clamp(codes, 0, maxq) - zero) * scale`` computed in float32 and rounded once to ``out``'s dtype, a row
+    slice at a time (grouped ``[out, G, gs]`` codes; ``zero`` / ``scale`` ``[out, G, 1]``)."""
+    for rows in _row_slices(codes):
+        q = codes[rows].clamp(0, maxq).float().sub_(zero[rows].float())
+        torch.mul(q, scale[rows].float(), out=out[rows])
+    return out
+
+
 def _qdq_forward(
     wg: torch.Tensor,
     v: torch.Tensor,
@@ -290,8 +309,7 @@ def _qdq_forward(
         weight = workspace.dense(wg.shape, out_dtype, wg.device)
         marked = workspace.codes(wg.shape, code_dtype, wg.device)
     for rows in _row_slices(wg):
-        # Clamping against scalar bounds is much faster on CPU than against per-group tensor bounds.
-        pre = torch.addcdiv(v[rows], wg[rows], scale[rows]).round_().add_(zero[rows])
+        pre = _unclamped_codes(wg[rows], v[rows], scale[rows], zero[rows])
         marked[rows] = pre.clamp(-1, maxq + 1)
         torch.mul(pre.clamp_(0, maxq).sub_(zero[rows]), scale[rows], out=weight[rows])
     return weight, marked
@@ -310,9 +328,7 @@ def _qdq_weight(
         weight = torch.empty(marked.shape, dtype=dtype, device=marked.device)
     else:
         weight = workspace.dense(marked.shape, dtype, marked.device)
-    for rows in _row_slices(marked):
-        torch.mul(marked[rows].clamp(0, maxq).float().sub_(zero[rows]), scale[rows], out=weight[rows])
-    return weight
+    return _dequantize_groups(marked, zero, scale, maxq, weight)
 
 
 def _qdq_backward(
@@ -430,17 +446,15 @@ def quantize(
 ) -> QuantizedTensor:
     """Integer codes, scales and zeros for ``w`` — exactly the values ``fake_quant`` uses (in float32, a row
     slice at a time: no float32 copy of the whole weight)."""
-    wg = group_view(w, spec.group_size)
-    wmin, wmax = group_min_max(wg)
-    scale, zero = scale_and_zero(wmin.float(), wmax.float(), spec, alpha, beta, scale_dtype)
-    vg = None if v is None else group_view(v, spec.group_size)
+    gw = GroupedWeight.of(w, spec.group_size)
+    scale, zero = scale_and_zero(gw.wmin, gw.wmax, spec, alpha, beta, scale_dtype)
+    vg = None if v is None else group_view(v.float(), spec.group_size)
     maxq = 2**spec.bits - 1
-    codes = torch.empty(wg.shape, dtype=torch.uint8, device=w.device)
-    for rows in _row_slices(wg):
-        x = torch.div(wg[rows], scale[rows].unsqueeze(-1))  # float32 (never in place: wg may be the caller's)
-        if vg is not None:
-            x += vg[rows].float()
-        codes[rows] = x.round_().add_(zero[rows].unsqueeze(-1)).clamp_(0, maxq)
+    codes = torch.empty(gw.wg.shape, dtype=torch.uint8, device=w.device)
+    scale_g, zero_g = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    for rows in _row_slices(gw.wg):
+        v_rows = None if vg is None else vg[rows]
+        codes[rows] = _unclamped_codes(gw.wg[rows], v_rows, scale_g[rows], zero_g[rows]).clamp_(0, maxq)
     return QuantizedTensor(
         codes=codes.reshape(w.shape),
         scales=scale.to(scale_dtype),
@@ -465,8 +479,6 @@ def dequantize_rounded_once(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Te
     gs = effective_group_size(qt.spec.group_size, in_features)
     codes = qt.codes.reshape(out_features, in_features // gs, gs)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    zeros, scales = qt.zeros.unsqueeze(-1), qt.scales.unsqueeze(-1)
-    for rows in _row_slices(codes):
-        chunk = codes[rows].float().sub_(zeros[rows].float()).mul_(scales[rows].float())
-        out[rows] = chunk
+    maxq = 2**qt.spec.bits - 1  # the codes are in range already: the clamp changes nothing
+    _dequantize_groups(codes, qt.zeros.unsqueeze(-1), qt.scales.unsqueeze(-1), maxq, out)
     return out.reshape(out_features, in_features)

@@ -136,8 +136,7 @@ class TunableLinear(nn.Module):
     @torch.no_grad()
     def start(self) -> QuantizedTensor:
         """The starting point: ``v = 0`` and the initial clipping."""
-        return quantize(self.grouped.wg.reshape(self.grouped.shape), self.spec, None, self.alpha0, self.beta0,
-                        self.scale_dtype)  # fmt: skip
+        return quantize(self.linear.weight, self.spec, None, self.alpha0, self.beta0, self.scale_dtype)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
