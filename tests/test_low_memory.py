@@ -31,13 +31,13 @@ def _autoround(fp_dir: Path, shakespeare: Path, low: bool) -> signround.AutoRoun
     )  # fmt: skip
 
 
-def test_device_map_puts_each_block_on_disk_and_the_rest_on_the_cpu():
+def test_device_map_puts_each_block_and_the_embeddings_on_disk_and_the_rest_on_the_cpu():
     with torch.device("meta"):
         skeleton = make_tiny_llama()
     device_map = offload_device_map(skeleton, "model.layers")
     assert device_map == {
-        "model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk", "model.norm": "cpu",
-        "model.rotary_emb": "cpu", "lm_head": "cpu",
+        "model.embed_tokens": "disk", "model.layers.0": "disk", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "disk",
     }  # fmt: skip
 
 

@@ -177,6 +177,30 @@ def test_tune_block_improves_and_reports_true_losses(tiny_llama_factory) -> None
     assert _mse(block, inputs, targets) == pytest.approx(result.final_loss, rel=1e-5)
 
 
+def test_without_write_back_the_weights_stay_and_the_result_is_the_same(tiny_llama_factory) -> None:
+    """low_cpu_mem_usage packs each block at once, so tuning need not write dequantized weights back (that write
+    copied every memory-mapped weight into RAM): the Linear weights stay untouched, the quantized tensors and the
+    outputs fed to the next block are those of a run that writes back."""
+    _model, block, inputs, targets = _block_setup(tiny_llama_factory)
+    spec = LayerSpec(bits=2, group_size=32)
+    runs = {}
+    for write_back in (True, False):
+        b = copy.deepcopy(block)
+        linears = {n: m for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+        before = {n: m.weight.clone() for n, m in linears.items()}
+        layers = {n: (m, spec, plain_rtn_params(m.weight, spec)) for n, m in linears.items()}
+        options = TuneOptions(iters=5, batch_size=4, show_progress=False, amp=False, write_back=write_back)
+        with torch.enable_grad():
+            runs[write_back] = tune_block(b, layers, inputs, targets, options)
+        changed = {n for n, m in linears.items() if not torch.equal(m.weight, before[n])}
+        assert changed == (set(linears) if write_back else set())
+    kept, written = runs[False], runs[True]
+    assert kept.outputs is not None and torch.equal(kept.outputs, written.outputs)
+    for name, qt in written.quantized.items():
+        assert torch.equal(kept.quantized[name].codes, qt.codes)
+        assert torch.equal(kept.quantized[name].scales, qt.scales)
+
+
 def test_tune_block_with_bf16_autocast_still_improves(tiny_llama_factory) -> None:
     """amp=True (the default) runs the loop's matmuls in bf16 where the CPU has native bf16; losses stay close
     to the float32 ones and tuning still never ends above its start."""

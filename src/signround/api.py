@@ -114,6 +114,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         low_gpu_mem_usage=config.low_gpu_mem_usage,
         max_memory=config.max_memory,
         show_progress=show_progress,
+        write_back=not config.low_cpu_mem_usage,  # quantize_model packs each block as soon as it is tuned then
     )
 
 

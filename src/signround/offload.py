@@ -15,17 +15,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.layout import find_blocks
+
 
 def offload_device_map(skeleton: nn.Module, block_path: str) -> dict[str, str]:
-    """A ``device_map`` placing each block at ``block_path`` on "disk" and every other module on the CPU."""
+    """A ``device_map`` placing each block at ``block_path`` and the token embeddings / output head on "disk", every
+    other module on the CPU.  The embedding table and the head are as large as several blocks; on "disk" they stay
+    memory-mapped from the checkpoint (an embedding lookup touches only its rows' pages)."""
+    blocks = skeleton.get_submodule(block_path)
+    on_disk = {f"{block_path}.{i}" for i in range(len(blocks))}
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(skeleton, getter, lambda: None)()
+        if module is not None and id(module) in names:
+            on_disk.add(names[id(module)])
 
     def cover(module: nn.Module, prefix: str) -> dict[str, str]:
         entries: dict[str, str] = {}
         for name, child in module.named_children():
             full = f"{prefix}{name}"
-            if full == block_path:
-                entries.update({f"{full}.{i}": "disk" for i in range(len(child))})
-            elif block_path.startswith(full + "."):
+            if full in on_disk:
+                entries[full] = "disk"
+            elif any(path.startswith(full + ".") for path in on_disk):
                 entries.update(cover(child, full + "."))
             else:
                 entries[full] = "cpu"
@@ -68,12 +79,16 @@ def detach(block: nn.Module) -> None:
 
 def settle(model: nn.Module) -> None:
     """After a walk that read every offloaded block into host memory: a model whose ``device_map`` was only "cpu"
-    and "disk" is a plain CPU model again (hooks removed), else ``save_pretrained`` treats it as offloaded."""
+    and "disk" is a plain CPU model again (hooks removed), else ``save_pretrained`` treats it as offloaded.  Modules
+    still on "disk" (the embeddings and head under ``low_cpu_mem_usage``) are read now: memory-mapped from the
+    checkpoint, so this costs pages only where they are touched."""
     device_map = getattr(model, "hf_device_map", None)
     if not isinstance(device_map, dict) or not set(map(str, device_map.values())) <= {"cpu", "disk"}:
         return
-    if any(is_offloaded(m) for m in model.children()):
+    if any(is_offloaded(block) for block in find_blocks(model)[1]):  # the walk did not read them all
         return
+    for module in [m for m in model.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]:
+        materialize(module, "cpu")
     _remove_hooks(model)
     del model.hf_device_map
 

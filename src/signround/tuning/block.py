@@ -57,6 +57,9 @@ class TuneOptions:
     scale_dtype: torch.dtype = torch.float16
     show_progress: bool = True
     amp: bool = True  # tuning loop in bf16 where the device has fast bf16 (the reference's default)
+    # leave each tuned Linear's weight set to its dequantized value; off when the caller packs every block as soon
+    # as it is tuned (low_cpu_mem_usage), where the write would only copy a memory-mapped weight into RAM
+    write_back: bool = True
 
 
 @dataclass
@@ -255,8 +258,9 @@ def tune_block(
 ) -> BlockResult:
     """Tune the block's layers (``name -> (linear, spec, (alpha0, beta0))``, names relative to ``block``).
 
-    Returns the quantized tensors of the kept parameters and leaves each Linear's weight set to its
-    dequantized value, so the block now computes what the packed model will.
+    Returns the quantized tensors of the kept parameters and the block's outputs with them; with
+    ``options.write_back`` (or without tuning, where no outputs are computed) each Linear's weight is left set to its
+    dequantized value, so the block computes what the packed model will.
     """
     if options.iters == 0:  # nothing to tune: no per-weight state (v, codes) for the whole block at once
         quantized = {
@@ -278,7 +282,8 @@ def tune_block(
     finally:
         for name, tl in tunables.items():
             block.set_submodule(name, tl.linear)
-    _write_dequantized(layers, result.quantized)
+    if options.write_back:
+        _write_dequantized(layers, result.quantized)
     return result
 
 

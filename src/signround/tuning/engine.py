@@ -217,6 +217,7 @@ def run(
                     report.quantized[prefix + name] = _moved(qt, home)
                 report.block_losses.append((result.init_loss, result.final_loss))
                 q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
+                del result  # its quantized tensors are the report's now (and the packed block's, once packed)
             if dispatch is None:
                 block.to(home)
             else:

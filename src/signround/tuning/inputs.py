@@ -150,6 +150,16 @@ def _positional_as_keywords(block: nn.Module, args: tuple) -> dict[str, Any]:
     return dict(zip(params[1 : len(args) + 1], args, strict=True))
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model takes its input ids: the embedding's execution device when accelerate's hook places it (its
+    weights may sit on the meta device, offloaded), else the first real parameter's device."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -166,7 +176,7 @@ def capture_block_inputs(
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = _input_device(model)
     try:
         for i in range(input_ids.shape[0]):
             ids = input_ids[i : i + 1].to(device)
