@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed bench-moe bench-memory venv-ref venv-interop lint format clean
+.PHONY: install demo test test-fast bench bench-accuracy bench-time bench-formats bench-speed bench-moe bench-memory venv-ref venv-interop venv-llama lint format clean
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python bench/demo.py
 
 # The interop tests run GPTQModel and Intel's auto-round from their own venvs (never signround dependencies).
-test: install venv-ref venv-interop
+test: install venv-ref venv-interop venv-llama
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests integration_tests
 
 test-fast: install
@@ -77,6 +77,21 @@ venv-interop: .venv-interop/.installed
 	.venv-interop/bin/python -m pip install -q "$(TORCH_PIN)"
 	.venv-interop/bin/python -m pip install -q "$(TORCH_PIN)" gptqmodel==7.6.0 optimum==2.3.0 transformers==5.24.0
 	.venv-interop/bin/python -c "import torch, gptqmodel, optimum; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+# llama.cpp for the GGUF tests (ggml's own quantizer, llama-quantize's type mixtures, our files run by llama.cpp):
+# llama-cpp-python 0.3.36 builds llama.cpp from source with cmake (~8 min on 2 cores; pip caches the wheel), in its
+# own venv (it pins its own numpy); its source package, unpacked in .venv-llama/src, brings convert_hf_to_gguf.py.
+LLAMA_CPP_PIN ?= llama-cpp-python==0.3.36
+venv-llama: .venv-llama/.installed
+
+.venv-llama/.installed: Makefile
+	test -x .venv-llama/bin/python || $(PY) -m venv .venv-llama
+	.venv-llama/bin/python -m pip install -q --upgrade pip
+	.venv-llama/bin/python -m pip install -q "$(LLAMA_CPP_PIN)" gguf==0.19.0
+	.venv-llama/bin/python -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PIN)" -d .venv-llama/src
+	tar -xzf .venv-llama/src/llama_cpp_python-0.3.36.tar.gz -C .venv-llama/src
+	.venv-llama/bin/python -c "import llama_cpp, gguf; print('llama-cpp-python', llama_cpp.__version__)"
 	touch $@
 
 # Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).

@@ -24,8 +24,10 @@ from torch import nn
 from . import offload, runtime
 from .config import AutoRoundConfig
 from .data import load_calibration
+from .gguf_export import gguf_can_hold, gguf_layer_config, write_gguf_model
 from .layers import install_quantized
 from .models import block_lists, find_blocks, inventory, quantizable_layers, to_linear, unfuse_experts
+from .models.gguf_arch import check_gguf_supported
 from .models.naming import checkpoint_name
 from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
@@ -50,15 +52,20 @@ def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
     Planned GPT-2-style Conv1D layers become nn.Linear here (a Conv1D is a transposed Linear).
     """
     default = config.default_spec()
-    packers = [format_packer(f, default) for f in config.formats()]
+    mixture = config.gguf_mixture()
+    packers = [] if mixture else [format_packer(f, default) for f in config.formats()]
 
     def can_hold(spec: LayerSpec, in_features: int, out_features: int) -> str | None:
+        if mixture:
+            return gguf_can_hold(spec, in_features)
         for packer in packers:
             reason = packer.can_hold(spec, in_features, out_features)
             if reason:
                 return reason
         return None
 
+    if mixture:
+        check_gguf_supported(model.config)  # a family llama.cpp cannot run is refused before any work
     prepare_model(model, config.moe_expert_names)
     inv = inventory(
         model,
@@ -66,7 +73,14 @@ def plan_model(model: nn.Module, config: AutoRoundConfig) -> QuantPlan:
         config.to_quant_block_names,
         config.quant_nontext_module,
     )
-    plan = resolve_plan(inv.candidates, default, config.layer_config, can_hold, strict_keys=True, other_layers=inv.kept)
+    layer_config, by_mixture = config.layer_config, {}
+    if mixture:
+        layer_config, by_mixture = gguf_layer_config(model, config, inv.candidates, mixture)
+    plan = resolve_plan(inv.candidates, default, layer_config, can_hold, strict_keys=True, other_layers=inv.kept)
+    for name, reason in by_mixture.items():  # kept in 16 bit by llama.cpp's own recipe: say so, with why
+        if name in plan.kept:
+            plan.kept.remove(name)
+            inv.kept[name] = reason
     if default is not None and not plan.layers:
         reasons = sorted({s.reason for s in plan.skipped}) or ["no Linear-like layer inside its decoder blocks"]
         raise ValueError(f"no layer of {type(model).__name__} can be quantized with {default}: {'; '.join(reasons)}")
@@ -163,7 +177,8 @@ def quantize_model(
             store.save(checkpoint, known)
 
     shards = None
-    if config.low_cpu_mem_usage:
+    # A GGUF file is written whole at the end: its compact blocks stay in memory, the fp weights on disk.
+    if config.low_cpu_mem_usage and config.gguf_mixture() is None:
         shards = _block_shards(model, config, work_dir, block_path) if stream else None
         if shards is not None and resume is not None:
             _release_streamed(model, config, shards, resume)
@@ -477,7 +492,13 @@ class AutoRound:
         formats = [f.strip().lower() for f in (format or self.config.format).split(",") if f.strip()]
         if not formats:
             raise ValueError(f"format must name at least one format, got {format!r}")
-        for name in formats:
+        mixture = self.config.gguf_mixture()
+        if mixture is not None and formats != self.config.formats():
+            raise ValueError(
+                f"the layers were tuned toward gguf:{mixture}'s types; save in format 'gguf:{mixture}', not "
+                f"{','.join(formats)!r} (another GGUF type or format needs its own run)"
+            )
+        for name in formats if mixture is None else ():
             format_packer(name, self.config.default_spec())  # unknown format: fail before writing anything
         shards = self.result.shards
         if shards is not None and shards.streamed and formats != self.config.formats():
@@ -497,6 +518,20 @@ class AutoRound:
         return atomic_save(output_dir, write)
 
     def _write_format(self, target: Path, format_name: str) -> None:
+        mixture = self.config.gguf_mixture()
+        if mixture is not None:
+            plan = self.result.plan
+            path = write_gguf_model(
+                target,
+                self.model,
+                self.tokenizer,
+                self.result.report.quantized,
+                plan.kept + [s.name for s in plan.skipped],
+                mixture,
+            )
+            logger.info("saved %s (%s)", path.name, _count(path.stat().st_size) + "B")
+            self._model_card(format_name).save(target / "README.md")
+            return
         self.config.format = format_name
         pack_model(self.model, self.result, self.config, format_name)
         _attach_quantizer(self.model, self.config)
@@ -531,20 +566,22 @@ class AutoRound:
     def quantize_and_save(
         self,
         output_dir: str | os.PathLike = "tmp_autoround",
-        format: str = "auto_round",
+        format: str | None = None,
         inplace: bool = True,
         push_to_hub: str | None = None,
         private: bool | None = None,
         token: str | None = None,
     ) -> Path:
         """Tune, then write ``output_dir`` (one sub-directory per format when several are given); with
-        ``push_to_hub="user/repo"`` also upload it (several formats: ``user/repo-<format>`` each).
+        ``push_to_hub="user/repo"`` also upload it (several formats: ``user/repo-<format>`` each).  ``format``
+        defaults to the one given at construction (``"auto_round"`` unless a GGUF scheme or format was named).
 
         The folder is complete on disk before any upload starts, so a failed upload loses nothing locally.
         """
         from .resume import work_dir_for
 
         check_output_dir(output_dir)
+        format = format or self.config.format
         self.config.format = format
         self.config.validate()  # unknown format, or a scheme a format cannot hold: fail before tuning
         work_dir = work_dir_for(output_dir)

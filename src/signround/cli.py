@@ -149,7 +149,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--enable_deterministic_algorithms", action="store_true", help="torch's deterministic algorithms (same bytes)"
     )
-    p.add_argument("--format", help="auto_round (default)")
+    p.add_argument("--format", help="auto_round (default), auto_gptq, auto_awq, llm_compressor, gguf:q4_k_m, ...")
     p.add_argument("--backend", help="kernel backend for evaluation (auto)")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the saved output to this Hub repo")
@@ -258,6 +258,7 @@ def fetch_main(argv: Sequence[str]) -> int:
 def list_main(argv: Sequence[str]) -> int:
     from .kernels.registry import backend_names, get_backend
     from .packing.registry import EXPORT_FORMATS, format_packer, packer_names
+    from .quant.gguf_mixtures import mixture_names
     from .schemes import SCHEMES, LayerSpec
 
     def backends() -> str:
@@ -284,6 +285,7 @@ def list_main(argv: Sequence[str]) -> int:
                 if kinds:
                     holds.append(f"W{bits} {'/'.join(kinds)}")
             rows.append(f"{fmt}\t{', '.join(holds)}")
+        rows.append(f"gguf:<type>\tllama.cpp file types: {', '.join(mixture_names())}")
         return "\n".join(rows) + f"\n(packing layouts read: {', '.join(packer_names())})"
 
     tables: dict[str, Callable[[], str]] = {

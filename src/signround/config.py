@@ -18,7 +18,19 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .models.families import EXPERT_NAMINGS
-from .schemes import KEEP_16_BIT, SUPPORTED_BITS, LayerSpec, keeps_16_bit, layer_override, scheme_fields, scheme_names
+from .schemes import (
+    GGUF_SCHEME_PREFIX,
+    KEEP_16_BIT,
+    SUPPORTED_BITS,
+    SUPPORTED_DATA_TYPES,
+    LayerSpec,
+    gguf_mixture_of,
+    gguf_type_of,
+    keeps_16_bit,
+    layer_override,
+    scheme_fields,
+    scheme_names,
+)
 
 QUANT_METHOD = "auto-round"
 DEFAULT_DATASET = "NeelNanda/pile-10k"
@@ -84,6 +96,24 @@ def _check_dataset_spec(dataset: str) -> None:
             raise FileNotFoundError(f"calibration dataset {spec.name!r} does not exist (from dataset={dataset!r})")
 
 
+def _gguf_scheme_and_format(scheme: str, format: str, explicit: tuple[Any, ...]) -> tuple[str, str]:
+    """The reference's coupling of GGUF schemes and formats: ``format="gguf:q4_k_m"`` alone sets that scheme,
+    ``scheme="gguf:q4_k_m"`` alone that format; two different GGUF types are refused."""
+    first_format = format.split(",")[0].strip()
+    scheme_mixture, format_mixture = gguf_mixture_of(scheme), gguf_mixture_of(first_format)
+    if first_format.lower().startswith(GGUF_SCHEME_PREFIX.lower()) and format_mixture is None:
+        from .quant.gguf_mixtures import mixture_names
+
+        raise ValueError(f"unknown GGUF format {first_format!r}; accepted: {['gguf:' + n for n in mixture_names()]}")
+    if scheme_mixture and format_mixture and scheme_mixture != format_mixture:
+        raise ValueError(f"scheme={scheme!r} and format={format!r} name different GGUF types; pass one of them")
+    if scheme_mixture and format.strip().lower() == "auto_round":
+        return scheme, f"gguf:{scheme_mixture}"
+    if format_mixture and scheme.upper() == "W4A16" and all(v is None for v in explicit):
+        return GGUF_SCHEME_PREFIX + format_mixture.upper(), format
+    return scheme, format
+
+
 class AutoRoundConfig(QuantizationConfigMixin):
     """Configuration of SignRound quantization (and of loading its checkpoints).
 
@@ -147,7 +177,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         low_cpu_mem_usage: bool = False,
         enable_deterministic_algorithms: bool = False,
         tokenizer: str | None = None,
-        data_type: str = "int",
+        data_type: str | None = None,
         act_bits: int = 16,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -158,13 +188,15 @@ class AutoRoundConfig(QuantizationConfigMixin):
             f"quant_method={quant_method!r} is not an AutoRound config; expected {QUANT_METHOD!r}",
         )
         _require(isinstance(scheme, str), f"scheme must be a string, got {scheme!r}; accepted: {scheme_names()}")
+        _require(isinstance(format, str), f"format must be a string, got {format!r}")
+        scheme, format = _gguf_scheme_and_format(scheme, format, (bits, group_size, sym, data_type))
         fields = scheme_fields(scheme)  # raises on an unknown scheme, listing the accepted ones
         self.scheme = scheme.upper()
         base = fields or {"bits": 16, "group_size": 128, "sym": True}
         self.bits = base["bits"] if bits is None else bits
         self.group_size = base["group_size"] if group_size is None else group_size
         self.sym = base["sym"] if sym is None else sym
-        self.data_type = data_type
+        self.data_type = base.get("data_type", "int") if data_type is None else data_type
         self.act_bits = act_bits
         self.iters = iters
         self.lr = lr
@@ -244,14 +276,21 @@ class AutoRoundConfig(QuantizationConfigMixin):
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value and what is accepted."""
         _require(
-            self.bits in (*SUPPORTED_BITS, 16), f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)}"
+            self.data_type in SUPPORTED_DATA_TYPES,
+            f"data_type={self.data_type!r} is not supported; accepted: {list(SUPPORTED_DATA_TYPES)}",
+        )
+        gguf = gguf_type_of(self.data_type)
+        _require(
+            self.bits in (*SUPPORTED_BITS, 16) or (gguf is not None and self.bits == gguf.bits),
+            f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)}",
         )
         _require(
             _is_int(self.group_size) and (self.group_size > 0 or self.group_size == -1),
             f"group_size={self.group_size!r} is not supported; accepted: a positive integer (e.g. 32, 64, 128) or -1 (per channel)",
         )
         _require(isinstance(self.sym, bool), f"sym must be True or False, got {self.sym!r}")
-        _require(self.data_type == "int", f"data_type={self.data_type!r} is not supported; accepted: ['int']")
+        if gguf is not None:
+            LayerSpec(**self.default_spec_fields())  # a GGUF type fixes bits / group_size / sym: names a mismatch
         _require(self.act_bits == 16, f"act_bits={self.act_bits!r} is not supported; accepted: [16] (weight-only)")
         _require(
             _is_int(self.iters) and self.iters >= 0, f"iters must be an integer >= 0 (0 = RTN), got {self.iters!r}"
@@ -320,6 +359,15 @@ class AutoRoundConfig(QuantizationConfigMixin):
             override = layer_override(value)
             if not keeps_16_bit(override):
                 specs[layer] = LayerSpec(**{**self.default_spec_fields(), **override})
+        if self.gguf_mixture() is not None:
+            self._validate_gguf(default, specs)
+            return
+        for layer, spec in {"the scheme": default, **specs}.items():
+            _require(
+                spec is None or gguf_type_of(spec.data_type) is None,
+                f"{layer} uses the GGUF type {spec and spec.data_type!r}, which only format='gguf:<type>' writes "
+                f"(got format={self.format!r})",
+            )
         for name in self.formats():
             packer = format_packer(name, default)  # raises on an unknown format, listing the accepted ones
             # A scheme the format cannot hold fails here, before any model is loaded or tuned.
@@ -333,6 +381,29 @@ class AutoRoundConfig(QuantizationConfigMixin):
                         f"format {name!r} stores one spec per model; layer_config[{layer!r}] = {spec} differs from "
                         f"{default} (only {{'bits': 16}}, i.e. unquantized, is accepted per layer)"
                     )
+
+    def _validate_gguf(self, default: LayerSpec | None, specs: dict[str, LayerSpec]) -> None:
+        """A GGUF file is written alone, from a GGUF scheme, with GGUF types only (llama.cpp reads nothing else)."""
+        _require(
+            len(self.formats()) == 1,
+            f"format={self.format!r}: a GGUF file is written on its own; save other formats in a separate call",
+        )
+        _require(
+            default is not None and gguf_type_of(default.data_type) is not None,
+            f"format={self.format!r} writes llama.cpp's types; use scheme={GGUF_SCHEME_PREFIX + self.gguf_mixture().upper()!r}"
+            f" (or leave scheme unset), got scheme={self.scheme!r}",
+        )
+        for layer, spec in specs.items():
+            _require(
+                gguf_type_of(spec.data_type) is not None,
+                f"format={self.format!r} cannot hold layer_config[{layer!r}] = {spec}: a GGUF file stores GGUF types "
+                "only (data_type='gguf:q8_0', ...) or 16 bit",
+            )
+
+    def gguf_mixture(self) -> str | None:
+        """The llama.cpp file type when the format is ``"gguf:<type>"`` (e.g. ``"q4_k_m"``), else ``None``."""
+        formats = self.formats()
+        return gguf_mixture_of(formats[0]) if formats else None
 
     def _validate_backend(self) -> None:
         from .kernels.registry import backend_names

@@ -28,8 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .quant.int import QuantizedTensor
-from .schemes import LayerSpec
+from .quant.dispatch import from_tensors, to_tensors
 from .tuning.engine import BlockCheckpoint, TuneReport
 
 logger = logging.getLogger(__name__)
@@ -137,10 +136,10 @@ class ResumeStore:
         for block_file in state["block_files"]:
             tensors = load_file(str(self.directory / block_file))
             specs = json.loads((self.directory / block_file).with_suffix(".json").read_text())
-            for name, spec in specs.items():
-                report.quantized[name] = QuantizedTensor(
-                    tensors[f"{name}.codes"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"], LayerSpec(**spec)
-                )
+            for name, description in specs.items():
+                prefix = f"{name}."
+                mine = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+                report.quantized[name] = from_tensors(mine, description)
         streams = load_file(str(self.directory / state["streams"]))
         logger.info(
             "resuming from %s: blocks 0-%d already tuned, continuing at block %d",
@@ -155,12 +154,12 @@ class ResumeStore:
         new = {n: qt for n, qt in checkpoint.report.quantized.items() if n not in known}
         block_file = f"block-{index:04d}.safetensors"
         tensors: dict[str, torch.Tensor] = {}
+        descriptions = {}
         for name, qt in new.items():
-            tensors.update({f"{name}.codes": qt.codes, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
+            parts, descriptions[name] = to_tensors(qt)
+            tensors.update({f"{name}.{k}": t for k, t in parts.items()})
         atomic_save_tensors(self.directory / block_file, tensors)
-        _atomic_write_json(
-            (self.directory / block_file).with_suffix(".json"), {n: qt.spec.to_dict() for n, qt in new.items()}
-        )
+        _atomic_write_json((self.directory / block_file).with_suffix(".json"), descriptions)
         streams_file = f"streams-{checkpoint.next_block:04d}.safetensors"
         atomic_save_tensors(
             self.directory / streams_file, {"fp_hidden": checkpoint.fp_hidden, "q_hidden": checkpoint.q_hidden}

@@ -13,8 +13,32 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .quant.gguf_mixtures import MIXTURES
+from .quant.gguf_types import GGUF_TYPES, GGUFType
+
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_DATA_TYPES = ("int",)
+GGUF_DATA_TYPE_PREFIX = "gguf:"
+GGUF_SCHEME_PREFIX = "GGUF:"
+SUPPORTED_DATA_TYPES = ("int", *(GGUF_DATA_TYPE_PREFIX + name for name in GGUF_TYPES))
+
+
+def gguf_type_of(data_type: str) -> GGUFType | None:
+    """The GGUF block type a ``data_type`` such as ``"gguf:q4_k"`` names (``None`` for the integer grids)."""
+    if not data_type.startswith(GGUF_DATA_TYPE_PREFIX):
+        return None
+    return GGUF_TYPES[data_type[len(GGUF_DATA_TYPE_PREFIX) :]]
+
+
+def gguf_spec_fields(type_name: str) -> dict[str, Any]:
+    """The LayerSpec fields of a GGUF block type: its code width, the weights sharing one scale (a legacy block or
+    a K-quant's sub-block) and whether it stores a minimum (asymmetric) or a fixed code offset (symmetric)."""
+    t = GGUF_TYPES[type_name]
+    return {
+        "bits": t.bits,
+        "group_size": t.sub_block,
+        "sym": not t.has_min,
+        "data_type": GGUF_DATA_TYPE_PREFIX + t.name,
+    }
 
 
 @dataclass(frozen=True)
@@ -30,7 +54,16 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.data_type not in SUPPORTED_DATA_TYPES:
             raise ValueError(f"data_type={self.data_type!r} is not supported; accepted: {list(SUPPORTED_DATA_TYPES)}")
-        if self.bits not in SUPPORTED_BITS:
+        gguf = gguf_type_of(self.data_type)
+        if gguf is not None:  # a GGUF grid fixes the code width, the group and the symmetry
+            fields = gguf_spec_fields(gguf.name)
+            wrong = {k: getattr(self, k) for k in ("bits", "group_size", "sym") if getattr(self, k) != fields[k]}
+            if wrong:
+                raise ValueError(
+                    f"data_type={self.data_type!r} stores bits={fields['bits']}, group_size={fields['group_size']}, "
+                    f"sym={fields['sym']}; got {wrong}"
+                )
+        elif self.bits not in SUPPORTED_BITS:
             raise ValueError(
                 f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} (16 = keep unquantized)"
             )
@@ -58,7 +91,19 @@ SCHEMES: dict[str, dict[str, Any] | None] = {
     "W2A16G64": {"bits": 2, "group_size": 64, "sym": True},
     "W2A16G32": {"bits": 2, "group_size": 32, "sym": True},
     "BF16": None,
+    # llama.cpp's file types (the reference's "gguf:q4_k_m" names): the default spec is the mixture's base type;
+    # planning gives each tensor the type llama-quantize would (quant.gguf_mixtures).
+    **{GGUF_SCHEME_PREFIX + name.upper(): gguf_spec_fields(m.base) for name, m in MIXTURES.items()},
 }
+
+
+def gguf_mixture_of(scheme: str) -> str | None:
+    """The llama.cpp file type a scheme or format name such as ``"GGUF:Q4_K_M"`` / ``"gguf:q4_k_m"`` names
+    (``None`` when it names no GGUF type)."""
+    if not scheme.lower().startswith(GGUF_SCHEME_PREFIX.lower()):
+        return None
+    name = scheme[len(GGUF_SCHEME_PREFIX) :].lower()
+    return name if name in MIXTURES else None
 
 
 def scheme_names() -> list[str]:
@@ -104,6 +149,9 @@ def layer_override(value: Any) -> dict[str, Any]:
         raise ValueError(
             f"layer_config bits={bits!r} is not supported; accepted: {list(SUPPORTED_BITS)} or 16 (keep unquantized)"
         )
+    gguf = gguf_type_of(value["data_type"]) if isinstance(value.get("data_type"), str) else None
+    if gguf is not None and not keeps_16_bit(value):  # the type fixes bits / group / symmetry
+        return {**gguf_spec_fields(gguf.name), **value}
     return dict(value)
 
 

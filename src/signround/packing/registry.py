@@ -195,6 +195,6 @@ def format_packer(format_name: str, default: LayerSpec | None = None) -> Packer:
     """The Packer writing export format ``format_name``; an unknown format lists the accepted ones."""
     key = format_name.strip().lower()
     if key not in EXPORT_FORMATS:
-        raise ValueError(f"unknown format {format_name!r}; accepted: {', '.join(EXPORT_FORMATS)}")
+        raise ValueError(f"unknown format {format_name!r}; accepted: {', '.join(EXPORT_FORMATS)}, gguf:<type>")
     packer = get_packer(EXPORT_FORMATS[key])
     return packer.resolve(default) if default is not None else packer

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.dispatch import Quantized, dequantize_weight, is_gguf, quantize_weight
 from ..quant.int import (
     GradSink,
     GroupedWeight,
@@ -31,6 +32,7 @@ from ..quant.int import (
 )
 from ..runtime import return_freed_memory
 from ..schemes import LayerSpec
+from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
 
@@ -64,7 +66,7 @@ class TuneOptions:
 
 @dataclass
 class BlockResult:
-    quantized: dict[str, QuantizedTensor]
+    quantized: dict[str, Quantized]
     init_loss: float | None = None
     final_loss: float | None = None
     best_iter: int | None = None
@@ -227,8 +229,8 @@ def block_in_dtype(block: nn.Module, keep: Iterable[str], dtype: torch.dtype | N
 @torch.no_grad()
 def _full_loss(
     block: nn.Module,
-    tunables: dict[str, TunableLinear],
-    candidate: dict[str, QuantizedTensor],
+    tunables: dict[str, TunableLinear | GGUFTunableLinear],
+    candidate: dict[str, Quantized],
     inputs: BlockInputs,
     targets: torch.Tensor,
     batch_size: int,
@@ -264,13 +266,15 @@ def tune_block(
     """
     if options.iters == 0:  # nothing to tune: no per-weight state (v, codes) for the whole block at once
         quantized = {
-            name: quantize(linear.weight, spec, None, a0.float(), b0.float(), options.scale_dtype)
+            name: quantize_weight(linear.weight, spec, None, _float(a0), _float(b0), options.scale_dtype)
             for name, (linear, spec, (a0, b0)) in layers.items()
         }
         _write_dequantized(layers, quantized)
         return BlockResult(quantized=quantized)
     tunables = {
-        name: TunableLinear(linear, spec, a0, b0, options.scale_dtype)
+        name: GGUFTunableLinear(linear, spec)
+        if is_gguf(spec)
+        else TunableLinear(linear, spec, a0, b0, options.scale_dtype)
         for name, (linear, spec, (a0, b0)) in layers.items()
     }
     for name, tl in tunables.items():
@@ -288,10 +292,14 @@ def tune_block(
 
 
 @torch.no_grad()
-def _write_dequantized(layers: dict[str, tuple[nn.Linear, ...]], quantized: dict[str, QuantizedTensor]) -> None:
+def _write_dequantized(layers: dict[str, tuple[nn.Linear, ...]], quantized: dict[str, Quantized]) -> None:
     """Each Linear computes what its packed layer will."""
     for name, (linear, *_rest) in layers.items():
-        linear.weight.copy_(dequantize_rounded_once(quantized[name], linear.weight.dtype))
+        linear.weight.copy_(dequantize_weight(quantized[name], linear.weight.dtype))
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor) -> torch.dtype | None:
@@ -303,7 +311,7 @@ def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor
 
 def _signsgd_loop(
     block: nn.Module,
-    tunables: dict[str, TunableLinear],
+    tunables: dict[str, TunableLinear | GGUFTunableLinear],
     inputs: BlockInputs,
     targets: torch.Tensor,
     options: TuneOptions,
@@ -356,7 +364,7 @@ def _signsgd_loop(
             # The backward is done: codes no longer needed go back to the workspace for the next step.
             for name, tl in tunables.items():
                 unused = (previous_best or {}).get(name) if improved else tl.last
-                if unused is not None:
+                if unused is not None and unused.marked_codes is not None:
                     workspace.recycle(unused.marked_codes)
             losses.append(total)
             optimizer.step()

@@ -22,7 +22,7 @@ from ..models import final_norm, find_blocks, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
 from ..offload import is_offloaded, materialize
 from ..placement import Dispatch, Spread, main_device
-from ..quant.int import QuantizedTensor, dequantize, dequantize_rounded_once, quantize
+from ..quant.dispatch import Quantized, dequantize_weight, is_gguf, moved, quantize_weight
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, TuneOptions, run_block, tune_block
 from .inputs import BlockInputs, capture_block_inputs
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class TuneReport:
     """What tuning produced: the quantized tensors by full layer name, and per-block loss figures."""
 
-    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    quantized: dict[str, Quantized] = field(default_factory=dict)
     block_losses: list[tuple[float | None, float | None]] = field(default_factory=list)
     # Mixture-of-experts coverage: tokens the calibration set routed to each expert (``<experts module>.<i>``).
     # An expert with none still gets quantized: its start (optimised RTN) is weighted by every token's inputs,
@@ -85,7 +85,9 @@ class _InputEnergy:
 
 def _init_params(
     linear: nn.Linear, spec: LayerSpec, importance: torch.Tensor | None, options: TuneOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if is_gguf(spec):  # GGUF types start from llama.cpp's own search (quant.dispatch), not an integer grid's
+        return None, None
     if options.disable_opt_rtn:
         return plain_rtn_params(linear.weight.detach(), spec)
     if importance is not None and not bool(importance.any()):  # no input reached it (a Llama-4 expert no token
@@ -109,11 +111,6 @@ def placement(options: TuneOptions, block_device: torch.device) -> tuple[torch.d
     else:
         device = torch.device(options.device) if options.device else block_device
     return device, torch.device("cpu") if options.low_gpu_mem_usage else device
-
-
-def _moved(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
-    """Quantized tensors go home with their block (a device holds one block's tensors at a time)."""
-    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
 
 
 @dataclass
@@ -214,7 +211,7 @@ def run(
             else:
                 result = _tune_one_block(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i)
                 for name, qt in result.quantized.items():
-                    report.quantized[prefix + name] = _moved(qt, home)
+                    report.quantized[prefix + name] = moved(qt, home)  # home with its block
                 report.block_losses.append((result.init_loss, result.final_loss))
                 q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
                 del result  # its quantized tensors are the report's now (and the packed block's, once packed)
@@ -306,20 +303,20 @@ def _quantize_head(
             x = norm(q_inputs.hidden.to(_block_device(norm))).float()
             importance = x.reshape(-1, x.shape[-1]).square().mean(0)
     alpha, beta = _init_params(head, spec, importance, options)
-    qt = quantize(head.weight, spec, None, alpha, beta, options.scale_dtype)
+    qt = quantize_weight(head.weight, spec, None, alpha, beta, options.scale_dtype)
     untie_head(model)
     with torch.no_grad():
-        head.weight.copy_(dequantize(qt).to(head.weight.dtype))
+        head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
     report.quantized[name] = qt
 
 
 @torch.no_grad()
-def _set_dequantized(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
+def _set_dequantized(model: nn.Module, quantized: dict[str, Quantized]) -> None:
     """Each named layer's weight becomes its dequantized value (it computes what its packed layer will): layers
     quantized here, or in an earlier run that this one resumes."""
     for name, qt in quantized.items():
         linear = model.get_submodule(name)
-        linear.weight.copy_(dequantize_rounded_once(qt, linear.weight.dtype))
+        linear.weight.copy_(dequantize_weight(qt, linear.weight.dtype))
 
 
 @torch.no_grad()
@@ -330,7 +327,7 @@ def _quantize_unwalked(model: nn.Module, plan: QuantPlan, options: TuneOptions, 
             continue
         linear = model.get_submodule(name)
         alpha, beta = _init_params(linear, spec, None, options)
-        qt = quantize(linear.weight, spec, None, alpha, beta, options.scale_dtype)
+        qt = quantize_weight(linear.weight, spec, None, alpha, beta, options.scale_dtype)
         _set_dequantized(model, {name: qt})
         report.quantized[name] = qt
         logger.info("%s: outside the calibrated blocks, quantized with optimised RTN", name)
@@ -361,6 +358,6 @@ def rtn_only(model: nn.Module, plan: QuantPlan, options: TuneOptions) -> TuneRep
         untie_head(model)  # else writing the dequantized head would overwrite the tied embedding table
     for name, spec in plan.layers.items():
         linear = model.get_submodule(name)
-        report.quantized[name] = quantize(linear.weight, spec, scale_dtype=options.scale_dtype)
+        report.quantized[name] = quantize_weight(linear.weight, spec, scale_dtype=options.scale_dtype)
         _set_dequantized(model, {name: report.quantized[name]})
     return report

@@ -1,0 +1,91 @@
+"""Our side of the GGUF anchor: SmolLM2-135M GGUF files from signround, scored by llama.cpp itself.
+
+    .venv/bin/python bench/gguf_signround.py --types Q4_0 Q4_K_M --iters 0 50 [--out bench/results/gguf_signround.jsonl]
+
+For each type and iters: ``AutoRound(smollm2, format="gguf:<type>", iters=N)`` with bench/accuracy.py's
+calibration (tinyshakespeare, 32 x 256 tokens, batch 8), written to a .gguf, then evaluated by llama.cpp on the same
+40 x 512 wikitext-2 windows and fp32 log-probs as bench/gguf_llamacpp.py's llama.cpp rows (its ``Bench`` prepares
+and scores both sides, so the rows compare).  iters 0 is llama.cpp's own quantizer (byte-identical to
+``llama-quantize`` without an importance matrix, through our recipe and writer); iters > 0 is SignRound toward the
+same grids.  One JSON row per (type, iters), appended; rows already present are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_llamacpp import CALIB, CALIB_N, CALIB_SEQLEN, MODEL, Bench, cpu_info
+
+import signround
+from signround.fetch import cached_model_path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gguf_signround.jsonl"
+
+
+def _done(path: Path) -> set[tuple[str, int]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["type"], r["iters"]) for r in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
+    parser.add_argument("--iters", nargs="+", type=int, default=[0, 50])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gguf-llamacpp"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = cached_model_path("smollm2-135m")
+    bench = Bench(args.work, args.threads)
+    bench.prepare(model_dir)
+    done = _done(args.out)
+    for type_name in args.types:
+        for iters in args.iters:
+            if (type_name, iters) in done:
+                print(f"skip {type_name} iters={iters}: already in {args.out}")
+                continue
+            start = time.perf_counter()
+            ar = signround.AutoRound(
+                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, nsamples=CALIB_N,
+                seqlen=CALIB_SEQLEN, batch_size=8, dataset=str(CALIB), dtype=torch.float32, show_progress=False,
+            )  # fmt: skip
+            out_dir = args.work / f"signround-{type_name}-iters{iters}"
+            ar.quantize_and_save(out_dir)
+            seconds = time.perf_counter() - start
+            (path,) = out_dir.glob("*.gguf")
+            named = args.work / f"signround-{type_name}-iters{iters}.gguf"  # its own name for the score files
+            named.unlink(missing_ok=True)
+            named.symlink_to(path)
+            scored = bench.evaluate(named, check_calib=False)
+            losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
+            row = {
+                "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
+                "model": MODEL, "type": type_name, "iters": iters, "file_bytes": path.stat().st_size,
+                "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
+                "tokens_match": scored.get("tokens_match", scored.get("checks")),
+                "blocks_improved": sum(final < first for first, final in losses), "blocks": len(losses),
+                "quantize_seconds": round(seconds, 1), "cpu": cpu_info(),
+                "command": shlex.join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            }  # fmt: skip
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(
+                f"{type_name} iters={iters}: {path.stat().st_size / 1e6:.1f} MB ppl {row['ppl']:.3f} kl {row['kl']:.5f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

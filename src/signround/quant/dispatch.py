@@ -1,0 +1,86 @@
+"""Which quantization arithmetic a ``LayerSpec`` names, behind one set of calls.
+
+Tuning and packing hold a layer's result without caring which grid made it: the integer grids of
+:mod:`~signround.quant.int` (``data_type="int"``) or llama.cpp's GGUF blocks of :mod:`~signround.quant.gguf`
+(``data_type="gguf:q4_k"``, ...).  These functions pick the module from the spec (or the result's type); nothing
+else branches on ``data_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..schemes import LayerSpec, gguf_type_of
+from . import gguf
+from .gguf_tunable import search_range, to_gguf
+from .int import QuantizedTensor, dequantize_rounded_once
+from .int import quantize as quantize_int
+
+Quantized = QuantizedTensor | gguf.GGUFQuantized
+
+
+def is_gguf(spec: LayerSpec) -> bool:
+    return gguf_type_of(spec.data_type) is not None
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    spec: LayerSpec,
+    v: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float16,
+) -> Quantized:
+    """``w`` quantized as ``spec`` says, with a rounding offset ``v`` and range factors ``alpha`` / ``beta``.
+
+    GGUF types: without ``v`` / ``alpha`` / ``beta`` this is llama.cpp's own quantizer, byte for byte (what
+    ``llama-quantize`` writes without an importance matrix); with them, the same search's range shrunk by
+    ``alpha`` / ``beta`` and rounded with ``v`` (:mod:`~signround.quant.gguf_tunable`).  ``scale_dtype`` is the
+    integer grids' (GGUF stores fp16 scales by definition).
+    """
+    t = gguf_type_of(spec.data_type)
+    if t is None:
+        return quantize_int(w, spec, v, alpha, beta, scale_dtype)
+    w = w.detach()
+    if v is None and alpha is None and beta is None:
+        return gguf.quantize(w, t.name)
+    lo, hi = search_range(w, t.name)
+    return to_gguf(w, t.name, lo, hi, alpha, beta, v)
+
+
+def dequantize_weight(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a quantized layer computes with, in ``dtype`` (computed in float32, rounded once)."""
+    if isinstance(q, gguf.GGUFQuantized):
+        return gguf.dequantize(q).to(dtype)
+    return dequantize_rounded_once(q, dtype)
+
+
+def moved(q: Quantized, device: torch.device) -> Quantized:
+    """The same result with every tensor on ``device``."""
+    if isinstance(q, gguf.GGUFQuantized):
+        tensors = {
+            f.name: getattr(q, f.name).to(device)
+            for f in dataclasses.fields(q)
+            if isinstance(getattr(q, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(q, **tensors)
+    return QuantizedTensor(q.codes.to(device), q.scales.to(device), q.zeros.to(device), q.spec)
+
+
+def to_tensors(q: Quantized) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """A result as named tensors (relative names) plus a JSON description, to keep it on disk (resume)."""
+    if isinstance(q, gguf.GGUFQuantized):
+        tensors = {
+            f.name: getattr(q, f.name) for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), torch.Tensor)
+        }
+        return tensors, {"gguf": q.type_name, "shape": list(q.shape)}
+    return {"codes": q.codes, "scales": q.scales, "zeros": q.zeros}, q.spec.to_dict()
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], description: dict[str, object]) -> Quantized:
+    """Inverse of :func:`to_tensors`."""
+    if "gguf" in description:
+        return gguf.GGUFQuantized(str(description["gguf"]), tuple(description["shape"]), **tensors)  # type: ignore[arg-type]
+    return QuantizedTensor(tensors["codes"], tensors["scales"], tensors["zeros"], LayerSpec(**description))

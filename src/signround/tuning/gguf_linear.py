@@ -1,0 +1,114 @@
+"""SignRound on llama.cpp's GGUF grids: a Linear whose weight is fake-quantized in a GGUF type.
+
+The tuned values are those the file stores: per weight a rounding offset ``v``, per sub-block factors ``alpha`` /
+``beta`` that shrink the range llama.cpp's own search found (:func:`~signround.quant.gguf_tunable.search_range`);
+the fake quantizer then rounds the sub-block scales and mins to the type's integer scales and fp16 super-block
+scales exactly as llama.cpp stores them (:func:`~signround.quant.gguf_tunable.gguf_fake_quant`), so what tuning
+measures is bit for bit what the file dequantizes to.  ``alpha = beta = 1``, ``v = 0`` is llama.cpp's quantizer:
+the start is never worse than ``llama-quantize`` without an importance matrix.
+
+Same contract as :class:`~signround.tuning.block.TunableLinear` (the block loop drives both); it keeps a float32
+dequantized weight for autograd instead of int.py's fused one-byte-code kernel, which is fine at the sizes GGUF
+users tune on a CPU and the place to optimise next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import gguf
+from ..quant.dispatch import dequantize_weight
+from ..quant.gguf_tunable import gguf_fake_quant, search_range, to_gguf
+from ..schemes import LayerSpec, gguf_type_of
+
+
+@dataclass
+class GGUFStep:
+    """The parameters of one forward, kept when its minibatch loss is the best so far (a copy: the live ones
+    move on).  ``marked_codes`` is None: nothing goes back to int.py's workspace."""
+
+    weight: torch.Tensor
+    type_name: str
+    lo: torch.Tensor
+    hi: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    v: torch.Tensor
+    marked_codes: None = None
+
+    def quantized(self, scale_dtype: torch.dtype | None = None) -> gguf.GGUFQuantized:
+        return to_gguf(self.weight, self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v)
+
+
+class GGUFTunableLinear(nn.Module):
+    """A Linear fake-quantized in a GGUF type with trainable ``v`` (per weight), ``alpha`` / ``beta`` (per
+    sub-block); see the module docstring."""
+
+    def __init__(self, linear: nn.Linear, spec: LayerSpec, scale_dtype: torch.dtype | None = None):
+        super().__init__()
+        t = gguf_type_of(spec.data_type)
+        if t is None:
+            raise ValueError(f"{spec} is not a GGUF type")
+        self.linear, self.spec, self.type_name = linear, spec, t.name
+        weight = linear.weight.detach()
+        self.lo, self.hi = search_range(weight, t.name)
+        self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
+        self.alpha = nn.Parameter(torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device))
+        self.beta = nn.Parameter(torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device))
+        self.last: GGUFStep | None = None
+        self._judged: gguf.GGUFQuantized | None = None
+        self.workspace = None  # the block loop sets it for int.py's layers; unused here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.linear.bias
+        bias = None if bias is None else bias.to(x.dtype)
+        if self._judged is not None:
+            return F.linear(x, dequantize_weight(self._judged, x.dtype), bias)
+        w_hat, _codes = gguf_fake_quant(
+            self.linear.weight.detach(), self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v
+        )
+        self.last = GGUFStep(
+            self.linear.weight.detach(), self.type_name, self.lo, self.hi,
+            self.alpha.detach().clone(), self.beta.detach().clone(), self.v.detach().clone(),
+        )  # fmt: skip
+        return F.linear(x, w_hat.to(x.dtype), bias)
+
+    @contextmanager
+    def judging(self, candidate: gguf.GGUFQuantized) -> Iterator[None]:
+        """Within this context the layer computes with ``candidate``'s weights (for the whole-set loss)."""
+        self._judged = candidate
+        try:
+            yield
+        finally:
+            self._judged = None
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.v.clamp_(-0.5, 0.5)
+        self.alpha.clamp_(0.0, 1.0)
+        self.beta.clamp_(0.0, 1.0)
+
+    def end_training(self) -> None:
+        self.v = self.alpha = self.beta = None
+        self.last = None
+
+    @torch.no_grad()
+    def start(self) -> gguf.GGUFQuantized:
+        """llama.cpp's own quantization of the weight (byte for byte ``llama-quantize`` without an imatrix)."""
+        return gguf.quantize(self.linear.weight.detach(), self.type_name)
+
+    @torch.no_grad()
+    def quantized(self) -> gguf.GGUFQuantized:
+        return to_gguf(
+            self.linear.weight.detach(), self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v.detach()
+        )
+
+    def step_v_in_backward(self, lr: Callable[[], float]) -> Callable[[], None]:
+        """``v`` keeps an ordinary gradient here; the optimizer steps it."""
+        return lambda: None
