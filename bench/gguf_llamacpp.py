@@ -49,9 +49,20 @@ VENV_PY = ROOT / ".venv" / "bin" / "python"
 LLAMA_PY = ROOT / ".venv-llama" / "bin" / "python"
 WORKER = ROOT / "bench" / "gguf_llama_eval_worker.py"
 CONVERT_WORKER = ROOT / "integration_tests" / "llamacpp_worker.py"
-SDIST = Path("/work/wheels/llama_cpp_python-0.3.36")
+# the llama-cpp-python sdist: where `make venv-llama` unpacks it, else a wheel cache next to the checkout
+SDIST = next(
+    (
+        d
+        for d in (
+            ROOT / ".venv-llama" / "src" / "llama_cpp_python-0.3.36",
+            ROOT.parent / "wheels" / "llama_cpp_python-0.3.36",
+        )
+        if d.is_dir()
+    ),
+    ROOT / ".venv-llama" / "src" / "llama_cpp_python-0.3.36",
+)
 LLAMA_CPP_DIR = SDIST / "vendor" / "llama.cpp"
-TOOLS = Path("/work/wheels/llama-tools")
+TOOLS = ROOT.parent / "wheels" / "llama-tools"  # llama-imatrix / llama-quantize built from SDIST (see build_tools_hint)
 BIN = TOOLS / "build" / "bin"
 TOOL = "llama.cpp 0.3.36"
 MODEL = "smollm2-135m"
