@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import head_name
 from .packing.gguf import planned_types, write_gguf
 from .quant import gguf
 from .quant.gguf_mixtures import mixture
@@ -107,9 +108,10 @@ def write_gguf_model(
         if not isinstance(q, gguf.GGUFQuantized):
             raise ValueError(f"{layer} was quantized as {getattr(q, 'spec', q)!r}, not as a GGUF type")
         tensors[f"{layer}.weight"] = q
-    tied = _is_tied(model) and f"{model_head_name(model)}.weight" not in {f"{n}.weight" for n in quantized}
-    if tied:
-        tensors.pop(f"{model_head_name(model)}.weight", None)
+    head = head_name(model)
+    tied = _is_tied(model) and head not in quantized
+    if tied and head is not None:
+        tensors.pop(f"{head}.weight", None)
     types = planned_types(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, m.name, tied)
     untouched = {f"{name}.weight" for name in kept}
     for name, type_name in types.items():
@@ -120,9 +122,3 @@ def write_gguf_model(
         tensors[name] = gguf.quantize(value.float(), type_name)
     path = target_dir / gguf_file_name(model, m.name)
     return write_gguf(path, model.config, tokenizer, tensors, float_type="f16", file_type=m.file_type)
-
-
-def model_head_name(model: nn.Module) -> str:
-    """The output head's module name (``lm_head`` for the causal LMs llama.cpp runs)."""
-    head = model.get_output_embeddings()
-    return next(name for name, module in model.named_modules() if module is head)

@@ -57,25 +57,22 @@ def dequantize_weight(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_rounded_once(q, dtype)
 
 
+def _gguf_tensors(q: gguf.GGUFQuantized) -> dict[str, torch.Tensor]:
+    """The stored tensors of a GGUF result by field name (the fields its type has)."""
+    return {f.name: t for f in dataclasses.fields(q) if isinstance(t := getattr(q, f.name), torch.Tensor)}
+
+
 def moved(q: Quantized, device: torch.device) -> Quantized:
     """The same result with every tensor on ``device``."""
     if isinstance(q, gguf.GGUFQuantized):
-        tensors = {
-            f.name: getattr(q, f.name).to(device)
-            for f in dataclasses.fields(q)
-            if isinstance(getattr(q, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(q, **tensors)
+        return dataclasses.replace(q, **{name: t.to(device) for name, t in _gguf_tensors(q).items()})
     return QuantizedTensor(q.codes.to(device), q.scales.to(device), q.zeros.to(device), q.spec)
 
 
 def to_tensors(q: Quantized) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """A result as named tensors (relative names) plus a JSON description, to keep it on disk (resume)."""
     if isinstance(q, gguf.GGUFQuantized):
-        tensors = {
-            f.name: getattr(q, f.name) for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), torch.Tensor)
-        }
-        return tensors, {"gguf": q.type_name, "shape": list(q.shape)}
+        return _gguf_tensors(q), {"gguf": q.type_name, "shape": list(q.shape)}
     return {"codes": q.codes, "scales": q.scales, "zeros": q.zeros}, q.spec.to_dict()
 
 

@@ -35,6 +35,7 @@ from ..schemes import LayerSpec
 from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
+from .tunable import TunableParameters
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class BlockResult:
     outputs: torch.Tensor | None = None
 
 
-class TunableLinear(nn.Module):
+class TunableLinear(TunableParameters):
     """A Linear whose weight is fake-quantized with trainable ``v`` (per weight) and ``alpha``/``beta`` (per group).
 
     Per weight it holds the checkpoint's own tensor (no float32 copy), ``v`` in float32 and, between a forward
@@ -117,26 +118,6 @@ class TunableLinear(nn.Module):
         # A fixed candidate, dequantized per batch: one elementwise pass next to the matmul, where keeping every
         # layer's dense weight for the whole pass would cost 2-4 bytes per weight of the block.
         return F.linear(x, dequantize_rounded_once(self._judged, x.dtype), bias)
-
-    @contextmanager
-    def judging(self, candidate: QuantizedTensor) -> Iterator[None]:
-        """Within this context the layer computes with ``candidate``'s weights (for the whole-set loss)."""
-        self._judged = candidate
-        try:
-            yield
-        finally:
-            self._judged = None
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        self.v.clamp_(-0.5, 0.5)
-        self.alpha.clamp_(0.0, 1.0)
-        self.beta.clamp_(0.0, 1.0)
-
-    def end_training(self) -> None:
-        """Drop the trained parameters and the last forward's codes (only fixed candidates are judged now)."""
-        self.v = self.alpha = self.beta = None
-        self.last = None
 
     @torch.no_grad()
     def start(self) -> QuantizedTensor:

@@ -14,8 +14,7 @@ users tune on a CPU and the place to optimise next.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from ..quant import gguf
 from ..quant.dispatch import dequantize_weight
 from ..quant.gguf_tunable import gguf_fake_quant, search_range, to_gguf
 from ..schemes import LayerSpec, gguf_type_of
+from .tunable import TunableParameters
 
 
 @dataclass
@@ -46,7 +46,7 @@ class GGUFStep:
         return to_gguf(self.weight, self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v)
 
 
-class GGUFTunableLinear(nn.Module):
+class GGUFTunableLinear(TunableParameters):
     """A Linear fake-quantized in a GGUF type with trainable ``v`` (per weight), ``alpha`` / ``beta`` (per
     sub-block); see the module docstring."""
 
@@ -78,25 +78,6 @@ class GGUFTunableLinear(nn.Module):
             self.alpha.detach().clone(), self.beta.detach().clone(), self.v.detach().clone(),
         )  # fmt: skip
         return F.linear(x, w_hat.to(x.dtype), bias)
-
-    @contextmanager
-    def judging(self, candidate: gguf.GGUFQuantized) -> Iterator[None]:
-        """Within this context the layer computes with ``candidate``'s weights (for the whole-set loss)."""
-        self._judged = candidate
-        try:
-            yield
-        finally:
-            self._judged = None
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        self.v.clamp_(-0.5, 0.5)
-        self.alpha.clamp_(0.0, 1.0)
-        self.beta.clamp_(0.0, 1.0)
-
-    def end_training(self) -> None:
-        self.v = self.alpha = self.beta = None
-        self.last = None
 
     @torch.no_grad()
     def start(self) -> gguf.GGUFQuantized:
