@@ -5,9 +5,11 @@
 For each type and iters: ``AutoRound(smollm2, format="gguf:<type>", iters=N)`` with bench/accuracy.py's
 calibration (tinyshakespeare, 32 x 256 tokens, batch 8), written to a .gguf, then evaluated by llama.cpp on the same
 40 x 512 wikitext-2 windows and fp32 log-probs as bench/gguf_llamacpp.py's llama.cpp rows (its ``Bench`` prepares
-and scores both sides, so the rows compare).  iters 0 is llama.cpp's own quantizer (byte-identical to
-``llama-quantize`` without an importance matrix, through our recipe and writer); iters > 0 is SignRound toward the
-same grids.  One JSON row per (type, iters), appended; rows already present are skipped.
+and scores both sides, so the rows compare).  iters 0 is llama.cpp's own quantizer with the calibration data as
+its importance matrix (byte-identical to ``llama-quantize --imatrix`` for the per-column mean ``x^2`` our engine
+measures on the quantized stream; rows dated before that change are ``llama-quantize`` without one); iters > 0 is
+SignRound toward the same grids, from that start.  One JSON row per (type, iters), appended; rows already present
+are skipped (``--out`` elsewhere to measure again).
 """
 
 from __future__ import annotations

@@ -250,3 +250,25 @@ def test_tuning_keeps_the_stored_weight_not_a_float32_copy() -> None:
         results.append((out, v.grad, alpha.grad, beta.grad))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(7, 96), (3, 11)])
+def test_kept_codes_give_exactly_the_quantized_result_of_the_marked_codes(bits: int, shape: tuple[int, int]) -> None:
+    """The tuning loop keeps its best step packed (KeptCodes): the packed result must equal the marked one's,
+    also for clipped codes (marks -1 and 2^b) and a code count that does not fill the last byte."""
+    torch.manual_seed(bits)
+    w = torch.randn(*shape) * 3
+    spec = LayerSpec(bits=bits, group_size=32 if shape[1] % 32 == 0 else -1, sym=False)
+    gw = GroupedWeight.of(w, spec.group_size)
+    v = torch.rand(w.shape) - 0.5
+    alpha = torch.full(gw.wmin.shape, 0.6)  # a narrow range: many codes clipped on both ends
+    _, rounded = gw.fake_quant(spec, v, alpha, alpha)
+    marks = rounded.marked_codes
+    assert bool((marks == -1).any()) and bool((marks == 2**bits).any())
+    kept = rounded.kept()
+    assert kept.packed.dtype == torch.uint8
+    assert kept.packed.numel() == -(-w.numel() * {2: 2, 3: 4, 4: 4, 8: 8}[bits] // 8)
+    expected, got = rounded.quantized(torch.float16), kept.quantized(torch.float16)
+    assert torch.equal(got.codes, expected.codes)
+    assert torch.equal(got.scales, expected.scales) and torch.equal(got.zeros, expected.zeros)

@@ -13,7 +13,7 @@ from torch import nn
 from signround.quant.int import dequantize, fake_quant, group_view, quantize
 from signround.schemes import LayerSpec, resolve_plan
 from signround.tuning import engine
-from signround.tuning.block import TunableLinear, TuneOptions, block_output, run_block, tune_block
+from signround.tuning.block import LayerStart, TunableLinear, TuneOptions, block_output, run_block, tune_block
 from signround.tuning.inputs import BlockInputs, capture_block_inputs
 from signround.tuning.rtn import FACTOR_MIN, optimized_rtn_params, plain_rtn_params
 from signround.tuning.signsgd import SignSGD, default_lr, linear_decay
@@ -521,3 +521,64 @@ def test_rtn_only_is_plain_rtn(tiny_llama) -> None:
         expected = dequantize(quantize(fp[name], plan.layers[name]))
         assert torch.equal(tiny_llama.get_submodule(name).weight, expected)
         assert torch.equal(dequantize(report.quantized[name]), expected)
+
+
+class _ServedLinear(nn.Module):
+    """What a packed fp layer computes: the input quantized as the scheme says, times the dequantized weight."""
+
+    def __init__(self, linear: nn.Linear, q: object):
+        super().__init__()
+        from signround.quant.dispatch import dequantize_weight
+
+        self.q, self.weight = q, dequantize_weight(q, torch.float32)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from signround.quant.fp_tensor import quantize_input
+
+        return F.linear(quantize_input(x, self.q.spec, self.q.input_scale), self.weight, self.bias)
+
+
+def test_without_tuning_the_stream_fed_forward_has_its_activations_quantized(tiny_llama_factory) -> None:
+    """iters=0 with a scheme that quantizes activations (MXFP4): the block's outputs handed to the next block are
+    those of the served layers (inputs quantized too), not of the dequantized weights alone."""
+    _model, block, inputs, targets = _block_setup(tiny_llama_factory, n=4, seq=16)
+    spec = LayerSpec(**_scheme("MXFP4"))
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    layers = {n: (m, spec, LayerStart()) for n, m in linears.items()}
+    result = tune_block(block, layers, inputs, targets, TuneOptions(iters=0, batch_size=2))
+    assert result.outputs is not None
+    weights_only = run_block(block, inputs, 2)  # the block now holds the dequantized weights
+    served = copy.deepcopy(block)
+    for name, linear in linears.items():
+        served.set_submodule(name, _ServedLinear(linear, result.quantized[name]))
+    expected = run_block(served, inputs, 2)
+    torch.testing.assert_close(result.outputs, expected, rtol=0, atol=0)
+    assert not torch.equal(result.outputs, weights_only)
+
+
+def test_a_static_schemes_calibrated_input_scale_is_what_the_loop_tunes_against(tiny_llama_factory) -> None:
+    """FP8_STATIC: the input scale the engine calibrates before tuning is the one the loop's forwards, its judging
+    and its result use (not a per-batch stand-in): a scale that saturates every input changes the start's loss."""
+    _model, block, inputs, targets = _block_setup(tiny_llama_factory, n=4, seq=16)
+    spec = LayerSpec(**_scheme("FP8_STATIC"))
+    name = "mlp.down_proj"
+    linear = block.get_submodule(name)
+    options = TuneOptions(iters=2, batch_size=2, show_progress=False, amp=False)
+    losses, scales = [], []
+    for scale in (torch.tensor(1.0), torch.tensor(1e-4)):  # 1e-4: every input saturates at 448 * 1e-4
+        b = copy.deepcopy(block)
+        layer = b.get_submodule(name)
+        with torch.enable_grad():
+            result = tune_block(b, {name: (layer, spec, LayerStart(input_scale=scale))}, inputs, targets, options)
+        losses.append(result.init_loss)
+        scales.append(result.quantized[name].input_scale)
+    assert all(torch.equal(s, t) for s, t in zip(scales, (torch.tensor(1.0), torch.tensor(1e-4)), strict=True))
+    assert losses[1] > 10 * losses[0]
+    assert torch.equal(linear.weight, block.get_submodule(name).weight)  # the copies were tuned, not the block
+
+
+def _scheme(name: str) -> dict:
+    from signround.schemes import scheme_fields
+
+    return scheme_fields(name)

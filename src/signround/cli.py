@@ -81,7 +81,11 @@ def _add_debug_flag(p: argparse.ArgumentParser) -> None:
 def _quantize_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="signround", description="SignRound weight-only quantization of a causal LM.")
     p.add_argument("--model", "--model_name", required=True, help="local model directory (or hub name when online)")
-    p.add_argument("--scheme", default="W4A16", help="W4A16, W8A16, W3A16, W2A16, W2A16G64, W2A16G32, BF16")
+    p.add_argument(
+        "--scheme",
+        default="W4A16",
+        help="W4A16, W8A16, W3A16, W2A16, W2A16G64, W2A16G32, MXFP4, MXFP8, NVFP4, FPW8A16, FP8_STATIC, FP8_BLOCK, BF16, GGUF:Q4_K_M ...",
+    )
     p.add_argument(
         "--recipe", choices=sorted(RECIPES), help="the reference's recipes (bs, iters, seqlen, nsamples, lr)"
     )

@@ -19,6 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .models.families import EXPERT_NAMINGS
 from .schemes import (
+    FP_DATA_TYPES,
     GGUF_SCHEME_PREFIX,
     KEEP_16_BIT,
     SUPPORTED_BITS,
@@ -178,7 +179,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
         enable_deterministic_algorithms: bool = False,
         tokenizer: str | None = None,
         data_type: str | None = None,
-        act_bits: int = 16,
+        act_bits: int | None = None,
+        act_data_type: str | None = None,
+        act_group_size: int | None = None,
+        act_dynamic: bool | None = None,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ):
@@ -195,9 +199,15 @@ class AutoRoundConfig(QuantizationConfigMixin):
         base = fields or {"bits": 16, "group_size": 128, "sym": True}
         self.bits = base["bits"] if bits is None else bits
         self.group_size = base["group_size"] if group_size is None else group_size
+        if isinstance(self.group_size, list):  # FP8_BLOCK's (128, 128) read back from JSON
+            self.group_size = tuple(self.group_size)
         self.sym = base["sym"] if sym is None else sym
         self.data_type = base.get("data_type", "int") if data_type is None else data_type
-        self.act_bits = act_bits
+        # activation fields: the scheme's (16 bit unless an fp scheme quantizes them), each overridable
+        act_defaults = LayerSpec()
+        act_given = {"act_bits": act_bits, "act_data_type": act_data_type, "act_group_size": act_group_size}
+        for key, value in {**act_given, "act_dynamic": act_dynamic}.items():
+            setattr(self, key, base.get(key, getattr(act_defaults, key)) if value is None else value)
         self.iters = iters
         self.lr = lr
         self.minmax_lr = minmax_lr
@@ -285,13 +295,17 @@ class AutoRoundConfig(QuantizationConfigMixin):
             f"bits={self.bits!r} is not supported; accepted: {list(SUPPORTED_BITS)}",
         )
         _require(
-            _is_int(self.group_size) and (self.group_size > 0 or self.group_size == -1),
+            self.data_type in FP_DATA_TYPES
+            or (_is_int(self.group_size) and (self.group_size > 0 or self.group_size == -1)),
             f"group_size={self.group_size!r} is not supported; accepted: a positive integer (e.g. 32, 64, 128) or -1 (per channel)",
         )
         _require(isinstance(self.sym, bool), f"sym must be True or False, got {self.sym!r}")
         if gguf is not None:
             LayerSpec(**self.default_spec_fields())  # a GGUF type fixes bits / group_size / sym: names a mismatch
-        _require(self.act_bits == 16, f"act_bits={self.act_bits!r} is not supported; accepted: [16] (weight-only)")
+        if self.bits < 16:  # the activation fields and fp weight grids are checked together, naming what is accepted
+            LayerSpec(**self.default_spec_fields())
+        else:
+            _require(self.act_bits == 16, f"act_bits={self.act_bits!r} needs quantized weights (bits < 16)")
         _require(
             _is_int(self.iters) and self.iters >= 0, f"iters must be an integer >= 0 (0 = RTN), got {self.iters!r}"
         )
@@ -426,6 +440,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
             "sym": self.sym,
             "data_type": self.data_type,
             "act_bits": self.act_bits,
+            "act_data_type": self.act_data_type,
+            "act_group_size": self.act_group_size,
+            "act_dynamic": self.act_dynamic,
         }
 
     def default_spec(self) -> LayerSpec | None:
@@ -445,6 +462,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
             "data_type": self.data_type,
             "act_bits": self.act_bits,
         }
+        if self.act_bits < 16:
+            out.update(
+                act_data_type=self.act_data_type, act_group_size=self.act_group_size, act_dynamic=self.act_dynamic
+            )
         if self.packing_format is not None:
             out["packing_format"] = self.packing_format
         if self.extra_config:

@@ -19,6 +19,8 @@ __all__ = ["CHECKPOINT_METHODS", "CheckpointFormat", "read_checkpoint_config"]
 
 
 def _auto_round_packing(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("data_type") == "fp" and not cfg.get("packing_format"):  # the reference's FPW8A16 names none
+        return "auto_round:fp8"
     return cfg.get("packing_format") or "auto_round:auto_gptq"
 
 

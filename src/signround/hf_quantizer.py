@@ -106,9 +106,10 @@ def _untaken(model: nn.Module, stored: set[str], hf_quantizer: HfQuantizer) -> l
 
 
 def _quantized_layer_names(stored: set[str], packer_tensors: tuple[str, ...]) -> set[str]:
-    """Layers holding the packing's first tensor (``qweight``, ``weight_packed``) in the checkpoint."""
-    suffix = "." + packer_tensors[0]
-    return {name[: -len(suffix)] for name in stored if name.endswith(suffix)}
+    """Layers holding one of the packing's marker tensors (``qweight``, ``weight_packed``, ``weight_scale``) in the
+    checkpoint (``packer_tensors``: the packer's ``marker_tensors``, else its first tensor)."""
+    suffixes = ["." + name for name in packer_tensors]
+    return {name[: -len(s)] for name in stored for s in suffixes if name.endswith(s)}
 
 
 _FUSED_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -185,7 +186,7 @@ class SignRoundHfQuantizer(HfQuantizer):
         packer, default, overrides = checkpoint.packer, checkpoint.default, checkpoint.overrides
         stored = _stored_tensor_names(kwargs.get("checkpoint_files"))
         self.stored_names = set(_renamed(model, stored).values())
-        packed = _quantized_layer_names(self.stored_names, packer.tensor_names)
+        packed = _quantized_layer_names(self.stored_names, packer.marker_tensors or packer.tensor_names[:1])
         if any(".experts." in name for name in packed):
             self.unfused_experts = unfuse_experts(model, empty=True, checkpoint_names=self.stored_names)
         modules = dict(model.named_modules())

@@ -14,7 +14,7 @@ from torch import nn
 from .kernels.base import QuantLinear
 from .kernels.registry import select
 from .models.conv1d import features, is_linear_like
-from .quant.int import QuantizedTensor
+from .quant.dispatch import Quantized, moved
 from .schemes import LayerSpec
 
 
@@ -35,7 +35,7 @@ def _select_for(name: str, spec: LayerSpec, packing: str, device, dtype: torch.d
 
 def install_quantized(
     model: nn.Module,
-    quantized: Mapping[str, QuantizedTensor],
+    quantized: Mapping[str, Quantized],
     packing: str,
     backend: str | None = "auto",
     dtype: torch.dtype | None = None,
@@ -53,7 +53,7 @@ def install_quantized(
             raise TypeError(f"layer {name!r} is a {type(linear).__name__}, expected nn.Linear")
         chosen = _select_for(name, qt.spec, packing, device, act_dtype, linear, backend)
         bias = None if linear.bias is None else linear.bias.detach()
-        qt_dev = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.spec)
+        qt_dev = moved(qt, device)
         layer = chosen.quant_linear.from_quantized(qt_dev, packing, bias, act_dtype)
         model.set_submodule(name, layer)
         installed[name] = layer

@@ -11,6 +11,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from .quant.gguf_mixtures import MIXTURES
@@ -19,7 +20,56 @@ from .quant.gguf_types import GGUF_TYPES, GGUFType
 SUPPORTED_BITS = (2, 3, 4, 8)
 GGUF_DATA_TYPE_PREFIX = "gguf:"
 GGUF_SCHEME_PREFIX = "GGUF:"
-SUPPORTED_DATA_TYPES = ("int", *(GGUF_DATA_TYPE_PREFIX + name for name in GGUF_TYPES))
+# Floating-point weight grids, as data: (data_type, bits, group_size) -> the quant.fp format computing it.  The
+# reference's names: group_size -1 is per output channel, 0 per tensor, (128, 128) a 2-D block (FP8_BLOCK).
+FP_WEIGHT_FORMATS: dict[tuple[str, int, int | tuple[int, int]], str] = {
+    ("mx_fp", 4, 32): "mxfp4",
+    ("mx_fp", 8, 32): "mxfp8",
+    ("nv_fp", 4, 16): "nvfp4",
+    ("fp", 8, -1): "fp8",
+    ("fp", 8, 0): "fp8_tensor",
+    ("fp", 8, (128, 128)): "fp8_block",
+}
+FP_DATA_TYPES = tuple(dict.fromkeys(dt for dt, _b, _g in FP_WEIGHT_FORMATS))
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How a layer's input is quantized on the fly: the quant.fp format of its blocks (along the input features) and
+    whether its scale is calibrated (``static``: FP8_STATIC's per-tensor scale, NVFP4's global scale)."""
+
+    format: str
+    static: bool
+
+
+# (act_data_type, act_bits, act_group_size, act_dynamic) -> ActQuant: the reference's activation schemes.
+FP_ACT_FORMATS: dict[tuple[str, int, int, bool], ActQuant] = {
+    ("mx_fp", 4, 32, True): ActQuant("mxfp4", static=False),
+    ("mx_fp_rceil", 4, 32, True): ActQuant("mxfp4_rceil", static=False),
+    ("mx_fp", 8, 32, True): ActQuant("mxfp8", static=False),
+    ("mx_fp_rceil", 8, 32, True): ActQuant("mxfp8_rceil", static=False),
+    ("nv_fp4_with_static_gs", 4, 16, True): ActQuant("nvfp4", static=True),  # block scales dynamic, global static
+    ("fp", 8, 0, False): ActQuant("fp8_tensor", static=True),  # FP8_STATIC
+    ("fp", 8, 128, True): ActQuant("fp8_act128", static=False),  # FP8_BLOCK: per token, per 128 inputs
+}
+SUPPORTED_DATA_TYPES = ("int", *FP_DATA_TYPES, *(GGUF_DATA_TYPE_PREFIX + name for name in GGUF_TYPES))
+
+
+def _group_key(group_size: Any) -> Any:
+    """JSON gives FP8_BLOCK's (128, 128) back as a list: the hashable tuple."""
+    return tuple(group_size) if isinstance(group_size, list) else group_size
+
+
+def fp_format_of(spec: LayerSpec) -> str | None:
+    """The quant.fp format of a floating-point spec's weights (``None`` for integer and GGUF grids)."""
+    return FP_WEIGHT_FORMATS.get((spec.data_type, spec.bits, _group_key(spec.group_size)))
+
+
+def act_quant_of(spec: LayerSpec) -> ActQuant | None:
+    """How the spec quantizes activations (``None``: they stay in 16 bit)."""
+    if spec.act_bits >= 16:
+        return None
+    return FP_ACT_FORMATS.get((spec.act_data_type, spec.act_bits, spec.act_group_size, spec.act_dynamic))
 
 
 def gguf_type_of(data_type: str) -> GGUFType | None:
@@ -43,17 +93,31 @@ def gguf_spec_fields(type_name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """How one Linear layer is quantized (weight-only integer quantization for now)."""
+    """How one Linear layer is quantized: integer / GGUF grids weight-only, floating-point grids (``data_type``
+    ``"mx_fp"``, ``"nv_fp"``, ``"fp"``) also with activations quantized (``act_*``, the reference's names)."""
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int | tuple[int, int] = 128
     sym: bool = True
     data_type: str = "int"
     act_bits: int = 16
+    act_data_type: str = "float"
+    act_group_size: int = 128
+    act_dynamic: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group_size", _group_key(self.group_size))
         if self.data_type not in SUPPORTED_DATA_TYPES:
             raise ValueError(f"data_type={self.data_type!r} is not supported; accepted: {list(SUPPORTED_DATA_TYPES)}")
+        self._check_activations()
+        if self.data_type in FP_DATA_TYPES:
+            if fp_format_of(self) is None or self.sym is not True:
+                accepted = [(dt, b, g) for dt, b, g in FP_WEIGHT_FORMATS if dt == self.data_type]
+                raise ValueError(
+                    f"data_type={self.data_type!r} with bits={self.bits!r}, group_size={self.group_size!r}, "
+                    f"sym={self.sym!r} is not supported; accepted (data_type, bits, group_size), sym=True: {accepted}"
+                )
+            return
         gguf = gguf_type_of(self.data_type)
         if gguf is not None:  # a GGUF grid fixes the code width, the group and the symmetry
             fields = gguf_spec_fields(gguf.name)
@@ -73,13 +137,47 @@ class LayerSpec:
             raise ValueError(
                 f"group_size={self.group_size!r} is not supported; accepted: a positive integer or -1 (per channel)"
             )
-        if self.act_bits != 16:
+
+    def _check_activations(self) -> None:
+        if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool):
+            raise ValueError(f"act_bits={self.act_bits!r} is not supported; accepted: an integer (16 = unquantized)")
+        if self.act_bits >= 16:
+            return
+        if self.data_type not in FP_DATA_TYPES or act_quant_of(self) is None:
+            accepted = [f"{k[0]}: bits={k[1]} group_size={k[2]} dynamic={k[3]}" for k in FP_ACT_FORMATS]
             raise ValueError(
-                f"act_bits={self.act_bits!r} is not supported; only weight-only quantization (act_bits=16)"
+                f"act_bits={self.act_bits} act_data_type={self.act_data_type!r} act_group_size={self.act_group_size!r} "
+                f"act_dynamic={self.act_dynamic!r} with data_type={self.data_type!r} is not supported; activations are "
+                f"quantized with floating-point weights only, as one of: {'; '.join(accepted)}"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if isinstance(self.group_size, tuple):
+            out["group_size"] = list(self.group_size)  # JSON's form; LayerSpec(**d) makes it a tuple again
+        return out
+
+
+def _fp_scheme(
+    data_type: str, bits: int, group_size: Any, act_data_type: str, act_bits: int, act_group_size: int, dynamic: bool
+) -> dict[str, Any]:
+    return {
+        "bits": bits, "group_size": group_size, "sym": True, "data_type": data_type, "act_bits": act_bits,
+        "act_data_type": act_data_type, "act_group_size": act_group_size, "act_dynamic": dynamic,
+    }  # fmt: skip
+
+
+# (data_type, bits, group_size, act_data_type, act_bits, act_group_size, act_dynamic) of the reference's fp schemes
+_FP_SCHEMES: dict[str, tuple[Any, ...]] = {
+    "MXFP4": ("mx_fp", 4, 32, "mx_fp", 4, 32, True),
+    "MXFP4_RCEIL": ("mx_fp", 4, 32, "mx_fp_rceil", 4, 32, True),
+    "MXFP8": ("mx_fp", 8, 32, "mx_fp", 8, 32, True),
+    "MXFP8_RCEIL": ("mx_fp", 8, 32, "mx_fp_rceil", 8, 32, True),
+    "NVFP4": ("nv_fp", 4, 16, "nv_fp4_with_static_gs", 4, 16, True),
+    "FPW8A16": ("fp", 8, 0, "float", 16, 128, True),
+    "FP8_STATIC": ("fp", 8, -1, "fp", 8, 0, False),
+    "FP8_BLOCK": ("fp", 8, (128, 128), "fp", 8, 128, True),
+}
 
 
 # name -> fields of LayerSpec; ``None`` means "keep the layers in 16 bit" (BF16 scheme).
@@ -91,6 +189,11 @@ SCHEMES: dict[str, dict[str, Any] | None] = {
     "W2A16G64": {"bits": 2, "group_size": 64, "sym": True},
     "W2A16G32": {"bits": 2, "group_size": 32, "sym": True},
     "BF16": None,
+    # Floating-point grids (the reference's definitions): MX = OCP microscaling, E8M0 scale per 32 (weights and,
+    # dynamically, activations; _RCEIL rounds the activations' scale up); NVFP4 = E2M1 per 16 with E4M3 scales and a
+    # per-tensor global scale (the activations' calibrated); FP8 with per-tensor (FPW8A16), per-channel weight +
+    # static per-tensor activation (FP8_STATIC) or 128x128 weight + dynamic per-128 activation scales (FP8_BLOCK).
+    **{name: _fp_scheme(*facts) for name, facts in _FP_SCHEMES.items()},
     # llama.cpp's file types (the reference's "gguf:q4_k_m" names): the default spec is the mixture's base type;
     # planning gives each tensor the type llama-quantize would (quant.gguf_mixtures).
     **{GGUF_SCHEME_PREFIX + name.upper(): gguf_spec_fields(m.base) for name, m in MIXTURES.items()},
@@ -119,7 +222,7 @@ def scheme_fields(name: str) -> dict[str, Any] | None:
     return None if fields is None else dict(fields)
 
 
-LAYER_SPEC_KEYS = ("bits", "group_size", "sym", "data_type", "act_bits")
+LAYER_SPEC_KEYS = tuple(f.name for f in dataclass_fields(LayerSpec))
 
 
 KEEP_16_BIT: dict[str, Any] = {"bits": 16}
@@ -300,9 +403,8 @@ def resolve_plan(
             plan.kept.append(name)
             continue
         spec = LayerSpec(**fields)
-        gs = in_features if spec.group_size == -1 else spec.group_size
-        if in_features % gs:
-            plan.skipped.append(SkippedLayer(name, f"in_features={in_features} not divisible by group_size={gs}"))
+        if reason := _group_reason(spec, in_features):
+            plan.skipped.append(SkippedLayer(name, reason))
             continue
         reason = can_hold(spec, in_features, out_features) if can_hold else None
         if reason:
@@ -310,6 +412,15 @@ def resolve_plan(
             continue
         plan.layers[name] = spec
     return plan
+
+
+def _group_reason(spec: LayerSpec, in_features: int) -> str | None:
+    """Why ``in_features`` does not split into the spec's groups (integer / GGUF groups, fp blocks), or None."""
+    if fp_format_of(spec) is not None:  # MX / NV blocks (weights and activations alike) must be whole; fp8's not
+        whole = spec.group_size if spec.data_type in ("mx_fp", "nv_fp") else 1
+        return f"in_features={in_features} not divisible by group_size={whole}" if in_features % whole else None
+    gs = in_features if spec.group_size == -1 else spec.group_size
+    return f"in_features={in_features} not divisible by group_size={gs}" if in_features % gs else None
 
 
 def with_overrides(spec: LayerSpec, **fields: Any) -> LayerSpec:

@@ -172,7 +172,8 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{where} has dtype {buf.dtype}, expected {dtype}")
             if tuple(buf.shape) != shape:
                 raise ValueError(f"{where} has shape {tuple(buf.shape)}, expected {shape}")
-            if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
+            wide = buf.float() if buf.is_floating_point() and buf.element_size() == 1 else buf  # fp8: no isfinite
+            if buf.is_floating_point() and not bool(torch.isfinite(wide).all()):
                 raise ValueError(f"{where} holds non-finite values (NaN or inf)")
         try:  # what only the packer can judge (g_idx order, stored shapes, value ranges)
             self.packer.check_values(self.checkpoint_tensors(), self.spec, self.in_features, self.out_features)

@@ -5,6 +5,7 @@ Importing this package registers every built-in format.
 
 from . import (
     auto_round,  # noqa: F401  (registers "auto_round", "auto_round:auto_gptq")
+    auto_round_fp,  # noqa: F401  (registers "auto_round:llm_compressor", "auto_round:fp8_static", "auto_round:fp8")
     awq,  # noqa: F401  (registers "awq_gemm")
     compressed_tensors,  # noqa: F401  (registers "pack-quantized")
     gptq,  # noqa: F401  (registers "gptq", "gptq_v2")

@@ -79,6 +79,7 @@ _TUNING_DEFAULTS: dict[str, Any] = {
 _TAIL_KEYS = ("autoround_version", "block_name_to_quantize")  # written after the tuning keys, as the reference does
 _RESERVED_KEYS = (*LAYER_SPEC_KEYS, "quant_method", "packing_format", "extra_config")
 _UNQUANTIZED_ENTRY = {"bits": 16, "data_type": "float"}
+_ACT_KEYS = ("act_bits", "act_data_type", "act_group_size", "act_dynamic")  # LayerSpec's activation fields
 
 
 def _reference_defaults(extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -266,15 +267,18 @@ class _AutoRoundLayout(Packer):
         if not fields or (blocks is not None and not _in_blocks(name, blocks)):
             # the reference lists every QuantizationScheme field of such a layer (its act_* values for W*A16
             # follow from the weight ones; its None-valued super_* / rotation fields are left out)
+            quantized_act = spec.act_bits < 16  # fp schemes: the layer's own activation scheme
             return {
                 **{key: getattr(spec, key) for key in _SCHEME_WEIGHT_KEYS},
                 "act_bits": spec.act_bits,
-                "act_group_size": spec.group_size,
-                "act_sym": spec.sym,
-                "act_data_type": "float",
-                "act_dynamic": True,
+                "act_group_size": spec.act_group_size if quantized_act else spec.group_size,
+                "act_sym": True if quantized_act else spec.sym,
+                "act_data_type": spec.act_data_type if quantized_act else "float",
+                "act_dynamic": spec.act_dynamic if quantized_act else True,
             }
-        return {key: getattr(spec, key) for key in _SCHEME_WEIGHT_KEYS if getattr(spec, key) != getattr(default, key)}
+        keys = (*_SCHEME_WEIGHT_KEYS, *_ACT_KEYS)  # act_*: fp layers whose activation scheme differs from the default
+        diff = {key: getattr(spec, key) for key in keys if getattr(spec, key) != getattr(default, key)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in diff.items()}  # FP8_BLOCK's group as JSON
 
     def parse_config(self, cfg: Mapping[str, Any]) -> tuple[LayerSpec, dict[str, dict[str, Any]]]:
         """``(default, overrides)`` from an auto-round config (ours or the reference's).
@@ -288,11 +292,13 @@ class _AutoRoundLayout(Packer):
         packing = cfg.get("packing_format")
         if packing is not None and get_packer(packing) is not self:
             raise ValueError(f"config has packing_format={packing!r}; read it with get_packer({packing!r})")
+        act = {k: cfg[k] for k in _ACT_KEYS if cfg.get(k) is not None} if (cfg.get("act_bits") or 16) < 16 else {}
         default = LayerSpec(
             bits=cfg["bits"],
             group_size=cfg["group_size"],
             sym=cfg["sym"],
             data_type=cfg.get("data_type", "int"),
+            **act,
         )
         overrides: dict[str, dict[str, Any]] = {}
         for name, entry in (cfg.get("extra_config") or {}).items():
@@ -300,8 +306,9 @@ class _AutoRoundLayout(Packer):
                 overrides[name] = {"bits": 16}
                 continue
             fields = {k: entry[k] for k in LAYER_SPEC_KEYS if entry.get(k) is not None}
-            if fields.get("act_bits", 16) >= 16:  # None / 16 / 32 all mean unquantized activations
-                fields.pop("act_bits", None)
+            if fields.get("act_bits", default.act_bits) >= 16:  # None / 16 / 32 all mean unquantized activations
+                for key in _ACT_KEYS:
+                    fields.pop(key, None)
             _layer_spec(name, default, fields)
             overrides[name] = {k: v for k, v in fields.items() if getattr(default, k) != v}
         return default, overrides
@@ -316,6 +323,10 @@ class AutoRoundPacker(_AutoRoundLayout):
     def resolve(self, default: LayerSpec) -> Packer:
         """Symmetric int models get ``auto_round:auto_gptq``, as the reference writes them (and vLLM/SGLang
         accept only that variant); asymmetric ones keep zero points as-is."""
+        if default.data_type != "int":  # floating-point schemes: their own tensors (auto_round_fp)
+            from .auto_round_fp import resolve_fp
+
+            return resolve_fp(default)
         return get_packer(AutoRoundGptqPacker.name) if default.sym else self
 
 

@@ -41,6 +41,9 @@ class Packer(ABC):
 
     name: ClassVar[str] = ""
     tensor_names: ClassVar[tuple[str, ...]] = ()
+    # tensors of which every packed layer stores one: loaders find the packed layers by them (empty: the first of
+    # ``tensor_names``); needed where layers store different tensors (FP8's ``weight_scale`` / ``weight_scale_inv``)
+    marker_tensors: ClassVar[tuple[str, ...]] = ()
     per_layer_specs: ClassVar[bool] = True  # False: one spec per model (layers may only be kept unquantized)
 
     @abstractmethod

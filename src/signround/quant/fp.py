@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ACT_FORMATS",
     "E2M1",
     "E4M3",
     "E5M2",
@@ -82,10 +83,12 @@ __all__ = [
     "dequantize",
     "e8m0_to_float",
     "fake_quant",
+    "fake_quant_input",
     "fp_format",
     "from_codes",
     "from_gguf_mxfp4",
     "grid_step",
+    "input_scale",
     "nvfp4_global_scale",
     "pack_fp4",
     "quantize",
@@ -189,11 +192,18 @@ FORMATS: dict[str, FPFormat] = {
 }
 
 
+# Activation-only block shapes (the weight formats serve activations too): FP8_BLOCK's inputs get one float32 scale
+# per token and 128 input features, a partial last block allowed (DeepSeek-V3's / the reference's act_group_size=128).
+ACT_FORMATS: dict[str, FPFormat] = {
+    "fp8_act128": FPFormat("fp8_act128", E4M3, (1, 128), ScaleKind.FP32, partial_blocks=True),
+}
+
+
 def fp_format(fmt: str | FPFormat) -> FPFormat:
-    """The registered format of that name (case-insensitive), or ``fmt`` itself."""
+    """The registered format of that name (case-insensitive; weight or activation format), or ``fmt`` itself."""
     if isinstance(fmt, FPFormat):
         return fmt
-    found = FORMATS.get(str(fmt).lower())
+    found = FORMATS.get(str(fmt).lower()) or ACT_FORMATS.get(str(fmt).lower())
     if found is None:
         raise ValueError(f"unknown floating-point format {fmt!r}; accepted: {', '.join(FORMATS)}")
     return found
@@ -528,6 +538,40 @@ def fake_quant(
     """``dequantize(quantize(...), w.dtype)``, differentiable: straight-through rounding, so gradients reach ``v``,
     ``alpha``, ``beta`` (through the scale) and ``w``."""
     return BlockedWeight(w, fmt, global_scale).fake_quant(v, alpha, beta)
+
+
+def fake_quant_input(
+    x: torch.Tensor,
+    fmt: str | FPFormat,
+    *,
+    global_scale: torch.Tensor | float | None = None,
+    scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Activations ``[..., in]`` quantized-dequantized on the fly in ``fmt``'s blocks along the last dimension (each
+    token its own rows), in ``x``'s dtype.  ``scale``: a calibrated float32 per-tensor scale (static FP8: elements
+    ``x / scale`` on the grid, never re-derived from ``x``); ``global_scale``: NVFP4's calibrated global scale (its
+    block scales stay dynamic).  Gradients pass straight through to ``x`` (tuning trains the layers upstream)."""
+    fmt = fp_format(fmt)
+    flat = x.reshape(-1, x.shape[-1])
+    if scale is not None:
+        s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
+        q = round_to_grid((flat.detach().float() / s).clamp(-fmt.element.max, fmt.element.max), fmt.element) * s
+    else:
+        q = BlockedWeight(flat.detach(), fmt, global_scale).fake_quant().float()
+    q = q.to(x.dtype).reshape(x.shape)
+    return x + (q - x).detach() if x.requires_grad else q
+
+
+def input_scale(amax: torch.Tensor | float, fmt: str | FPFormat) -> torch.Tensor:
+    """The calibrated float32 ``[1]`` activation scale of a static format from the inputs' largest magnitude:
+    NVFP4's global scale ``448 * 6 / amax`` (``nvfp4_global_scale``), else the per-tensor divisor ``amax / max``
+    (FP8_STATIC's ``input_scale``; float32's eps for silent inputs, as compressed-tensors)."""
+    fmt = fp_format(fmt)
+    a = torch.as_tensor(amax, dtype=torch.float32).detach().reshape(-1).amax()
+    if fmt.has_global_scale:
+        return nvfp4_global_scale(a)
+    s = a / fmt.element.max
+    return torch.where(s > 0, s, FP32_ZERO_SCALE).reshape(1)
 
 
 def dequantize(q: FPQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:

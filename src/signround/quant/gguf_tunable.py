@@ -21,11 +21,15 @@ tuning optimises is exactly what ``llama-quantize`` would have written for the t
 How ``alpha`` / ``beta`` act, per type (all shrink an end of ``[lo, hi]`` toward 0, as int.py's ``wmin * alpha``
 / ``wmax * beta``):
 
-* with a min (q2_k q4_k q5_k; q4_1 q5_1): int.py's asymmetric rule without rounding the zero point:
+* with a min (q2_k q4_k q5_k; q4_1 q5_1): int.py's asymmetric rule without rounding the zero point (the scale
+  computed in float64 and rounded once to float32, which the ranges below are fitted to):
   ``scale = (hi' - lo') / (2^b - 1)``, ``min = -lo'`` (the value of code 0); llama.cpp then stores the min itself
   (K: 4/6-bit ``mins`` against ``dmin``; legacy: fp16 ``m``), so the zero point ``min / scale`` is fractional.
-  ``lo`` / ``hi``: K-quants: the search's grid ends ``-mins`` and ``-mins + (2^b - 1) * scales``; q4_1 / q5_1: the
-  block's min and max (exactly what llama.cpp computes its ``d`` and ``m`` from).
+  ``lo`` / ``hi``: the search's grid ends ``-mins`` and ``-mins + (2^b - 1) * scales`` (top fitted); for q4_1 /
+  q5_1 without an importance these are the block's min and (about) its max, what llama.cpp computes ``d`` and
+  ``m`` from.
+* with an importance (``search_range(..., importance)``), every type but q8_0 starts from the ends of its
+  weighted search's grid the same way (q4_0 / q5_0 then as the symmetric K-quants below).
 * symmetric K-quants (q3_k q6_k) and q4_0 / q5_0: int.py's full-range symmetric rule: the end of larger magnitude
   ``e`` (after shrinking) maps to code 0, ``scale = -e / 2^(b-1)`` (negative when ``e > 0``, as llama.cpp's scales
   are); positive wins ties.  ``lo`` / ``hi``: q4_0 / q5_0: the block's min and max (llama.cpp's ``d = max / -8``
@@ -70,11 +74,31 @@ from typing import NamedTuple
 
 import torch
 
-from .gguf import GGUFQuantized, GGUFScales, GGUFType, gguf_type, quantize_with_scales, search_scales
-from .gguf_search import _first_min_max, _nearest_int, _positive_max, _q2_k_levels, _rdiv, _signed_absmax, _wrap
+from .gguf import GGUFQuantized, GGUFScales, GGUFType, gguf_type, quantize_with_scales, search_scales, search_weights_of
+from .gguf_search import (
+    WEIGHTED_STORE,
+    _first_min_max,
+    _nearest_int,
+    _positive_max,
+    _rdiv,
+    _seq_sum,
+    _signed_absmax,
+    _wrap,
+    q2_k_scale_levels,
+    q3_k_levels,
+    qp_levels,
+)
 from .gguf_types import GROUP_MAX_EPS, check_shape
 
-__all__ = ["GGUFGrid", "gguf_fake_quant", "gguf_grid", "gguf_scale_and_zero", "search_range", "to_gguf"]
+__all__ = [
+    "GGUFGrid",
+    "gguf_fake_quant",
+    "gguf_grid",
+    "gguf_scale_and_zero",
+    "search_range",
+    "stage2_weights",
+    "to_gguf",
+]
 
 _FIT_TRIES = 8  # float64 nudges of a K-quant grid's top end until (hi - lo) / maxq gives the search's scale back
 
@@ -126,28 +150,62 @@ def _fit_top(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, maxq: int)
     return hi
 
 
+def _symmetric_range(t: GGUFType, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ends ``-offset * s`` and ``(max_code - offset) * s`` (both exact in float64) of a symmetric grid with
+    float32 scale ``s``, ordered so that the full-range rule gives ``s`` back (signed zeros included)."""
+    big, small = -t.code_offset * s.double(), (t.max_code - t.code_offset) * s.double()
+    positive = s > 0  # s <= 0 (signed zeros included) puts the big end on top: the decoder picks it on ties
+    return torch.where(positive, big, small), torch.where(positive, small, big)
+
+
+def _min_range(t: GGUFType, s: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-mins, -mins + max_code * s)`` in float64, the top nudged until ``float32((hi - lo) / max_code)`` is
+    ``s``: a grid with a min, from its float32 scale and min."""
+    lo = -mins.double()
+    return lo, _fit_top(lo, lo + t.max_code * s.double(), s, t.max_code)
+
+
 @torch.no_grad()
-def search_range(w: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def stage2_weights(w: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> torch.Tensor | None:
+    """float32 ``[rows, cols / sub_block]``: per sub-block, the summed search weights llama.cpp's importance path
+    stores q2_k .. q5_k's sub-block scales (and mins) by (``sw``); None without an importance or for the other
+    types, whose stage 2 does not depend on it.  What ``gguf_grid`` / ``gguf_fake_quant`` take as
+    ``sub_weights`` (computed once: a row's weights depend on the weight itself, not on the tuned parameters)."""
+    t = gguf_type(type_name)
+    if importance is None or t.name not in WEIGHTED_STORE:
+        return None
+    weights = search_weights_of(w, t.name, importance)
+    rows, cols = weights.shape
+    return _seq_sum(weights.reshape(-1, t.sub_block).T.contiguous()).reshape(rows, cols // t.sub_block)
+
+
+@torch.no_grad()
+def search_range(
+    w: torch.Tensor, type_name: str, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)``, float64 ``[rows, cols / sub_block]``: per sub-block, the range of llama.cpp's own grid for
     ``w [rows, cols]`` (its stage 1, ``search_scales``), in the form ``gguf_grid`` reads, so that ``alpha = beta =
     1`` (or None) and ``v = 0`` give back exactly llama.cpp's float scales (and mins), hence ``quantize(w, t)``'s
     blocks: the tuning starts from llama.cpp's own result.  Which range each type uses is in the module docstring;
-    it always satisfies ``lo <= hi``.  Float64 because a K-quant grid's top end is not a float32 in general."""
+    it always satisfies ``lo <= hi``.  Float64 because a K-quant grid's top end is not a float32 in general.
+
+    ``importance`` (float ``[cols]``): the range of llama.cpp's importance-matrix search instead (``search_scales``
+    with it), for every type but q8_0 (which ignores it); the legacy types' ranges are then their weighted grids'
+    ends, like the K-quants'.  Stored with the same importance (``to_gguf(..., importance=)``) the start is
+    ``quantize(w, t, importance)`` (the legacy types given the search's codes, which llama.cpp keeps)."""
     t = gguf_type(type_name)
     rows, _ = check_shape(tuple(w.shape), t)
     x = w.detach().float()
-    if t.is_k_quant:
-        found = search_scales(x, t.name)
+    if t.is_k_quant or (importance is not None and t.name != "q8_0"):
+        found = search_scales(x, t.name, importance)
         s = found.scales.reshape(rows, -1)
         if t.has_min:
-            lo = -found.mins.reshape(rows, -1).double()
-            return lo, _fit_top(lo, lo + t.max_code * s.double(), s, t.max_code)
-        big, small = -t.code_offset * s.double(), (t.max_code - t.code_offset) * s.double()  # both exact
-        positive = s > 0  # s <= 0 (signed zeros included) puts the big end on top: the decoder picks it on ties
-        return torch.where(positive, big, small), torch.where(positive, small, big)
+            return _min_range(t, s, found.mins.reshape(rows, -1))
+        return _symmetric_range(t, s)
     xb = x.reshape(rows, -1, t.block_size)
-    if t.has_min:  # q4_1 / q5_1: llama.cpp's min and max, signed zeros included
+    if t.has_min:  # q4_1 / q5_1: llama.cpp's d and min (its float32 d is (max - min) / max_code)
         lo, hi = _first_min_max(xb, -1)
+        return _min_range(t, (hi - lo) / t.max_code, -lo)
     elif t.name == "q8_0":
         lo, hi = xb.amin(-1), xb.amax(-1)
     else:  # q4_0 / q5_0: the signed largest magnitude, first on ties, is the end that wins
@@ -183,19 +241,28 @@ def _six_bit(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _stored_k(t: GGUFType, sf: torch.Tensor, mf: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _stored_k(
+    t: GGUFType, sf: torch.Tensor, mf: torch.Tensor | None, sw: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """``(step, shift or None, idle code)`` ``[..., n_sub]`` that ``store_blocks`` derives from float scales
-    ``sf`` (and mins ``mf``): the same operations as ``gguf_search._store_*``, on the scales only (no weights)."""
+    ``sf`` (and mins ``mf``): the same operations as ``gguf_search._store_*``, on the scales only (no weights);
+    ``sw`` (``stage2_weights``): the importance path's weighted storing of q2_k .. q5_k's scales."""
     idle = torch.full_like(sf, float(t.code_offset))
     if t.name == "q2_k":
-        ls, d = _q2_k_levels(sf)
-        lm, dmin = _q2_k_levels(mf)
+        ls, d = q2_k_scale_levels(sf, sw)
+        lm, dmin = q2_k_scale_levels(mf, sw)
         byte = ((ls & 0xFF) | (lm << 4)) & 0xFF  # the stored byte: scale in the low nibble, min in the high one
         scales, mins = (byte & 0xF).float(), (byte >> 4).float()
         return d.float().unsqueeze(-1) * scales, dmin.float().unsqueeze(-1) * mins, idle
     if t.has_min:  # q4_k / q5_k
-        (scales, d), (mins, dmin) = _six_bit(sf), _six_bit(mf)
+        if sw is None:
+            (scales, d), (mins, dmin) = _six_bit(sf), _six_bit(mf)
+        else:
+            (scales, d), (mins, dmin) = qp_levels(sf, sw, 63), qp_levels(mf, sw, 63)
         return d.float().unsqueeze(-1) * scales, dmin.float().unsqueeze(-1) * mins, idle
+    if t.name == "q3_k" and sw is not None:
+        scales, d = q3_k_levels(sf, sw)
+        return d.float().unsqueeze(-1) * scales, None, idle
     if t.name == "q3_k":
         _, top = _signed_absmax(sf, -1)
         iscale = _rdiv(-32.0, top)
@@ -218,7 +285,7 @@ def _shrunk(end: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     return end if factor is None else end * factor
 
 
-def _k_grid(t: GGUFType, lo: torch.Tensor, hi: torch.Tensor, ste: bool) -> GGUFGrid:
+def _k_grid(t: GGUFType, lo: torch.Tensor, hi: torch.Tensor, ste: bool, sw: torch.Tensor | None) -> GGUFGrid:
     """The float sub-block scales (and mins) from the shrunk float64 range, then stage 2 on whole super-blocks
     (``[rows, n_blocks, n_sub]``: every sub-block's stored value depends on its super-block's largest)."""
     rows = lo.shape[0]
@@ -230,9 +297,11 @@ def _k_grid(t: GGUFType, lo: torch.Tensor, hi: torch.Tensor, ste: bool) -> GGUFG
         big = torch.where(-lo > hi, lo, hi)
         sf, mf = (-big / t.code_offset).float(), None
     per_super = (rows, -1, t.n_sub)
+    mf_super = None if mf is None else mf.detach().reshape(per_super)
+    sw_super = None if sw is None else sw.reshape(per_super)
     step, shift, idle = (
         None if v is None else v.reshape(rows, -1)
-        for v in _stored_k(t, sf.detach().reshape(per_super), None if mf is None else mf.detach().reshape(per_super))
+        for v in _stored_k(t, sf.detach().reshape(per_super), mf_super, sw_super)
     )
     if ste:
         step = _straight_through(step, sf)
@@ -240,12 +309,12 @@ def _k_grid(t: GGUFType, lo: torch.Tensor, hi: torch.Tensor, ste: bool) -> GGUFG
     return GGUFGrid(sf, mf, step, shift, step, shift, idle)
 
 
-def _legacy_grid(t: GGUFType, lo: torch.Tensor, hi: torch.Tensor, ste: bool) -> GGUFGrid:
+def _legacy_grid(t: GGUFType, lo: torch.Tensor, hi: torch.Tensor, ste: bool, sw: None = None) -> GGUFGrid:
     """The float32 ``d`` (and min) as ``quantize_row_q*_ref`` computes them from the (shrunk) block range."""
     lo32, hi32 = lo.float(), hi.float()
     mins = None
-    if t.has_min:  # q4_1 / q5_1
-        d = (hi32 - lo32) / t.max_code
+    if t.has_min:  # q4_1 / q5_1: in float64 then rounded once, as the K-quants' (search_range fits hi to it)
+        d = ((hi - lo) / t.max_code).float()
         d = torch.where(d < 0, torch.zeros_like(d), d)  # where, not clamp: keeps llama.cpp's -0.0
         mins = -lo32
     elif t.name == "q8_0":
@@ -269,13 +338,15 @@ def gguf_grid(
     alpha: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     ste: bool = True,
+    sub_weights: torch.Tensor | None = None,
 ) -> GGUFGrid:
     """Every per-group number a GGUF type's codes and values are computed from, for the range ``[lo * alpha,
     hi * beta]`` (``lo`` / ``hi`` from ``search_range``; ``alpha`` / ``beta`` anything broadcasting to ``[rows,
     G]``, None meaning 1).  The float sub-block scales (and mins) follow int.py's rules (module docstring); the
     stored values are llama.cpp's second stage of those, bit for bit.  ``ste``: the stored values pass gradients
     straight through to the float ones they round (so ``alpha`` / ``beta`` get gradients); False: no gradient
-    through the rounding (the values are the same)."""
+    through the rounding (the values are the same).  ``sub_weights``: ``stage2_weights`` (importance path:
+    q2_k .. q5_k store their scales by a fit weighted by them), None for ``*_ref``'s storing."""
     t = gguf_type(type_name)
     if lo.shape != hi.shape or lo.dim() != 2 or lo.shape[1] % t.n_sub:
         raise ValueError(
@@ -284,7 +355,8 @@ def gguf_grid(
         )
     with torch.set_grad_enabled(torch.is_grad_enabled() and ste):
         lo2, hi2 = _shrunk(lo, alpha), _shrunk(hi, beta)
-        return (_k_grid if t.is_k_quant else _legacy_grid)(t, lo2, hi2, ste)
+        sw = None if sub_weights is None or t.name not in WEIGHTED_STORE else sub_weights.detach().float()
+        return (_k_grid if t.is_k_quant else _legacy_grid)(t, lo2, hi2, ste, sw)
 
 
 def gguf_scale_and_zero(
@@ -409,15 +481,17 @@ def gguf_fake_quant(
     alpha: torch.Tensor | None = None,
     beta: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    sub_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_hat, codes)`` for ``w [rows, cols]``: float32 ``w_hat`` differentiable in ``alpha`` / ``beta`` /
     ``v`` (straight-through rounding, as int.py's fake quantizer), uint8 ``codes``.  Both are, bit for bit,
     ``dequantize(to_gguf(w, ...))`` and ``to_gguf(w, ...).codes`` for the same arguments (the codes where a
     K-quant step is 0 being ``quantize_with_scales``' without search codes).  ``v``: float ``[rows, cols]`` in
-    ``[-0.5, 0.5]``, None meaning 0."""
+    ``[-0.5, 0.5]``, None meaning 0.  ``sub_weights``: ``stage2_weights(w, t, importance)`` to match ``to_gguf(...,
+    importance=importance)``."""
     t = gguf_type(type_name)
     rows, cols = check_shape(tuple(w.shape), t)
-    g = gguf_grid(lo, hi, t.name, alpha, beta)
+    g = gguf_grid(lo, hi, t.name, alpha, beta, sub_weights=sub_weights)
     wg = w.reshape(rows, -1, t.sub_block)
     vg = None if v is None else v.float().reshape(wg.shape)
 
@@ -444,15 +518,25 @@ def to_gguf(
     v: torch.Tensor | None = None,
     *,
     codes: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> GGUFQuantized:
     """The blocks llama.cpp stores for tuned ``(alpha, beta, v)``: ``gguf_grid``'s float scales (and mins) through
     ``quantize_with_scales`` (stage 2: integer sub-block scales, fp16 super-block scales, every code recomputed).
     ``codes``: ``search_scales(w, t).codes`` to be byte-identical with ``quantize(w, t)`` where a stored K-quant
-    step is 0 (llama.cpp keeps its search's codes there); they change bytes only, never a dequantized value."""
+    step is 0 (llama.cpp keeps its search's codes there); they change bytes only, never a dequantized value.
+
+    ``importance``: stored as llama.cpp's importance-matrix path stores (``quantize_with_scales``); with the
+    ranges ``search_range(w, t, importance)`` gives and ``codes = search_scales(w, t, importance).codes`` the
+    start is ``quantize(w, t, importance)`` byte for byte.  The legacy types store those codes as they are
+    (llama.cpp does), so they are taken only for the untuned start (``alpha`` / ``beta`` / ``v`` all None); the
+    values of a legacy start without them use codes recomputed from the same stored scales."""
     t = gguf_type(type_name)
     rows, cols = check_shape(tuple(w.shape), t)
-    g = gguf_grid(lo, hi, t.name, alpha, beta, ste=False)
+    legacy_codes = codes is not None and not t.is_k_quant and importance is not None
+    if legacy_codes and not (alpha is None and beta is None and v is None):
+        raise ValueError(f"{t.name}: the search's codes fit its own scales only; no alpha / beta / v with them")
+    g = gguf_grid(lo, hi, t.name, alpha, beta, ste=False, sub_weights=stage2_weights(w, t.name, importance))
     per_block = (rows, cols // t.block_size, t.n_sub)
     mins = None if g.mins is None else g.mins.reshape(per_block)
-    found = GGUFScales(g.scales.reshape(per_block), mins, codes if t.is_k_quant else None)
-    return quantize_with_scales(w, t.name, *found, v=v)
+    found = GGUFScales(g.scales.reshape(per_block), mins, codes if t.is_k_quant or legacy_codes else None)
+    return quantize_with_scales(w, t.name, *found, v=v, importance=importance)

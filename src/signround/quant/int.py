@@ -226,6 +226,57 @@ class RoundedGroups:
             spec=self.spec,
         )
 
+    def kept(self) -> KeptCodes:
+        """These codes in the smallest form that still gives :meth:`quantized` exactly: the clip marks dropped and
+        ``8 // width`` codes per byte.  The tuning loop keeps its best step this way, so that its one-byte marked
+        buffer goes back to the workspace at once (half a byte per weight held instead of one, for 3-4 bits)."""
+        width = _code_width(self.spec.bits)
+        maxq = 2**self.spec.bits - 1
+        flat = self.marked_codes.reshape(-1)
+        per_byte = 8 // width
+        packed = torch.zeros(-(-flat.numel() // per_byte), dtype=torch.uint8, device=flat.device)
+        step = CHUNK_ELEMENTS - CHUNK_ELEMENTS % per_byte
+        for start in range(0, flat.numel(), step):  # a million codes at a time: no weight-sized temporary
+            codes = flat[start : start + step].clamp(0, maxq).to(torch.uint8)
+            target = packed[start // per_byte : start // per_byte + -(-codes.numel() // per_byte)]
+            for k in range(per_byte):
+                part = codes[k::per_byte]
+                target[: part.numel()] |= part << (k * width)
+        return KeptCodes(packed, self.scale, self.zero, self.spec, self.shape)
+
+
+def _code_width(bits: int) -> int:
+    """Bits per code in :class:`KeptCodes`: a power of two, so that codes never straddle a byte."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+@dataclass
+class KeptCodes:
+    """A :class:`RoundedGroups` put aside (the best step so far): codes packed ``8 // width`` per byte."""
+
+    packed: torch.Tensor  # uint8
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: LayerSpec
+    shape: torch.Size
+    marked_codes: None = None  # nothing to hand back to the workspace
+
+    def quantized(self, scale_dtype: torch.dtype) -> QuantizedTensor:
+        """Exactly :meth:`RoundedGroups.quantized` of the codes these were kept from."""
+        width = _code_width(self.spec.bits)
+        per_byte = 8 // width
+        numel = self.shape.numel()
+        codes = torch.empty(self.packed.numel() * per_byte, dtype=torch.uint8, device=self.packed.device)
+        mask = (1 << width) - 1
+        for k in range(per_byte):
+            torch.bitwise_and(self.packed >> (k * width), mask, out=codes[k::per_byte])
+        return QuantizedTensor(
+            codes=codes[:numel].reshape(self.shape),
+            scales=self.scale.to(scale_dtype),
+            zeros=self.zero.to(torch.int32),
+            spec=self.spec,
+        )
+
 
 def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(-1, keepdim=True)`` for ``[out, G, gs]`` tensors in one pass, without the product tensor."""

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.dispatch import Quantized, dequantize_weight, is_gguf, quantize_weight
+from ..quant.dispatch import Quantized, dequantize_weight, is_fp, is_gguf, quantize_weight
+from ..quant.fp_tensor import quantize_input, with_input_scale
 from ..quant.int import (
     GradSink,
     GroupedWeight,
@@ -31,7 +32,8 @@ from ..quant.int import (
     quantize,
 )
 from ..runtime import return_freed_memory
-from ..schemes import LayerSpec
+from ..schemes import LayerSpec, act_quant_of
+from .fp_linear import FPTunableLinear
 from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
@@ -74,6 +76,40 @@ class BlockResult:
     losses: list[float] = field(default_factory=list)
     # the tuned block's outputs on the calibration inputs, when the candidate selection computed them
     outputs: torch.Tensor | None = None
+
+
+@dataclass
+class LayerStart:
+    """Where one layer's tuning starts, in its grid's own terms: the integer grids' clipping factors ``alpha`` /
+    ``beta`` (optimised RTN), the GGUF grids' ``importance`` (the inputs' mean ``x^2`` per column: llama.cpp's
+    importance-matrix search), a static floating-point scheme's calibrated ``input_scale`` (FP8_STATIC, NVFP4's
+    global scale).  ``None`` everywhere is the plain quantizer of the grid."""
+
+    alpha: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    importance: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, start: LayerStart | tuple[torch.Tensor | None, torch.Tensor | None]) -> LayerStart:
+        """A start, also from an integer grid's ``(alpha, beta)`` pair (what optimised RTN returns)."""
+        return start if isinstance(start, LayerStart) else cls(alpha=start[0], beta=start[1])
+
+    def quantized(self, w: torch.Tensor, spec: LayerSpec, scale_dtype: torch.dtype) -> Quantized:
+        """The starting point itself, quantized: the result without tuning (``iters=0``)."""
+        if is_fp(spec):
+            return with_input_scale(quantize_weight(w, spec), self.input_scale)
+        if is_gguf(spec):
+            return quantize_weight(w, spec, importance=self.importance)
+        return quantize_weight(w, spec, None, _float(self.alpha), _float(self.beta), scale_dtype)
+
+    def tunable(self, linear: nn.Linear, spec: LayerSpec, scale_dtype: torch.dtype) -> TunableParameters:
+        """The layer the loop trains, starting here."""
+        if is_gguf(spec):
+            return GGUFTunableLinear(linear, spec, importance=self.importance)
+        if is_fp(spec):
+            return FPTunableLinear(linear, spec, input_scale=self.input_scale)
+        return TunableLinear(linear, spec, self.alpha, self.beta, scale_dtype)
 
 
 class TunableLinear(TunableParameters):
@@ -144,6 +180,12 @@ class TunableLinear(TunableParameters):
             self._v_step = None
 
         return undo
+
+
+def _kept(last: Any) -> Any:
+    """A forward's codes put aside as the best step: integer grids pack theirs; the others' steps are copies
+    already (GGUF, fp)."""
+    return last.kept() if isinstance(last, RoundedGroups) else last
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -233,30 +275,33 @@ def _full_loss(
 
 def tune_block(
     block: nn.Module,
-    layers: dict[str, tuple[nn.Linear, LayerSpec, tuple[torch.Tensor, torch.Tensor]]],
+    layers: dict[str, tuple[nn.Linear, LayerSpec, LayerStart | tuple[torch.Tensor | None, torch.Tensor | None]]],
     inputs: BlockInputs,
     targets: torch.Tensor,
     options: TuneOptions,
     progress: Callable[[int, float], None] | None = None,
 ) -> BlockResult:
-    """Tune the block's layers (``name -> (linear, spec, (alpha0, beta0))``, names relative to ``block``).
+    """Tune the block's layers (``name -> (linear, spec, start)``, names relative to ``block``; ``start`` a
+    :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``).
 
     Returns the quantized tensors of the kept parameters and the block's outputs with them; with
-    ``options.write_back`` (or without tuning, where no outputs are computed) each Linear's weight is left set to its
-    dequantized value, so the block computes what the packed model will.
+    ``options.write_back`` (or without tuning) each Linear's weight is left set to its dequantized value, so the
+    block computes what the packed model will.  Without tuning, outputs are computed only where layers quantize
+    their inputs (fp schemes): the block's plain forward would miss that.
     """
+    starts = {name: LayerStart.of(start) for name, (_linear, _spec, start) in layers.items()}
     if options.iters == 0:  # nothing to tune: no per-weight state (v, codes) for the whole block at once
         quantized = {
-            name: quantize_weight(linear.weight, spec, None, _float(a0), _float(b0), options.scale_dtype)
-            for name, (linear, spec, (a0, b0)) in layers.items()
+            name: starts[name].quantized(linear.weight, spec, options.scale_dtype)
+            for name, (linear, spec, _start) in layers.items()
         }
         _write_dequantized(layers, quantized)
-        return BlockResult(quantized=quantized)
+        return BlockResult(
+            quantized=quantized, outputs=_outputs_with_quantized_inputs(block, layers, quantized, inputs, options)
+        )
+    return_freed_memory()  # the passes before (targets, importance, start search) leave no heap behind the loop's
     tunables = {
-        name: GGUFTunableLinear(linear, spec)
-        if is_gguf(spec)
-        else TunableLinear(linear, spec, a0, b0, options.scale_dtype)
-        for name, (linear, spec, (a0, b0)) in layers.items()
+        name: starts[name].tunable(linear, spec, options.scale_dtype) for name, (linear, spec, _start) in layers.items()
     }
     for name, tl in tunables.items():
         block.set_submodule(name, tl)
@@ -270,6 +315,34 @@ def tune_block(
     if options.write_back:
         _write_dequantized(layers, result.quantized)
     return result
+
+
+@torch.no_grad()
+def _outputs_with_quantized_inputs(
+    block: nn.Module,
+    layers: dict[str, tuple[nn.Linear, ...]],
+    quantized: dict[str, Quantized],
+    inputs: BlockInputs,
+    options: TuneOptions,
+) -> torch.Tensor | None:
+    """The block's outputs with each layer's input quantized as its scheme says (MX / NVFP4 / FP8 activations),
+    or None when no layer quantizes its input (the caller's plain forward is then exact)."""
+    acting = {name: q for name, q in quantized.items() if act_quant_of(layers[name][1]) is not None}
+    if not acting:
+        return None
+
+    def hook(spec: LayerSpec, scale: torch.Tensor | None) -> Callable[..., tuple[torch.Tensor, ...]]:
+        return lambda _m, args: (quantize_input(args[0], spec, scale), *args[1:])
+
+    handles = [
+        layers[name][0].register_forward_pre_hook(hook(layers[name][1], getattr(q, "input_scale", None)))
+        for name, q in acting.items()
+    ]
+    try:
+        return run_block(block, inputs, min(options.batch_size, len(inputs)))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -321,8 +394,8 @@ def _signsgd_loop(
     v_group = optimizer.param_groups[0]
     removers = [tl.step_v_in_backward(lambda: v_group["lr"]) for tl in tunables.values()] if fused else []
 
-    # The minibatch winner is kept as the one-byte codes its forward computed (not a copy of v); the starting
-    # point and the last iterate are quantized again only to be judged.
+    # The minibatch winner is kept as the codes its forward computed (not a copy of v), packed (KeptCodes); the
+    # starting point and the last iterate are quantized again only to be judged.
     best_loss, best_state, best_iter = float("inf"), None, -1
     losses: list[float] = []
     workspace = Workspace()
@@ -331,22 +404,21 @@ def _signsgd_loop(
     try:
         for it in range(options.iters):
             total = 0.0
-            for step in range(options.gradient_accumulate_steps):
+            for _ in range(options.gradient_accumulate_steps):
                 idx = torch.randperm(n, generator=generator)[:bs]
                 h, kw = inputs.batch(idx)
                 out = block_output(forward(cast_floats(h, dtype), **cast_floats(kw, dtype)))
                 loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
                 total += loss.item() / options.gradient_accumulate_steps
-                improved = step == options.gradient_accumulate_steps - 1 and total < best_loss
-                if improved:  # the loss of the parameters *before* this step, and the codes they gave
-                    best_loss, best_iter, previous_best = total, it, best_state
-                    best_state = {name: tl.last for name, tl in tunables.items()}
                 (loss / options.gradient_accumulate_steps).backward()
-            # The backward is done: codes no longer needed go back to the workspace for the next step.
-            for name, tl in tunables.items():
-                unused = (previous_best or {}).get(name) if improved else tl.last
-                if unused is not None and unused.marked_codes is not None:
-                    workspace.recycle(unused.marked_codes)
+                del out, loss  # their graph holds every v (AccumulateGrad): not past the loop into the judging
+            if total < best_loss:  # the loss of the parameters *before* this step: keep the codes they gave
+                best_loss, best_iter, best_state = total, it, None  # (the previous best let go first)
+                best_state = {name: _kept(tl.last) for name, tl in tunables.items()}
+            # The backward is done: this step's codes go back to the workspace for the next one.
+            for tl in tunables.values():
+                if tl.last is not None and tl.last.marked_codes is not None:
+                    workspace.recycle(tl.last.marked_codes)
             losses.append(total)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

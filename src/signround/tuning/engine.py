@@ -22,9 +22,11 @@ from ..models import final_norm, find_blocks, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
 from ..offload import is_offloaded, materialize
 from ..placement import Dispatch, Spread, main_device
-from ..quant.dispatch import Quantized, dequantize_weight, is_gguf, moved, quantize_weight
+from ..quant.dispatch import Quantized, dequantize_weight, is_fp, is_gguf, moved, quantize_weight
+from ..quant.fp_tensor import calibrated_input_scale, needs_input_scale
+from ..runtime import return_freed_memory
 from ..schemes import LayerSpec, QuantPlan
-from .block import BlockResult, TuneOptions, run_block, tune_block
+from .block import BlockResult, LayerStart, TuneOptions, run_block, tune_block
 from .inputs import BlockInputs, capture_block_inputs
 from .rtn import optimized_rtn_params, plain_rtn_params
 
@@ -60,12 +62,14 @@ class TuneReport:
 
 
 class _InputEnergy:
-    """Forward hooks accumulating ``E[x_j^2]`` per input feature of some Linear layers."""
+    """Forward hooks accumulating ``E[x_j^2]`` per input feature of some Linear layers, and the inputs' largest
+    magnitude (``amax``: static activation scales are calibrated from it)."""
 
     def __init__(self, modules: dict[str, nn.Linear]):
         self.sums = {
             name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()
         }
+        self.amax = {name: torch.zeros((), dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
         self.counts = dict.fromkeys(modules, 0)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
@@ -73,6 +77,7 @@ class _InputEnergy:
         def hook(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             self.sums[name] += x.square().sum(0).to(self.sums[name].device)  # a layer placed off the main device
+            self.amax[name] = torch.maximum(self.amax[name], x.abs().amax().to(self.amax[name].device))
             self.counts[name] += x.shape[0]
 
         return hook
@@ -83,16 +88,26 @@ class _InputEnergy:
         return {name: s / max(self.counts[name], 1) for name, s in self.sums.items()}
 
 
-def _init_params(
-    linear: nn.Linear, spec: LayerSpec, importance: torch.Tensor | None, options: TuneOptions
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if is_gguf(spec):  # GGUF types start from llama.cpp's own search (quant.dispatch), not an integer grid's
-        return None, None
-    if options.disable_opt_rtn:
-        return plain_rtn_params(linear.weight.detach(), spec)
+def _layer_start(
+    linear: nn.Linear,
+    spec: LayerSpec,
+    importance: torch.Tensor | None,
+    options: TuneOptions,
+    input_amax: torch.Tensor | None = None,
+) -> LayerStart:
+    """Where the layer's tuning (or its ``iters=0`` result) starts, from the calibration statistics of its inputs:
+    ``importance`` (mean ``x^2`` per input column) and ``input_amax`` (largest input magnitude)."""
     if importance is not None and not bool(importance.any()):  # no input reached it (a Llama-4 expert no token
         importance = None  # was routed to sees zeros): weigh every input feature alike
-    return optimized_rtn_params(linear.weight.detach(), spec, importance, scale_dtype=options.scale_dtype)
+    if is_gguf(spec):  # llama.cpp's importance-matrix search (without data: its own, byte for byte)
+        return LayerStart(importance=None if options.disable_opt_rtn else importance)
+    if is_fp(spec):  # floating-point grids start from their full block ranges (alpha = beta = 1)
+        return LayerStart(input_scale=calibrated_input_scale(spec, input_amax))
+    if options.disable_opt_rtn:
+        return LayerStart.of(plain_rtn_params(linear.weight.detach(), spec))
+    return LayerStart.of(
+        optimized_rtn_params(linear.weight.detach(), spec, importance, scale_dtype=options.scale_dtype)
+    )
 
 
 def _block_device(block: nn.Module) -> torch.device:
@@ -215,6 +230,7 @@ def run(
                 report.block_losses.append((result.init_loss, result.final_loss))
                 q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
                 del result  # its quantized tensors are the report's now (and the packed block's, once packed)
+                return_freed_memory()  # the loop's state, freed, leaves the process before packing allocates
             if dispatch is None:
                 block.to(home)
             else:
@@ -269,8 +285,13 @@ def _tune_one_block(
         for experts in moe.values():
             experts.routed_tokens.zero_()
     specs = {name: plan.layers[prefix + name] for name in layers}
+    input_amax = _static_input_amax(block, layers, specs, q_in, options)
     prepared = {
-        name: (linear, specs[name], _init_params(linear, specs[name], importance.get(name), options))
+        name: (
+            linear,
+            specs[name],
+            _layer_start(linear, specs[name], importance.get(name), options, input_amax.get(name)),
+        )
         for name, linear in layers.items()
     }
 
@@ -287,6 +308,22 @@ def _tune_one_block(
     return result
 
 
+def _static_input_amax(
+    block: nn.Module, layers: dict[str, nn.Linear], specs: dict[str, LayerSpec], q_in: BlockInputs, options: TuneOptions
+) -> dict[str, torch.Tensor]:
+    """The largest input magnitude of each layer whose scheme calibrates a static activation scale (FP8_STATIC,
+    NVFP4's global scale), over the quantized stream's calibration inputs: one pass of the block before tuning."""
+    static = {name: linear for name, linear in layers.items() if needs_input_scale(specs[name])}
+    if not static:
+        return {}
+    seen = _InputEnergy(static)
+    try:
+        run_block(block, q_in, min(options.batch_size, len(q_in)))
+    finally:
+        seen.close()
+    return seen.amax
+
+
 def _quantize_head(
     model: nn.Module, plan: QuantPlan, q_inputs: BlockInputs, options: TuneOptions, report: TuneReport
 ) -> None:
@@ -296,14 +333,15 @@ def _quantize_head(
         return
     head = model.get_submodule(name)
     spec = plan.layers[name]
-    importance = None
+    importance = amax = None
     norm = final_norm(model)
     if norm is not None and not options.disable_opt_rtn:
         with torch.no_grad():
             x = norm(q_inputs.hidden.to(_block_device(norm))).float()
             importance = x.reshape(-1, x.shape[-1]).square().mean(0)
-    alpha, beta = _init_params(head, spec, importance, options)
-    qt = quantize_weight(head.weight, spec, None, alpha, beta, options.scale_dtype)
+            amax = x.abs().amax()
+    start = _layer_start(head, spec, importance, options, amax)
+    qt = start.quantized(head.weight, spec, options.scale_dtype)
     untie_head(model)
     with torch.no_grad():
         head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
@@ -326,8 +364,7 @@ def _quantize_unwalked(model: nn.Module, plan: QuantPlan, options: TuneOptions, 
         if name in report.quantized or name in report.packed:
             continue
         linear = model.get_submodule(name)
-        alpha, beta = _init_params(linear, spec, None, options)
-        qt = quantize_weight(linear.weight, spec, None, alpha, beta, options.scale_dtype)
+        qt = _layer_start(linear, spec, None, options).quantized(linear.weight, spec, options.scale_dtype)
         _set_dequantized(model, {name: qt})
         report.quantized[name] = qt
         logger.info("%s: outside the calibrated blocks, quantized with optimised RTN", name)

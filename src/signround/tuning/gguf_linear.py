@@ -5,7 +5,9 @@ The tuned values are those the file stores: per weight a rounding offset ``v``, 
 the fake quantizer then rounds the sub-block scales and mins to the type's integer scales and fp16 super-block
 scales exactly as llama.cpp stores them (:func:`~signround.quant.gguf_tunable.gguf_fake_quant`), so what tuning
 measures is bit for bit what the file dequantizes to.  ``alpha = beta = 1``, ``v = 0`` is llama.cpp's quantizer:
-the start is never worse than ``llama-quantize`` without an importance matrix.
+given the layer's ``importance`` (its inputs' mean ``x^2`` per column, as ``llama-imatrix`` measures it) its
+importance-matrix path, else its reference one; that start (``start()``, ``llama-quantize``'s bytes) is one of
+the candidates the block loop judges, so the result is never worse than it on the block loss.
 
 Same contract as :class:`~signround.tuning.block.TunableLinear` (the block loop drives both); it keeps a float32
 dequantized weight for autograd instead of int.py's fused one-byte-code kernel, which is fine at the sizes GGUF
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..quant import gguf
 from ..quant.dispatch import dequantize_weight
-from ..quant.gguf_tunable import gguf_fake_quant, search_range, to_gguf
+from ..quant.gguf_tunable import gguf_fake_quant, search_range, stage2_weights, to_gguf
 from ..schemes import LayerSpec, gguf_type_of
 from .tunable import TunableParameters
 
@@ -41,23 +43,35 @@ class GGUFStep:
     beta: torch.Tensor
     v: torch.Tensor
     marked_codes: None = None
+    importance: torch.Tensor | None = None
 
     def quantized(self, scale_dtype: torch.dtype | None = None) -> gguf.GGUFQuantized:
-        return to_gguf(self.weight, self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v)
+        return to_gguf(
+            self.weight, self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v, importance=self.importance
+        )
 
 
 class GGUFTunableLinear(TunableParameters):
     """A Linear fake-quantized in a GGUF type with trainable ``v`` (per weight), ``alpha`` / ``beta`` (per
-    sub-block); see the module docstring."""
+    sub-block); see the module docstring.  ``importance``: float ``[in_features]`` (None: llama.cpp's search
+    without an importance matrix)."""
 
-    def __init__(self, linear: nn.Linear, spec: LayerSpec, scale_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        spec: LayerSpec,
+        scale_dtype: torch.dtype | None = None,
+        importance: torch.Tensor | None = None,
+    ):
         super().__init__()
         t = gguf_type_of(spec.data_type)
         if t is None:
             raise ValueError(f"{spec} is not a GGUF type")
         self.linear, self.spec, self.type_name = linear, spec, t.name
         weight = linear.weight.detach()
-        self.lo, self.hi = search_range(weight, t.name)
+        self.importance = None if importance is None else importance.detach().float().to(weight.device)
+        self.lo, self.hi = search_range(weight, t.name, self.importance)
+        self.sub_weights = stage2_weights(weight, t.name, self.importance)  # fixed: they depend on the weight only
         self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
         self.alpha = nn.Parameter(torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device))
         self.beta = nn.Parameter(torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device))
@@ -71,24 +85,28 @@ class GGUFTunableLinear(TunableParameters):
         if self._judged is not None:
             return F.linear(x, dequantize_weight(self._judged, x.dtype), bias)
         w_hat, _codes = gguf_fake_quant(
-            self.linear.weight.detach(), self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v
-        )
+            self.linear.weight.detach(), self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v,
+            sub_weights=self.sub_weights,
+        )  # fmt: skip
         self.last = GGUFStep(
             self.linear.weight.detach(), self.type_name, self.lo, self.hi,
             self.alpha.detach().clone(), self.beta.detach().clone(), self.v.detach().clone(),
+            importance=self.importance,
         )  # fmt: skip
         return F.linear(x, w_hat.to(x.dtype), bias)
 
     @torch.no_grad()
     def start(self) -> gguf.GGUFQuantized:
-        """llama.cpp's own quantization of the weight (byte for byte ``llama-quantize`` without an imatrix)."""
-        return gguf.quantize(self.linear.weight.detach(), self.type_name)
+        """llama.cpp's own quantization of the weight: byte for byte ``llama-quantize`` with this layer's
+        importance as its imatrix (without one when there is none)."""
+        return gguf.quantize(self.linear.weight.detach(), self.type_name, self.importance)
 
     @torch.no_grad()
     def quantized(self) -> gguf.GGUFQuantized:
         return to_gguf(
-            self.linear.weight.detach(), self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v.detach()
-        )
+            self.linear.weight.detach(), self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v.detach(),
+            importance=self.importance,
+        )  # fmt: skip
 
     def step_v_in_backward(self, lr: Callable[[], float]) -> Callable[[], None]:
         """``v`` keeps an ordinary gradient here; the optimizer steps it."""
