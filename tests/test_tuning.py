@@ -582,3 +582,26 @@ def _scheme(name: str) -> dict:
     from signround.schemes import scheme_fields
 
     return scheme_fields(name)
+
+
+@pytest.mark.parametrize("spec_fields", [{"scheme": "MXFP4"}, {"data_type": "gguf:q4_0"}])
+def test_a_kept_step_is_the_result_of_the_parameters_its_forward_used(spec_fields: dict) -> None:
+    """GGUF and fp layers keep their best step by quantizing the live parameters when the loop keeps it (before
+    the optimizer moves them): what is kept must not follow the parameters afterwards."""
+    from signround.quant.dispatch import dequantize_weight
+    from signround.schemes import gguf_spec_fields
+
+    spec = LayerSpec(**(_scheme("MXFP4") if "scheme" in spec_fields else gguf_spec_fields("q4_0")))
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16, bias=False)
+    tl = LayerStart().tunable(linear, spec, torch.float16)
+    with torch.no_grad():
+        tl.v.uniform_(-0.5, 0.5)
+    tl(torch.randn(3, 64))
+    expected = dequantize_weight(tl.quantized(), torch.float32)
+    kept = tl.last.kept()
+    with torch.no_grad():
+        tl.v.uniform_(-0.5, 0.5)  # the optimizer's step
+        tl.alpha.mul_(0.5)
+    assert torch.equal(dequantize_weight(kept.quantized(torch.float16), torch.float32), expected)
+    assert not torch.equal(dequantize_weight(tl.quantized(), torch.float32), expected)

@@ -183,9 +183,9 @@ class TunableLinear(TunableParameters):
 
 
 def _kept(last: Any) -> Any:
-    """A forward's codes put aside as the best step: integer grids pack theirs; the others' steps are copies
-    already (GGUF, fp)."""
-    return last.kept() if isinstance(last, RoundedGroups) else last
+    """A forward's result put aside as the best step, before the optimizer moves the parameters: integer grids
+    pack their codes (KeptCodes), GGUF and fp grids quantize at once (KeptResult)."""
+    return last.kept()
 
 
 def fast_bf16(device: torch.device) -> bool:

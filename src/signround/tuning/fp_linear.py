@@ -29,12 +29,13 @@ from torch import nn
 from ..quant import fp
 from ..quant.fp_tensor import FPTensor, dequantize, quantize_input, weight_format
 from ..schemes import LayerSpec
-from .tunable import TunableParameters
+from .tunable import KeptResult, TunableParameters
 
 
 @dataclass
 class FPStep:
-    """The parameters of one forward (copies), kept when its minibatch loss is the best so far."""
+    """The parameters of one forward (the live tensors: valid until the optimizer steps, so the loop calls
+    :meth:`kept` before that when the step's minibatch loss is the best so far)."""
 
     weight: torch.Tensor
     spec: LayerSpec
@@ -47,6 +48,9 @@ class FPStep:
     def quantized(self, scale_dtype: torch.dtype | None = None) -> FPTensor:
         q = fp.quantize(self.weight, weight_format(self.spec), self.v, self.alpha, self.beta)
         return FPTensor(q, self.spec, self.input_scale)
+
+    def kept(self) -> KeptResult:
+        return KeptResult(self.quantized())
 
 
 class FPTunableLinear(TunableParameters):
@@ -75,8 +79,8 @@ class FPTunableLinear(TunableParameters):
         x = quantize_input(x, self.spec, self.input_scale)
         w_hat = self.blocked.fake_quant(self.v, self.alpha, self.beta)
         self.last = FPStep(
-            self.linear.weight.detach(), self.spec, self.v.detach().clone(),
-            self.alpha.detach().clone(), self.beta.detach().clone(), self.input_scale,
+            self.linear.weight.detach(), self.spec, self.v.detach(), self.alpha.detach(), self.beta.detach(),
+            self.input_scale,
         )  # fmt: skip
         return F.linear(x, w_hat.to(x.dtype), bias)
 

@@ -27,13 +27,14 @@ from ..quant import gguf
 from ..quant.dispatch import dequantize_weight
 from ..quant.gguf_tunable import gguf_fake_quant, search_range, stage2_weights, to_gguf
 from ..schemes import LayerSpec, gguf_type_of
-from .tunable import TunableParameters
+from .tunable import KeptResult, TunableParameters
 
 
 @dataclass
 class GGUFStep:
-    """The parameters of one forward, kept when its minibatch loss is the best so far (a copy: the live ones
-    move on).  ``marked_codes`` is None: nothing goes back to int.py's workspace."""
+    """The parameters of one forward (the live tensors: valid until the optimizer steps, so the loop calls
+    :meth:`kept` before that when the step's minibatch loss is the best so far).  ``marked_codes`` is None: nothing
+    goes back to int.py's workspace."""
 
     weight: torch.Tensor
     type_name: str
@@ -49,6 +50,9 @@ class GGUFStep:
         return to_gguf(
             self.weight, self.type_name, self.lo, self.hi, self.alpha, self.beta, self.v, importance=self.importance
         )
+
+    def kept(self) -> KeptResult:
+        return KeptResult(self.quantized())
 
 
 class GGUFTunableLinear(TunableParameters):
@@ -90,8 +94,7 @@ class GGUFTunableLinear(TunableParameters):
         )  # fmt: skip
         self.last = GGUFStep(
             self.linear.weight.detach(), self.type_name, self.lo, self.hi,
-            self.alpha.detach().clone(), self.beta.detach().clone(), self.v.detach().clone(),
-            importance=self.importance,
+            self.alpha.detach(), self.beta.detach(), self.v.detach(), importance=self.importance,
         )  # fmt: skip
         return F.linear(x, w_hat.to(x.dtype), bias)
 

@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@dataclass
+class KeptResult:
+    """A step's result, computed when the loop keeps the step as its best so far (from the live parameters, before
+    the optimizer moves them): one quantized weight instead of copies of ``v`` / ``alpha`` / ``beta``."""
+
+    result: Any
+    marked_codes: None = None  # nothing goes back to int.py's workspace
+
+    def quantized(self, scale_dtype: torch.dtype | None = None) -> Any:
+        return self.result
 
 
 class TunableParameters(nn.Module):
