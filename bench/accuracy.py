@@ -41,7 +41,13 @@ for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}"] = {"bits": _bits, "iters": 50}
 # Tuning entirely in float32 (amp off), for a like-for-like time comparison with the reference's --no_amp run.
 CONFIGS["signround-w4-fp32"] = {"bits": 4, "iters": 50, "amp": False}
+# The floating-point schemes (weights and activations as the reference's presets): round-to-nearest vs SignRound.
+FP_SCHEMES = ("MXFP4", "MXFP8", "NVFP4")
+for _scheme in FP_SCHEMES:
+    CONFIGS[f"rtn-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 0}
+    CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")] + ["signround-w4-fp32"]
+ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
 
 def _peak_rss_mb() -> float:
@@ -101,13 +107,18 @@ def run_one(name: str) -> dict:
     row: dict = {"name": name, **CONFIGS[name]}
     if name != "fp32":
         cfg = CONFIGS[name]
+        grid = {"scheme": cfg["scheme"]} if "scheme" in cfg else {"bits": cfg["bits"], "group_size": 32, "sym": True}
         ar = signround.AutoRound(
-            model, tokenizer, bits=cfg["bits"], group_size=32, sym=True, iters=cfg["iters"],
-            disable_opt_rtn=cfg.get("disable_opt_rtn", False), amp=cfg.get("amp", True), dataset=_calibration(tokenizer),
-            nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+            model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
+            amp=cfg.get("amp", True), dataset=_calibration(tokenizer), nsamples=32, seqlen=256, batch_size=8,
+            show_progress=False,
         )  # fmt: skip
         start = time.perf_counter()
-        ar.quantize()
+        if "scheme" in cfg:  # activations are quantized by the packed layers: evaluate those (saved, packed in place)
+            ar.quantize_and_save(CACHE / f"out-{name}")
+            model = ar.model
+        else:
+            ar.quantize()
         row["tune_seconds"] = round(time.perf_counter() - start, 1)
     row["peak_rss_mb_after_tuning"] = round(_peak_rss_mb(), 1)
     wins = _eval_windows(tokenizer)

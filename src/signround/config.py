@@ -271,7 +271,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
         from .convert import read_checkpoint_config
 
         default = read_checkpoint_config(description).default  # raises naming what is not loadable
-        config = cls(bits=default.bits, group_size=default.group_size, sym=default.sym, _from_saved=True)
+        fields = default.to_dict()  # fp checkpoints (compressed-tensors' fp formats): data_type and act_* too
+        config = cls(**fields, _from_saved=True)
         config.packed = copy.deepcopy(dict(description))
         return config
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..quant.int import QuantizedTensor
-from ..schemes import LayerSpec
+from ..schemes import LayerSpec, fp_format_of
 from .auto_round import _check_range, _fp16_scales
 from .bits import RUN, pack_int32, unpack_int32
 from .registry import Packer, TensorLayout, register_packer
@@ -67,6 +67,14 @@ class CompressedTensorsPacker(Packer):
     """compressed-tensors ``pack-quantized`` for int weight-only layers (bits 2, 3, 4, 8; group or channel)."""
 
     tensor_names: ClassVar[tuple[str, ...]] = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+    def resolve(self, default: LayerSpec) -> Packer:
+        """Floating-point schemes are written in compressed-tensors' fp formats (:mod:`.compressed_tensors_fp`)."""
+        if fp_format_of(default) is not None:
+            from .compressed_tensors_fp import resolve_ct_fp
+
+            return resolve_ct_fp(default)
+        return self
 
     def can_hold_spec(self, spec: LayerSpec) -> str | None:
         if spec.data_type != "int" or spec.bits not in BITS:
