@@ -19,6 +19,9 @@ Written with the tensor names, shapes and dtypes auto-round 0.16 writes (its ``e
   rounds them and changes the dequantized weights; float32 keeps the tuned values exactly (a float32 model's
   checkpoint is the reference's bit for bit).
 
+The tensors are laid out, packed and unpacked by :class:`~signround.packing.fp_layout.FPLayout` (shared with
+compressed-tensors' fp formats); FP8's ``weight_scale`` / ``weight_scale_inv`` convention is this module's.
+
 The config body is the reference's (top-level ``act_*`` keys for the activation scheme); see
 :class:`~signround.packing.auto_round.AutoRoundPacker` for ``extra_config`` and the tuning metadata.
 """
@@ -31,15 +34,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..quant import fp
-from ..quant.fp_tensor import FPTensor, needs_input_scale, weight_format
 from ..schemes import LayerSpec, fp_format_of
 from .auto_round import _AutoRoundLayout
+from .fp_layout import FPLayout
 from .registry import Packer, TensorLayout, get_packer, register_packer
 
 __all__ = ["AutoRoundFP8Packer", "AutoRoundFP8WeightOnlyPacker", "AutoRoundMXNVPacker", "fp_packing"]
 
 _FP32 = torch.float32
-_FP8 = torch.float8_e4m3fn
 
 
 def fp_packing(spec: LayerSpec) -> str | None:
@@ -52,11 +54,10 @@ def fp_packing(spec: LayerSpec) -> str | None:
     return AutoRoundFP8Packer.name if spec.act_bits < 16 else AutoRoundFP8WeightOnlyPacker.name
 
 
-class _FPLayout(_AutoRoundLayout):
+class _FPLayout(FPLayout, _AutoRoundLayout):
     """The floating-point layers of one auto_round packing; subclasses name the formats and stored tensors."""
 
     data_types: ClassVar[tuple[str, ...]] = ()
-    input_scale_name: ClassVar[str] = ""
 
     # -- shapes -------------------------------------------------------------------------------------------------
     def _spec_layout_reason(self, spec: LayerSpec) -> str | None:
@@ -65,80 +66,7 @@ class _FPLayout(_AutoRoundLayout):
         return None
 
     def layout_reason(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
-        if reason := self._spec_layout_reason(spec):
-            return reason
-        try:
-            fp._Grid.of(weight_format(spec), (out_features, in_features))
-        except ValueError as err:
-            return str(err)
-        return None
-
-    def can_hold_spec(self, spec: LayerSpec) -> str | None:
-        return self._spec_layout_reason(spec)
-
-    def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
-        if reason := self.layout_reason(spec, in_features, out_features):
-            raise ValueError(f"packing {self.name!r} cannot describe this layer: {reason}")
-        fmt = weight_format(spec)
-        grid = fp._Grid.of(fmt, (out_features, in_features))
-        layout: TensorLayout = {}
-        if fmt.element is fp.E2M1:
-            layout["weight_packed"] = ((out_features, in_features // 2), torch.uint8)
-        else:
-            layout["weight"] = ((out_features, in_features), _FP8)
-        layout.update(self._scale_layout(fmt, grid))
-        if needs_input_scale(spec):
-            layout[self.input_scale_name] = ((1,), _FP32)
-        return layout
-
-    def _scale_layout(self, fmt: fp.FPFormat, grid: Any) -> TensorLayout:
-        raise NotImplementedError
-
-    # -- tensors ------------------------------------------------------------------------------------------------
-    def pack(self, qt: FPTensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        if not isinstance(qt, FPTensor):
-            raise ValueError(f"packing {self.name!r} stores floating-point layers, got {type(qt).__name__}")
-        q, spec = qt.q, qt.spec
-        out_features, in_features = q.shape
-        self.check_holds(spec, in_features, out_features)
-        if q.fmt != weight_format(spec):
-            raise ValueError(f"the layer was quantized as {q.fmt.name}, its spec names {weight_format(spec).name}")
-        tensors = {}
-        if q.fmt.element is fp.E2M1:
-            tensors["weight_packed"] = fp.pack_fp4(q.codes).contiguous()
-        else:
-            tensors["weight"] = q.codes.view(_FP8).contiguous()
-        tensors.update(self._pack_scales(q))
-        if needs_input_scale(spec):
-            if qt.input_scale is None:
-                raise ValueError(
-                    f"{spec.act_data_type} activations need a calibrated input scale ({self.input_scale_name}); "
-                    "quantize with calibration data (the scale is measured on the layer's inputs)"
-                )
-            tensors[self.input_scale_name] = qt.input_scale.detach().to(_FP32).reshape(1).contiguous()
-        return tensors
-
-    def _pack_scales(self, q: fp.FPQuantized) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def unpack(  # type: ignore[override]
-        self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
-    ) -> FPTensor:
-        self.check_tensors(tensors, spec, in_features, out_features)
-        fmt = weight_format(spec)
-        if fmt.element is fp.E2M1:
-            codes = fp.unpack_fp4(tensors["weight_packed"])
-        else:
-            codes = tensors["weight"].view(torch.uint8)
-        grid = fp._Grid.of(fmt, (out_features, in_features))
-        scales, global_scale = self._unpack_scales(tensors, fmt, grid)
-        q = fp.FPQuantized(codes=codes, scales=scales, global_scale=global_scale, fmt=fmt)
-        return FPTensor(q, spec, tensors.get(self.input_scale_name) if needs_input_scale(spec) else None)
-
-    def _unpack_scales(
-        self, tensors: Mapping[str, torch.Tensor], fmt: fp.FPFormat, grid: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        return self.fp_layout_reason(spec, in_features, out_features)
 
     # -- config -------------------------------------------------------------------------------------------------
     def quantization_config(
@@ -171,24 +99,6 @@ class AutoRoundMXNVPacker(_FPLayout):
     )  # fmt: skip
     marker_tensors: ClassVar[tuple[str, ...]] = ("weight_scale",)
     input_scale_name: ClassVar[str] = "input_global_scale"
-
-    def _scale_layout(self, fmt: fp.FPFormat, grid: Any) -> TensorLayout:
-        dtype = torch.uint8 if fmt.scale is fp.ScaleKind.E8M0 else _FP8
-        layout: TensorLayout = {"weight_scale": ((grid.n_rows, grid.n_cols), dtype)}
-        if fmt.has_global_scale:
-            layout["weight_global_scale"] = ((1,), _FP32)
-        return layout
-
-    def _pack_scales(self, q: fp.FPQuantized) -> dict[str, torch.Tensor]:
-        out = {"weight_scale": q.scales.contiguous()}
-        if q.global_scale is not None:
-            out["weight_global_scale"] = q.global_scale.to(_FP32).reshape(1).contiguous()
-        return out
-
-    def _unpack_scales(
-        self, tensors: Mapping[str, torch.Tensor], fmt: fp.FPFormat, grid: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return tensors["weight_scale"], tensors.get("weight_global_scale") if fmt.has_global_scale else None
 
 
 @register_packer("auto_round:fp8_static")

@@ -18,7 +18,7 @@ dependency of this format: ``pip install compressed-tensors``).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +60,48 @@ def _target_pattern(target: str) -> str:
     if target.startswith("re:"):
         return f"(?:{target[3:]}).*"
     return "^" + re.escape(target) + "$"
+
+
+def _name_targets(names: list[str]) -> list[str]:
+    """compressed-tensors targets matching exactly these layer names."""
+    return ["re:^" + re.escape(n) + "$" for n in sorted(names)]
+
+
+def _layer_groups(
+    default: LayerSpec, overrides: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any]
+) -> tuple[dict[LayerSpec, list[str]], list[str]]:
+    """The layers of each spec other than ``default`` (one config group each), and the ``ignore`` list: the
+    unquantized layers and, unless it is quantized, ``lm_head``."""
+    by_spec: dict[LayerSpec, list[str]] = {}
+    ignore = [] if extra.get("quant_lm_head") else ["lm_head"]
+    for name, fields in overrides.items():
+        if fields.get("bits", default.bits) >= 16:
+            ignore.append(name)
+            continue
+        spec = LayerSpec(**{**default.to_dict(), **fields})
+        if spec != default:
+            by_spec.setdefault(spec, []).append(name)
+    return by_spec, sorted(set(ignore))
+
+
+def _parse_groups(
+    config: Any, spec_of: Callable[[str, Any], LayerSpec]
+) -> tuple[LayerSpec | None, dict[str, dict[str, Any]]]:
+    """A parsed QuantizationConfig's spec for every Linear (None: no group targets them all) and the overrides of
+    the layers its other targets and ``ignore`` name; ``spec_of(group_name, scheme)`` reads (and checks) a group."""
+    default: LayerSpec | None = None
+    overrides: dict[str, dict[str, Any]] = {}
+    for group_name, scheme in config.config_groups.items():
+        spec = spec_of(group_name, scheme)
+        if "Linear" in scheme.targets:
+            if default is not None and spec != default:
+                raise ValueError("two config groups target every Linear with different specs")
+            default = spec
+        for target in (t for t in scheme.targets if t != "Linear"):
+            overrides[_target_pattern(target)] = spec.to_dict()
+    for target in config.ignore or []:
+        overrides[_target_pattern(target)] = {"bits": 16}
+    return default, overrides
 
 
 @register_packer(FORMAT)
@@ -151,21 +193,14 @@ class CompressedTensorsPacker(Packer):
         group per other spec targeting its layers by exact name; unquantized layers (and an unquantized lm_head)
         in ``ignore``."""
         ctq = _ct()
-        by_spec: dict[LayerSpec, list[str]] = {}
-        ignore = [] if extra.get("quant_lm_head") else ["lm_head"]
-        for name, fields in overrides.items():
-            if fields.get("bits", default.bits) >= 16:
-                ignore.append(name)
-                continue
-            spec = LayerSpec(**{**default.to_dict(), **fields})
-            if spec != default:
-                by_spec.setdefault(spec, []).append(name)
+        by_spec, ignore = _layer_groups(default, overrides, extra)
         groups = {"group_0": ctq.QuantizationScheme(targets=["Linear"], weights=_args(default), format=FORMAT)}
         for i, (spec, names) in enumerate(by_spec.items(), start=1):
-            targets = ["re:^" + re.escape(n) + "$" for n in sorted(names)]
-            groups[f"group_{i}"] = ctq.QuantizationScheme(targets=targets, weights=_args(spec), format=FORMAT)
+            groups[f"group_{i}"] = ctq.QuantizationScheme(
+                targets=_name_targets(names), weights=_args(spec), format=FORMAT
+            )
         config = ctq.QuantizationConfig(
-            config_groups=groups, format=FORMAT, quantization_status="compressed", ignore=sorted(set(ignore))
+            config_groups=groups, format=FORMAT, quantization_status="compressed", ignore=ignore
         )
         return config.model_dump(mode="json")
 
@@ -174,21 +209,14 @@ class CompressedTensorsPacker(Packer):
             raise ValueError(f"not a compressed-tensors config: quant_method={cfg.get('quant_method')!r}")
         ctq = _ct()
         config = ctq.QuantizationConfig.model_validate(dict(cfg))
-        default: LayerSpec | None = None
-        overrides: dict[str, dict[str, Any]] = {}
-        for group_name, scheme in config.config_groups.items():
+
+        def spec_of(group_name: str, scheme: Any) -> LayerSpec:
             fmt = scheme.format or config.format
             if fmt != FORMAT:
                 raise ValueError(f"config group {group_name!r} has format {fmt!r}; signround loads {FORMAT!r} only")
-            spec = _spec_of(group_name, scheme)
-            if "Linear" in scheme.targets:
-                if default is not None and spec != default:
-                    raise ValueError("two config groups target every Linear with different specs")
-                default = spec
-            for target in (t for t in scheme.targets if t != "Linear"):
-                overrides[_target_pattern(target)] = spec.to_dict()
-        for target in config.ignore or []:
-            overrides[_target_pattern(target)] = {"bits": 16}
+            return _spec_of(group_name, scheme)
+
+        default, overrides = _parse_groups(config, spec_of)
         if default is None:  # every group names its layers: the rest stays unquantized
             first = next(iter(overrides.values()), None)
             if first is None or first.get("bits", 16) >= 16:

@@ -27,6 +27,9 @@ Differences that are the reader's, not the checkpoint's:
 * FP8_BLOCK's per-token groups of 128 inputs must be whole there: layers whose ``in_features`` is not a multiple of
   128 stay in 16 bit (as MX / NV layers whose input does not split into 32 / 16).
 
+The tensors are laid out, packed and unpacked by :class:`~signround.packing.fp_layout.FPLayout` (shared with
+auto_round's fp formats); the ``[1]`` per-tensor ``weight_scale`` shape is this module's.
+
 The ``quantization_config`` is compressed-tensors' own ``QuantizationConfig`` (config groups of
 ``QuantizationScheme`` / ``QuantizationArgs``), parsed back by :meth:`parse_config` for signround's loader.
 """
@@ -34,17 +37,17 @@ The ``quantization_config`` is compressed-tensors' own ``QuantizationConfig`` (c
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from ..quant import fp
-from ..quant.fp_tensor import FPTensor, needs_input_scale, weight_format
+from ..quant.fp_tensor import weight_format
 from ..schemes import FP_ACT_FORMATS, FP_WEIGHT_FORMATS, LayerSpec, act_quant_of, fp_format_of
-from .compressed_tensors import QUANT_METHOD, _ct, _target_pattern
-from .registry import Packer, TensorLayout, get_packer, register_packer
+from .compressed_tensors import QUANT_METHOD, _ct, _layer_groups, _name_targets, _parse_groups
+from .fp_layout import FPLayout
+from .registry import Packer, get_packer, register_packer
 
 __all__ = [
     "CTFP8Packer",
@@ -55,7 +58,6 @@ __all__ = [
     "resolve_ct_fp",
 ]
 
-_FP32 = torch.float32
 _FP8 = torch.float8_e4m3fn
 _FP8_ACT_GROUP = 128  # FP8_BLOCK's activation groups: compressed-tensors needs whole ones
 
@@ -173,7 +175,7 @@ def _spec_of(group_name: str, scheme: Any) -> LayerSpec:
 
 
 # -- the packers -----------------------------------------------------------------------------------------------------
-class _CTFPLayout(Packer):
+class _CTFPLayout(FPLayout):
     """The layers of one compressed-tensors fp format; subclasses name the weight formats and their tensors."""
 
     weight_formats: ClassVar[tuple[str, ...]] = ()
@@ -189,79 +191,17 @@ class _CTFPLayout(Packer):
         return _unexpressible(spec)
 
     def can_hold(self, spec: LayerSpec, in_features: int, out_features: int) -> str | None:
-        if reason := self.can_hold_spec(spec):
+        if reason := self.fp_layout_reason(spec, in_features, out_features):
             return reason
-        try:
-            fp._Grid.of(weight_format(spec), (out_features, in_features))
-        except ValueError as err:
-            return str(err)
         act = act_quant_of(spec)
         group = fp.fp_format(act.format).block[1] if act is not None else -1
         if group > 0 and in_features % group:
             return f"in_features={in_features} is not a multiple of the activation group {group} (compressed-tensors)"
         return None
 
-    def tensor_shapes_dtypes(self, spec: LayerSpec, in_features: int, out_features: int) -> TensorLayout:
-        if reason := self.can_hold(spec, in_features, out_features):
-            raise ValueError(f"packing {self.name!r} cannot describe this layer: {reason}")
-        fmt = weight_format(spec)
-        grid = fp._Grid.of(fmt, (out_features, in_features))
-        layout: TensorLayout = {}
-        if fmt.element is fp.E2M1:
-            layout["weight_packed"] = ((out_features, in_features // 2), torch.uint8)
-        else:
-            layout["weight"] = ((out_features, in_features), _FP8)
-        layout["weight_scale"] = (self._scale_shape(fmt, grid), fp._SCALE_DTYPES[fmt.scale])
-        if fmt.has_global_scale:
-            layout["weight_global_scale"] = ((1,), _FP32)
-        if needs_input_scale(spec):
-            layout[self.input_scale_name] = ((1,), _FP32)
-        return layout
-
-    @staticmethod
-    def _scale_shape(fmt: fp.FPFormat, grid: Any) -> tuple[int, ...]:
+    def _scale_shape(self, fmt: fp.FPFormat, grid: Any) -> tuple[int, ...]:
         """compressed-tensors' weight_scale shape: ``[1]`` per tensor, else one value per block ``[R, C]``."""
         return (1,) if fmt.block == (-1, -1) else (grid.n_rows, grid.n_cols)
-
-    def pack(self, qt: FPTensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        if not isinstance(qt, FPTensor):
-            raise ValueError(f"packing {self.name!r} stores floating-point layers, got {type(qt).__name__}")
-        q, spec = qt.q, qt.spec
-        out_features, in_features = q.shape
-        self.check_holds(spec, in_features, out_features)
-        if q.fmt != weight_format(spec):
-            raise ValueError(f"the layer was quantized as {q.fmt.name}, its spec names {weight_format(spec).name}")
-        tensors: dict[str, torch.Tensor] = {}
-        if q.fmt.element is fp.E2M1:
-            tensors["weight_packed"] = fp.pack_fp4(q.codes).contiguous()
-        else:
-            tensors["weight"] = q.codes.view(_FP8).contiguous()
-        shape = self._scale_shape(q.fmt, fp._Grid.of(q.fmt, q.shape))
-        tensors["weight_scale"] = q.scales.reshape(shape).contiguous()
-        if q.global_scale is not None:
-            tensors["weight_global_scale"] = q.global_scale.to(_FP32).reshape(1).contiguous()
-        if needs_input_scale(spec):
-            if qt.input_scale is None:
-                raise ValueError(
-                    f"{spec.act_data_type} activations need a calibrated input scale ({self.input_scale_name}); "
-                    "quantize with calibration data (the scale is measured on the layer's inputs)"
-                )
-            tensors[self.input_scale_name] = qt.input_scale.detach().to(_FP32).reshape(1).contiguous()
-        return tensors
-
-    def unpack(  # type: ignore[override]
-        self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, in_features: int, out_features: int
-    ) -> FPTensor:
-        self.check_tensors(tensors, spec, in_features, out_features)
-        fmt = weight_format(spec)
-        codes = (
-            fp.unpack_fp4(tensors["weight_packed"]) if fmt.element is fp.E2M1 else tensors["weight"].view(torch.uint8)
-        )
-        grid = fp._Grid.of(fmt, (out_features, in_features))
-        scales = tensors["weight_scale"].reshape(grid.n_rows, grid.n_cols)
-        global_scale = tensors["weight_global_scale"] if fmt.has_global_scale else None
-        q = fp.FPQuantized(codes=codes, scales=scales, global_scale=global_scale, fmt=fmt)
-        return FPTensor(q, spec, tensors.get(self.input_scale_name) if needs_input_scale(spec) else None)
 
     def quantization_config(
         self, default: LayerSpec, overrides: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any]
@@ -270,24 +210,16 @@ class _CTFPLayout(Packer):
         other spec naming its layers; unquantized layers (and an unquantized lm_head) in ``ignore``.  The top-level
         ``format`` is the groups' one, ``mixed-precision`` when they differ (compressed-tensors' convention)."""
         ctq = _ct()
-        by_spec: dict[LayerSpec, list[str]] = {}
-        ignore = [] if extra.get("quant_lm_head") else ["lm_head"]
-        for name, fields in overrides.items():
-            if fields.get("bits", default.bits) >= 16:
-                ignore.append(name)
-                continue
-            spec = LayerSpec(**{**default.to_dict(), **fields})
-            if spec != default:
-                by_spec.setdefault(spec, []).append(name)
+        by_spec, ignore = _layer_groups(default, overrides, extra)
         groups = {"group_0": ct_fp_scheme(default, ["Linear"])}
         for i, (spec, names) in enumerate(by_spec.items(), start=1):
-            groups[f"group_{i}"] = ct_fp_scheme(spec, ["re:^" + re.escape(n) + "$" for n in sorted(names)])
+            groups[f"group_{i}"] = ct_fp_scheme(spec, _name_targets(names))
         formats = {g.format for g in groups.values()}
         config = ctq.QuantizationConfig(
             config_groups=groups,
             format=formats.pop() if len(formats) == 1 else "mixed-precision",
             quantization_status="compressed",
-            ignore=sorted(set(ignore)),
+            ignore=ignore,
         )
         return config.model_dump(mode="json")
 
@@ -295,20 +227,14 @@ class _CTFPLayout(Packer):
         if cfg.get("quant_method") != QUANT_METHOD:
             raise ValueError(f"not a compressed-tensors config: quant_method={cfg.get('quant_method')!r}")
         config = _ct().QuantizationConfig.model_validate(dict(cfg))
-        default: LayerSpec | None = None
-        overrides: dict[str, dict[str, Any]] = {}
-        for group_name, scheme in config.config_groups.items():
+
+        def spec_of(group_name: str, scheme: Any) -> LayerSpec:
             spec = _spec_of(group_name, scheme)
             if (reason := self.can_hold_spec(spec)) is not None:
                 raise ValueError(f"config group {group_name!r}: {reason}")
-            if "Linear" in scheme.targets:
-                if default is not None and spec != default:
-                    raise ValueError("two config groups target every Linear with different specs")
-                default = spec
-            for target in (t for t in scheme.targets if t != "Linear"):
-                overrides[_target_pattern(target)] = spec.to_dict()
-        for target in config.ignore or []:
-            overrides[_target_pattern(target)] = {"bits": 16}
+            return spec
+
+        default, overrides = _parse_groups(config, spec_of)
         if default is None:  # every group names its layers: the rest stays unquantized
             first = next((v for v in overrides.values() if v.get("bits", 16) < 16), None)
             if first is None:
