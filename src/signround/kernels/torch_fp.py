@@ -42,6 +42,6 @@ TORCH_FP_BACKEND = register_backend(
         packings=None,  # any packer of floating-point layers: the layer unpacks through it
         data_types=FP_DATA_TYPES,
         sym=(True,),
-        priority=0,
+        priority=1,  # the only fp kernel, never competing with the int ones; ranked above the int reference (0)
     )
 )

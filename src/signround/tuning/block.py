@@ -37,7 +37,7 @@ from .fp_linear import FPTunableLinear
 from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
 from .signsgd import SignSGD, default_lr, linear_decay
-from .tunable import TunableParameters
+from .tunable import KeptResult, TunableParameters
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +182,12 @@ class TunableLinear(TunableParameters):
         return undo
 
 
-def _kept(last: Any) -> Any:
-    """A forward's result put aside as the best step, before the optimizer moves the parameters: integer grids
-    pack their codes (KeptCodes), GGUF and fp grids quantize at once (KeptResult)."""
-    return last.kept()
+def _kept(tl: TunableParameters) -> Any:
+    """A layer's result put aside as the best step, before the optimizer moves the parameters: integer grids pack
+    their codes (KeptCodes), GGUF and fp grids quantize at once (KeptResult).  A layer this step did not run (an
+    expert no token of the batch was routed to) has no forward result: its parameters, unchanged by the step, are
+    quantized."""
+    return KeptResult(tl.quantized()) if tl.last is None else tl.last.kept()
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -414,11 +416,12 @@ def _signsgd_loop(
                 del out, loss  # their graph holds every v (AccumulateGrad): not past the loop into the judging
             if total < best_loss:  # the loss of the parameters *before* this step: keep the codes they gave
                 best_loss, best_iter, best_state = total, it, None  # (the previous best let go first)
-                best_state = {name: _kept(tl.last) for name, tl in tunables.items()}
+                best_state = {name: _kept(tl) for name, tl in tunables.items()}
             # The backward is done: this step's codes go back to the workspace for the next one.
             for tl in tunables.values():
                 if tl.last is not None and tl.last.marked_codes is not None:
                     workspace.recycle(tl.last.marked_codes)
+                tl.last = None  # (an expert without tokens next step must not hand its buffer back twice)
             losses.append(total)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
