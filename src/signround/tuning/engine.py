@@ -275,6 +275,8 @@ def _tune_one_block(
     bar: tqdm,
     index: int,
 ) -> BlockResult:
+    specs = {name: plan.layers[prefix + name] for name in layers}
+    input_amax = None  # the static fp scales' statistic, on the quantized stream
     if not importance and not options.disable_opt_rtn:
         energy = _InputEnergy(layers)
         try:
@@ -282,10 +284,11 @@ def _tune_one_block(
                 run_block(block, q_in, min(options.batch_size, len(q_in)))
         finally:
             importance = energy.close()
+        input_amax = energy.amax  # this pass saw the quantized stream already: no second one for the scales
         for experts in moe.values():
             experts.routed_tokens.zero_()
-    specs = {name: plan.layers[prefix + name] for name in layers}
-    input_amax = _static_input_amax(block, layers, specs, q_in, options)
+    if input_amax is None:
+        input_amax = _static_input_amax(block, layers, specs, q_in, options)
     prepared = {
         name: (
             linear,
