@@ -101,6 +101,36 @@ def test_streamed_blocks_can_only_be_saved_once_in_their_format(fp_dir, shakespe
     assert not (tmp_path / "gptq").exists() and not (tmp_path / "again").exists()
 
 
+def test_a_streamed_block_refuses_to_run_naming_why(fp_dir, shakespeare, tmp_path):
+    """After a streaming save the released blocks are not silently meta tensors: running the model says which
+    block went to the output and what to do."""
+    ar = signround.AutoRound(
+        str(fp_dir), bits=4, group_size=32, iters=0, nsamples=4, seqlen=32, dataset=str(shakespeare),
+        show_progress=False, low_cpu_mem_usage=True,
+    )  # fmt: skip
+    ar.quantize_and_save(tmp_path / "out")
+    assert ar.result.shards.streamed == [0, 1]
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0 was streamed to the saved output .* load the saved"):
+        ar.model(torch.arange(8)[None])
+
+
+def test_a_gguf_run_leaves_its_blocks_computing_the_file_s_weights(fp_dir, shakespeare):
+    """GGUF is written whole at the end (nothing is packed per block), so under low_cpu_mem_usage the tuned blocks
+    must still hold the dequantized weights: the CLI's --eval_ppl measures this model."""
+    from signround.quant.dispatch import dequantize_weight
+
+    ar = signround.AutoRound(
+        str(fp_dir), format="gguf:q4_0", iters=2, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare),
+        show_progress=False, low_cpu_mem_usage=True,
+    )  # fmt: skip
+    ar.quantize()
+    quantized = ar.result.report.quantized
+    assert len(quantized) == 14
+    for name, q in quantized.items():
+        weight = ar.model.get_submodule(name).weight
+        assert torch.equal(weight, dequantize_weight(q, weight.dtype)), name
+
+
 def test_several_formats_keep_the_packed_blocks_in_memory(fp_dir, shakespeare, tmp_path):
     """Streaming writes one format; with two, the blocks stay packed in memory and both formats are written."""
     ar = _autoround(fp_dir, shakespeare, low=True)

@@ -128,7 +128,9 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         low_gpu_mem_usage=config.low_gpu_mem_usage,
         max_memory=config.max_memory,
         show_progress=show_progress,
-        write_back=not config.low_cpu_mem_usage,  # quantize_model packs each block as soon as it is tuned then
+        # quantize_model packs each block as soon as it is tuned then (low_cpu_mem_usage); a GGUF file is written
+        # whole at the end, so its blocks keep their dequantized weights like any other run
+        write_back=not config.low_cpu_mem_usage or config.gguf_mixture() is not None,
     )
 
 
@@ -538,6 +540,7 @@ class AutoRound:
         self.model.save_pretrained(target)
         if self.result.shards is not None and self.result.shards.streamed:
             self.result.shards.finish(target)  # the blocks written while tuning join transformers' own file
+            self.result.shards.refuse_released(self.model)
         packed, total = packed_bytes(target, format_packer(format_name, self.config.default_spec()).tensor_names)
         logger.info(
             "saved %s: %.1f%% of the checkpoint's %s bytes are quantized tensors", format_name,

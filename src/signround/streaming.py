@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -85,6 +87,13 @@ class BlockShards:
         if index not in self.streamed:
             self.streamed.append(index)
 
+    def refuse_released(self, model: nn.Module) -> None:
+        """After the save: running a streamed block raises an error naming it and what to do (instead of torch's
+        complaint about meta tensors).  Not before: the calibration pass of a resumed run stops at block 0."""
+        blocks = model.get_submodule(self.block_path)
+        for index in self.streamed:
+            blocks[index].register_forward_pre_hook(_released(self.prefix(index)[:-1]))
+
     def finish(self, target: Path) -> None:
         """Join the block shards with the weights ``save_pretrained`` wrote into ``target``: one numbered series
         ``model-0000i-of-0000N.safetensors`` (blocks first) and its index."""
@@ -117,6 +126,16 @@ class BlockShards:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (target / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self.finished = True
+
+
+def _released(name: str) -> Callable[..., None]:
+    def refuse(_module: nn.Module, _args: Any) -> None:
+        raise RuntimeError(
+            f"{name} was streamed to the saved output and released from memory (low_cpu_mem_usage): load the "
+            "saved output to run the model, or quantize with low_cpu_mem_usage=False to keep every block in memory"
+        )
+
+    return refuse
 
 
 def output_digests(directory: str | os.PathLike, files: bool = True) -> dict[str, str]:
