@@ -255,8 +255,15 @@ class AutoRoundConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """A checkpoint's ``quantization_config``: the config describes that packed model, kept verbatim."""
-        config = cls(**{**config_dict, **kwargs, "_from_saved": True})
+        """A checkpoint's ``quantization_config``: the config describes that packed model, kept verbatim.  A scheme
+        signround cannot run goes to Intel auto-round's loader (:mod:`signround.handoff`)."""
+        try:
+            config = cls(**{**config_dict, **kwargs, "_from_saved": True})
+        except ValueError as error:
+            from .handoff import foreign_config
+
+            foreign = foreign_config(dict(config_dict), error)
+            return (foreign, {}) if return_unused_kwargs else foreign
         config.packed = copy.deepcopy(dict(config_dict))
         return (config, {}) if return_unused_kwargs else config
 

@@ -147,6 +147,15 @@ class SignRoundHfQuantizer(HfQuantizer):
 
     requires_calibration = False
 
+    def __new__(cls, quantization_config: Any, **kwargs: Any) -> Any:
+        """A checkpoint config signround handed to Intel's loader (:mod:`signround.handoff`) gets transformers' own
+        quantizer for it (Python then skips our ``__init__``)."""
+        if not isinstance(quantization_config, AutoRoundConfig):
+            from .handoff import foreign_quantizer
+
+            return foreign_quantizer(quantization_config, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, quantization_config: AutoRoundConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
         self.device_map: Any = None
