@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import signround
 from signround import AutoRoundConfig
 from signround.kernels.base import QuantLinear
+from signround.streaming import output_digests
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +43,24 @@ def _logits(model) -> torch.Tensor:
 def test_quantized_tied_head_keeps_the_embedding_and_reloads(
     tied_dir, tmp_path, shakespeare, disable_opt_rtn: bool
 ) -> None:
+    """In memory and with the head offloaded to disk (low_cpu_mem_usage, where the head and the table are read
+    as separate tensors: the tie is the config's word) alike."""
     original = AutoModelForCausalLM.from_pretrained(tied_dir).model.embed_tokens.weight.detach().clone()
-    ar = signround.AutoRound(
-        str(tied_dir), bits=4, group_size=32, iters=0, disable_opt_rtn=disable_opt_rtn, quant_lm_head=True,
-        backend="torch", dataset=f"{shakespeare}:concat=True", nsamples=4, seqlen=64, show_progress=False,
-    )  # fmt: skip
-    out = ar.quantize_and_save(tmp_path / "q", format="auto_round")
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=AutoRoundConfig(backend="torch"))
-    assert isinstance(reloaded.lm_head, QuantLinear)
-    assert torch.equal(reloaded.model.embed_tokens.weight, original)  # the table was not quantized through the tie
-    assert torch.equal(_logits(reloaded), _logits(ar.model))
+    outs = {}
+    for low in (False, True):
+        ar = signround.AutoRound(
+            str(tied_dir), bits=4, group_size=32, iters=0, disable_opt_rtn=disable_opt_rtn, quant_lm_head=True,
+            backend="torch", dataset=f"{shakespeare}:concat=True", nsamples=4, seqlen=64, show_progress=False,
+            low_cpu_mem_usage=low,
+        )  # fmt: skip
+        outs[low] = out = ar.quantize_and_save(tmp_path / f"q-{low}", format="auto_round")
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+        reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=AutoRoundConfig(backend="torch"))
+        assert isinstance(reloaded.lm_head, QuantLinear)
+        assert torch.equal(reloaded.model.embed_tokens.weight, original)  # not quantized through the tie
+        if not low:
+            assert torch.equal(_logits(reloaded), _logits(ar.model))
+    assert output_digests(outs[True]) == output_digests(outs[False])
 
 
 def test_checkpoint_that_still_says_tied_loads(tied_dir, tmp_path) -> None:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_families import save_tiny_llava
 
 from signround import AutoRound
+from signround.streaming import output_digests
 
 pytest.importorskip("PIL", reason="the Llava image processor needs pillow (pip install pillow; in .[dev])")
 
@@ -56,7 +57,10 @@ def test_llava_text_decoder_quantized_vision_untouched(llava_dir, tmp_path, shak
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "q"
-    ar = _quantize(llava_dir, out, shakespeare)
+    ar = _quantize(llava_dir, out, shakespeare, low_cpu_mem_usage=False)  # in memory: compared with the file
+    # the default (blocks on disk, each streamed to the output once packed) writes the same tensors and files
+    _quantize(llava_dir, tmp_path / "low", shakespeare)
+    assert output_digests(tmp_path / "low") == output_digests(out)
     assert type(ar.model).__name__ == "LlavaForConditionalGeneration"
     assert (out / "processor_config.json").exists() or (out / "preprocessor_config.json").exists()
     inputs = _inputs(out)  # the saved processor
@@ -80,7 +84,7 @@ def test_quant_nontext_module_quantizes_the_vision_blocks(llava_dir, tmp_path, s
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "q-vision"
-    ar = _quantize(llava_dir, out, shakespeare, quant_nontext_module=True)
+    ar = _quantize(llava_dir, out, shakespeare, quant_nontext_module=True, low_cpu_mem_usage=False)
     saved = _tensors(out)
     vision_packed = [n for n in saved if "vision_tower" in n and n.endswith(".qweight")]
     assert len(vision_packed) == 2 * 6  # q, k, v, out_proj, fc1, fc2 of both CLIP blocks

@@ -15,9 +15,9 @@ from signround.quant import gguf
 pytest.importorskip("gguf", reason="GGUF export needs gguf-py (pip install gguf)")
 
 
-def _run(stories_dir, shakespeare, **kwargs) -> dict[str, gguf.GGUFQuantized]:
+def _run(stories_dir, shakespeare, type_name: str = "q4_1", **kwargs) -> dict[str, gguf.GGUFQuantized]:
     ar = signround.AutoRound(
-        str(stories_dir), format="gguf:q4_0", iters=0, nsamples=8, seqlen=32, batch_size=4, dataset=str(shakespeare),
+        str(stories_dir), format=f"gguf:{type_name}", iters=0, nsamples=8, seqlen=32, batch_size=4, dataset=str(shakespeare),
         dtype=torch.float32, show_progress=False, **kwargs,
     )  # fmt: skip
     ar.quantize()
@@ -63,6 +63,41 @@ def test_iters_0_starts_from_the_importance_weighted_quantizer(stories_dir, shak
     blocks = sum(1 for name in weighted if ".layers." in name and weighted[name].type_name != "q8_0")
     assert compared >= blocks > 0
     assert better == compared, (better, compared)
+
+
+def test_q4_0_starts_per_block_from_the_better_of_llama_cpp_s_search_and_optimised_rtn(
+    stories_dir, shakespeare, monkeypatch
+):
+    """q4_0 is int.py's W4G32 sym grid: each block of 32 starts from llama.cpp's importance-matrix search or from
+    optimised RTN's clipping, whichever has the lower activation-weighted error; so no block is worse than
+    llama-quantize --imatrix's, and some are better."""
+    from signround.tuning import engine
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, importance) of each calibrated layer
+    start = engine._layer_start
+
+    def recording(linear, spec, importance, options, *args):
+        if importance is not None:
+            seen.append((linear.weight.detach().clone(), importance.detach().clone()))
+        return start(linear, spec, importance, options, *args)
+
+    monkeypatch.setattr(engine, "_layer_start", recording)
+    result = _run(stories_dir, shakespeare, "q4_0")
+    original = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    checked = better = 0
+    for name, q in result.items():
+        w = original.get_submodule(name).weight.detach()
+        found = [imp for seen_w, imp in seen if seen_w.shape == w.shape and torch.equal(seen_w, w)]
+        if not found:
+            continue
+        imp = found[0]
+        llama = gguf.quantize(w, "q4_0", imp)
+        ours_err = (imp * (w - gguf.dequantize(q)) ** 2).reshape(w.shape[0], -1, 32).sum(-1)
+        llama_err = (imp * (w - gguf.dequantize(llama)) ** 2).reshape(w.shape[0], -1, 32).sum(-1)
+        assert bool((ours_err <= llama_err * (1 + 1e-6) + 1e-12).all()), name
+        better += int((ours_err < llama_err).sum())
+        checked += 1
+    assert checked >= 5 * 6 and better > 0  # (ffn_down: 172-wide rows, no 32-blocks: left in 16 bit)
 
 
 def test_a_gguf_layers_start_is_its_importance_unless_disabled_or_empty() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_families import make_tiny_llama
+from tiny_families import make_causal_lm, make_tiny_llama
 
 import signround
 from signround.offload import is_offloaded, offload_device_map
@@ -129,6 +129,42 @@ def test_a_gguf_run_leaves_its_blocks_computing_the_file_s_weights(fp_dir, shake
     for name, q in quantized.items():
         weight = ar.model.get_submodule(name).weight
         assert torch.equal(weight, dequantize_weight(q, weight.dtype)), name
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_fused_experts_offloaded_to_disk_are_unfused_and_read_at_their_block_s_turn(
+    family, stories_dir, shakespeare, tmp_path, monkeypatch
+):
+    """transformers keeps these experts as fused 3-D tensors; unfused while still on "disk", each per-expert
+    Linear is read from the fused checkpoint tensors when its block's turn comes: the same output as in memory."""
+    from transformers import AutoTokenizer
+
+    from signround.models.experts import LinearExperts
+
+    read_at_turn = []
+    fill_from = LinearExperts.fill_from
+
+    def spy(self, fused):
+        devices = {t.device.type for t in fused.values()}
+        if self.fused_source is not None and devices != {"meta"}:  # offloaded, now read from the checkpoint
+            read_at_turn.append(devices)
+        return fill_from(self, fused)
+
+    monkeypatch.setattr(LinearExperts, "fill_from", spy)
+    fp = tmp_path / "fp"
+    make_causal_lm(family).save_pretrained(fp)
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(fp)
+    outs = {}
+    for low in (True, False):
+        ar = signround.AutoRound(
+            str(fp), bits=4, group_size=32, iters=2, nsamples=4, seqlen=32, batch_size=2, dataset=str(shakespeare),
+            low_cpu_mem_usage=low, show_progress=False,
+        )  # fmt: skip
+        outs[low] = ar.quantize_and_save(tmp_path / f"q-{low}")
+        if low:
+            experts = ar.model.config.num_hidden_layers - getattr(ar.model.config, "first_k_dense_replace", 0)
+            assert read_at_turn == [{"cpu"}] * experts  # once per experts module, at its block's turn
+    assert output_digests(outs[True]) == output_digests(outs[False])
 
 
 def test_several_formats_keep_the_packed_blocks_in_memory(fp_dir, shakespeare, tmp_path):

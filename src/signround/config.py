@@ -143,6 +143,12 @@ class AutoRoundConfig(QuantizationConfigMixin):
     - ``moe_expert_names`` names quantized MoE experts on disk: ``"original"`` (default) as the family's original
       checkpoint does (Mixtral ``w1 / w2 / w3``: what vLLM and SGLang read), ``"gate_up_down"`` always
       ``gate_proj / up_proj / down_proj`` (what Intel auto-round 0.16.1's and GPTQModel's loaders expect).
+
+    ``low_cpu_mem_usage`` (on by default, as in the reference): a model loaded from a path keeps its blocks on
+    disk until their turn, each tuned block is packed at once, and ``quantize_and_save`` streams it to the output
+    and releases it, so ``ar.model`` no longer runs after that save (load the output).  The tensors written are
+    the same with it off; turn it off to keep the whole model in memory (its tuned tensors in
+    ``ar.result.report.quantized``).
     """
 
     def __init__(
@@ -175,7 +181,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         device_map: str | int | None = None,
         low_gpu_mem_usage: bool = False,
         max_memory: Mapping[Any, int | str] | None = None,
-        low_cpu_mem_usage: bool = False,
+        low_cpu_mem_usage: bool = True,
         enable_deterministic_algorithms: bool = False,
         tokenizer: str | None = None,
         data_type: str | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import head_name
+from .models import head_is_tied, head_name
 from .packing.gguf import planned_types, write_gguf
 from .quant import gguf
 from .quant.gguf_mixtures import mixture
@@ -41,13 +41,6 @@ def gguf_can_hold(spec: LayerSpec, in_features: int) -> str | None:
     return None
 
 
-def _is_tied(model: nn.Module) -> bool:
-    """The config's word, not tensor identity: offloading (low_cpu_mem_usage) loads the two as separate tensors.
-    Quantizing the head unties it (``tuning.engine.untie_head`` sets the config)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return bool(getattr(config, "tie_word_embeddings", False)) and model.get_output_embeddings() is not None
-
-
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every tensor the file will hold, by HF name (shapes only: planning runs on meta / offloaded weights too)."""
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -60,7 +53,7 @@ def gguf_layer_config(
     with the user's own entries after it, and ``{layer: why}`` for layers the recipe keeps in 16 bit.
 
     Layers a user key names keep the user's value (a recipe entry for them would win as an exact name)."""
-    tied = _is_tied(model) and not config.quant_lm_head
+    tied = head_is_tied(model) and not config.quant_lm_head
     types = planned_types(model.config, _shapes(model), mixture_name, tied)
     user = dict(config.layer_config)
     out: dict[str, Any] = {}
@@ -109,7 +102,7 @@ def write_gguf_model(
             raise ValueError(f"{layer} was quantized as {getattr(q, 'spec', q)!r}, not as a GGUF type")
         tensors[f"{layer}.weight"] = q
     head = head_name(model)
-    tied = _is_tied(model) and head not in quantized
+    tied = head_is_tied(model) and head not in quantized
     if tied and head is not None:
         tensors.pop(f"{head}.weight", None)
     types = planned_types(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, m.name, tied)

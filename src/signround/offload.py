@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.layout import find_blocks
+from .models.layout import find_blocks, head_is_tied
 
 
 def offload_device_map(skeleton: nn.Module, block_path: str) -> dict[str, str]:
@@ -67,6 +67,11 @@ def materialize(block: nn.Module, device: torch.device | str) -> None:
             if tensor.device.type == "meta":
                 set_module_tensor_to_device(module, name, device, value=weights[name])
     _remove_hooks(block)
+    for module in block.modules():  # fused MoE experts unfused while offloaded: their per-expert weights now
+        source = getattr(module, "fused_source", None)
+        if source is not None:
+            module.fill_from({name: source[name].to(device) for name in module.fused_names()})
+            module.fused_source = None
     leftover = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"tensors {leftover[:5]} of an offloaded block could not be read from its weights map")
@@ -91,6 +96,8 @@ def settle(model: nn.Module) -> None:
         materialize(module, "cpu")
     _remove_hooks(model)
     del model.hf_device_map
+    if head_is_tied(model):  # read as two tensors from "disk": one table again, as the config says
+        model.tie_weights()
 
 
 def _remove_hooks(module: nn.Module) -> None:

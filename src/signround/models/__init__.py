@@ -2,7 +2,17 @@
 
 from .conv1d import is_conv1d, is_linear_like, to_linear
 from .experts import ExpertsLayout, LinearExperts, find_fused_experts, linear_experts, observing_experts, unfuse_experts
-from .layout import Inventory, block_lists, final_norm, find_blocks, head_name, inventory, is_router, quantizable_layers
+from .layout import (
+    Inventory,
+    block_lists,
+    final_norm,
+    find_blocks,
+    head_is_tied,
+    head_name,
+    inventory,
+    is_router,
+    quantizable_layers,
+)
 
 __all__ = [
     "ExpertsLayout",
@@ -12,6 +22,7 @@ __all__ = [
     "final_norm",
     "find_blocks",
     "find_fused_experts",
+    "head_is_tied",
     "head_name",
     "inventory",
     "is_conv1d",

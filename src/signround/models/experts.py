@@ -18,7 +18,7 @@ our tensors on save and load like to any other.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -237,6 +237,8 @@ class LinearExperts(nn.ModuleList):
         object.__setattr__(self, "_shell", shell)
         self.extend(ExpertMLP(layout, self) for _ in range(layout.num_experts))
         self._observing = False
+        # Where an offloaded fused module's weights are read from at the block's turn (see from_fused)
+        self.fused_source: Mapping[str, torch.Tensor] | None = None
         self.routed_tokens = torch.zeros(layout.num_experts, dtype=torch.long)
 
     def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -265,18 +267,37 @@ class LinearExperts(nn.ModuleList):
 
     @classmethod
     def from_fused(cls, module: nn.Module, layout: ExpertsLayout) -> LinearExperts:
-        """Per-expert Linear layers holding the fused weights (views where the layout allows, so no copy)."""
+        """Per-expert Linear layers holding the fused weights (views where the layout allows, so no copy).
+
+        A fused module offloaded by accelerate (``low_cpu_mem_usage``: its weights on the meta device, read by
+        its hook from the checkpoint) gives meta-device layers that remember where to read from: ``fill_from``
+        with ``fused_source`` when the block's turn comes (:func:`signround.offload.materialize`)."""
         new = cls(layout, module)
-        if layout.has_gate:
-            up_w = module.gate_up_proj.detach()
-            up_b = module.gate_up_proj_bias.detach() if layout.has_bias else None
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None and any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            new.fused_source = weights_map
+            with torch.device("meta"):
+                new.fill_from({name: p for name, p in module.named_parameters(recurse=False)})
         else:
-            up_w = module.up_proj.detach()
-            up_b = module.up_proj_bias.detach() if layout.has_bias else None
-        down_w = module.down_proj.detach()
-        down_b = module.down_proj_bias.detach() if layout.has_bias else None
+            new.fill_from({name: p.detach() for name, p in module.named_parameters(recurse=False)})
+        _empty(module)  # the shell keeps no weights; the views above keep what they need alive
+        return new
+
+    def fused_names(self) -> list[str]:
+        """The fused module's tensor names :meth:`fill_from` reads."""
+        up = "gate_up_proj" if self.layout.has_gate else "up_proj"
+        return [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if self.layout.has_bias else [])
+
+    @torch.no_grad()
+    def fill_from(self, fused: Mapping[str, torch.Tensor]) -> None:
+        """Set every expert's Linear weights (and biases) from the fused tensors by their names in the fused
+        module (:meth:`fused_names`)."""
+        layout = self.layout
+        up, down, *biases = self.fused_names()
+        up_w, down_w = fused[up], fused[down]
+        up_b, down_b = (fused[biases[0]], fused[biases[1]]) if biases else (None, None)
         f = layout.intermediate
-        for e, expert in enumerate(new):
+        for e, expert in enumerate(self):
             w = up_w[e].t() if layout.transposed else up_w[e]  # [out, in]
             b = None if up_b is None else up_b[e]
             if layout.has_gate:
@@ -293,8 +314,6 @@ class LinearExperts(nn.ModuleList):
                 linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
                 if bias is not None:
                     linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-        _empty(module)  # the shell keeps no weights; the views above keep what they need alive
-        return new
 
     @classmethod
     def empty(cls, module: nn.Module, layout: ExpertsLayout) -> LinearExperts:

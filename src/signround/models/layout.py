@@ -76,6 +76,14 @@ def head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the output head shares the input embedding table: the config's word, not tensor identity
+    (offloading, ``low_cpu_mem_usage``, loads the two as separate tensors)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    has_both = model.get_output_embeddings() is not None and model.get_input_embeddings() is not None
+    return bool(getattr(config, "tie_word_embeddings", False)) and has_both
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     for path in FINAL_NORM_PATHS:
         try:

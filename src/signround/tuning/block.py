@@ -89,6 +89,10 @@ class LayerStart:
     beta: torch.Tensor | None = None
     importance: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    # q4_0 / q5_0: per block the better of llama.cpp's search and optimised RTN (``tuning.rtn.gguf_legacy_start``):
+    # the tunable grid's ``(lo, hi, alpha, beta)`` and the exact start; None: llama.cpp's search alone
+    gguf_range: tuple[torch.Tensor, ...] | None = None
+    gguf_start: Any = None
 
     @classmethod
     def of(cls, start: LayerStart | tuple[torch.Tensor | None, torch.Tensor | None]) -> LayerStart:
@@ -99,6 +103,8 @@ class LayerStart:
         """The starting point itself, quantized: the result without tuning (``iters=0``)."""
         if is_fp(spec):
             return with_input_scale(quantize_weight(w, spec), self.input_scale)
+        if is_gguf(spec) and self.gguf_start is not None:
+            return self.gguf_start
         if is_gguf(spec):
             return quantize_weight(w, spec, importance=self.importance)
         return quantize_weight(w, spec, None, _float(self.alpha), _float(self.beta), scale_dtype)
@@ -106,7 +112,9 @@ class LayerStart:
     def tunable(self, linear: nn.Linear, spec: LayerSpec, scale_dtype: torch.dtype) -> TunableParameters:
         """The layer the loop trains, starting here."""
         if is_gguf(spec):
-            return GGUFTunableLinear(linear, spec, importance=self.importance)
+            return GGUFTunableLinear(
+                linear, spec, importance=self.importance, start_range=self.gguf_range, start=self.gguf_start
+            )
         if is_fp(spec):
             return FPTunableLinear(linear, spec, input_scale=self.input_scale)
         return TunableLinear(linear, spec, self.alpha, self.beta, scale_dtype)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import final_norm, find_blocks, head_name, observing_experts
+from ..models import final_norm, find_blocks, head_is_tied, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
 from ..offload import is_offloaded, materialize
 from ..placement import Dispatch, Spread, main_device
@@ -28,7 +29,7 @@ from ..runtime import return_freed_memory
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, LayerStart, TuneOptions, run_block, tune_block
 from .inputs import BlockInputs, capture_block_inputs
-from .rtn import optimized_rtn_params, plain_rtn_params
+from .rtn import gguf_legacy_start, optimized_rtn_params, plain_rtn_params
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,12 @@ def _layer_start(
     ``importance`` (mean ``x^2`` per input column) and ``input_amax`` (largest input magnitude)."""
     if importance is not None and not bool(importance.any()):  # no input reached it (a Llama-4 expert no token
         importance = None  # was routed to sees zeros): weigh every input feature alike
-    if is_gguf(spec):  # llama.cpp's importance-matrix search (without data: its own, byte for byte)
-        return LayerStart(importance=None if options.disable_opt_rtn else importance)
+    if is_gguf(spec):  # llama.cpp's importance-matrix search (without data: its own, byte for byte); q4_0 /
+        importance = None if options.disable_opt_rtn else importance  # q5_0: or optimised RTN, per block
+        weight = linear.weight.detach()
+        found = None if importance is None else gguf_legacy_start(weight, spec, importance)
+        grid, start = found if found is not None else (None, None)
+        return LayerStart(importance=importance, gguf_range=grid, gguf_start=start)
     if is_fp(spec):  # floating-point grids start from their full block ranges (alpha = beta = 1)
         return LayerStart(input_scale=calibrated_input_scale(spec, input_amax))
     if options.disable_opt_rtn:
@@ -343,9 +348,9 @@ def _quantize_head(
             x = norm(q_inputs.hidden.to(_block_device(norm))).float()
             importance = x.reshape(-1, x.shape[-1]).square().mean(0)
             amax = x.abs().amax()
+    untie_head(model)  # (reads an offloaded head)
     start = _layer_start(head, spec, importance, options, amax)
     qt = start.quantized(head.weight, spec, options.scale_dtype)
-    untie_head(model)
     with torch.no_grad():
         head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
     report.quantized[name] = qt
@@ -375,17 +380,21 @@ def _quantize_unwalked(model: nn.Module, plan: QuantPlan, options: TuneOptions, 
 
 def untie_head(model: nn.Module) -> None:
     """Before the head is quantized: the embedding keeps its full-precision table, the head gets its own weight,
-    and the config says untied (so the saved checkpoint reloads with a quantized head)."""
-    if _is_tied(model):
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-
-
-def _is_tied(model: nn.Module) -> bool:
+    and the config says untied (so the saved checkpoint reloads with a quantized head).  An offloaded head
+    (``low_cpu_mem_usage``) is read first: its weight is on the meta device until then."""
     head = model.get_output_embeddings()
-    emb = model.get_input_embeddings()
-    return head is not None and emb is not None and head.weight is emb.weight
+    if head is not None and is_offloaded(head):
+        materialize(head, torch.device("cpu"))
+    if not head_is_tied(model):
+        return
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, _text_config(model))}.values():
+        config.tie_word_embeddings = False
+
+
+def _text_config(model: nn.Module) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 @torch.no_grad()

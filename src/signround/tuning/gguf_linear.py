@@ -66,6 +66,8 @@ class GGUFTunableLinear(TunableParameters):
         spec: LayerSpec,
         scale_dtype: torch.dtype | None = None,
         importance: torch.Tensor | None = None,
+        start_range: tuple[torch.Tensor, ...] | None = None,
+        start: gguf.GGUFQuantized | None = None,
     ):
         super().__init__()
         t = gguf_type_of(spec.data_type)
@@ -73,12 +75,20 @@ class GGUFTunableLinear(TunableParameters):
             raise ValueError(f"{spec} is not a GGUF type")
         self.linear, self.spec, self.type_name = linear, spec, t.name
         weight = linear.weight.detach()
+        if start_range is not None:  # q4_0 / q5_0 from tuning.rtn.gguf_legacy_start: their stage 2 needs no
+            importance = None  # importance, and the start is the given grid, codes recomputed
         self.importance = None if importance is None else importance.detach().float().to(weight.device)
-        self.lo, self.hi = search_range(weight, t.name, self.importance)
+        if start_range is None:
+            self.lo, self.hi = search_range(weight, t.name, self.importance)
+            alpha0 = beta0 = torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device)
+        else:
+            self.lo, self.hi, alpha0, beta0 = start_range
+        self.alpha0, self.beta0 = alpha0.float().clone(), beta0.float().clone()
+        self.given_start = start  # the exact start blocks that go with start_range (judged as a candidate)
         self.sub_weights = stage2_weights(weight, t.name, self.importance)  # fixed: they depend on the weight only
         self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
-        self.alpha = nn.Parameter(torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device))
-        self.beta = nn.Parameter(torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device))
+        self.alpha = nn.Parameter(self.alpha0.clone())
+        self.beta = nn.Parameter(self.beta0.clone())
         self.last: GGUFStep | None = None
         self._judged: gguf.GGUFQuantized | None = None
         self.workspace = None  # the block loop sets it for int.py's layers; unused here
@@ -101,7 +111,9 @@ class GGUFTunableLinear(TunableParameters):
     @torch.no_grad()
     def start(self) -> gguf.GGUFQuantized:
         """llama.cpp's own quantization of the weight: byte for byte ``llama-quantize`` with this layer's
-        importance as its imatrix (without one when there is none)."""
+        importance as its imatrix (without one when there is none); with a given start range, that grid."""
+        if self.given_start is not None:
+            return self.given_start
         return gguf.quantize(self.linear.weight.detach(), self.type_name, self.importance)
 
     @torch.no_grad()

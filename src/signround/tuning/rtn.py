@@ -9,6 +9,10 @@ that SignRound tunes, its result is exactly representable as a starting point fo
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+from typing import Any, cast
+
 import torch
 
 from ..quant.int import GroupedWeight, scale_and_zero
@@ -106,3 +110,54 @@ def optimized_rtn_params(
         sweep(coarse(), update_alpha, not update_alpha)
         sweep(fine((alpha if update_alpha else beta).clone()), update_alpha, not update_alpha)
     return alpha, beta
+
+
+# Legacy GGUF types whose grid is the symmetric full-range integer grid of int.py (code ``round(w / d) + 2^(b-1)``,
+# ``d`` fp16, blocks of 32): q4_0 is W4G32 sym, q5_0 W5G32 sym, so int.py's optimised RTN searches them too.
+LEGACY_SYMMETRIC_GGUF = ("q4_0", "q5_0")
+
+
+@torch.no_grad()
+def gguf_legacy_start(
+    w: torch.Tensor, spec: LayerSpec, importance: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], Any] | None:
+    """A q4_0 / q5_0 layer's start, per 32-weight block the better of llama.cpp's importance-matrix quantization
+    (``llama-quantize --imatrix``'s bytes) and optimised RTN's clipping of the block's own range, whichever has the
+    lower activation-weighted error ``sum_j E[x_j^2] (w_j - q(w_j))^2``.  Returns the tunable GGUF grid's ``(lo,
+    hi, alpha, beta)`` for it (``quant.gguf_tunable``; llama.cpp's blocks as its search grid's ends, whose codes
+    the tunable recomputes to nearest) and the start's exact blocks.  Why: llama.cpp weighs its search by ``qw *
+    sqrt(sigma^2 + x^2)``, not by the inputs' energy alone; measured on SmolLM2 (bench/gguf_blocks.py), optimised
+    RTN's start tunes to a lower block loss and KL.  None for the other GGUF types (their grids are not int.py's)."""
+    from ..quant import gguf
+    from ..quant.gguf_tunable import search_range, to_gguf
+    from ..schemes import gguf_type_of
+
+    t = gguf_type_of(spec.data_type)
+    if t is None or t.name not in LEGACY_SYMMETRIC_GGUF:
+        return None
+    w = w.detach().float()
+    weights = importance.float().to(w.device)
+    searched = search_range(w, t.name, weights)
+    ones = torch.ones(searched[0].shape, dtype=torch.float32, device=w.device)
+    # int.py's grid arithmetic reads only bits / sym (any width); LayerSpec itself admits the widths int packers store
+    twin = cast(LayerSpec, SimpleNamespace(bits=t.bits, group_size=t.block_size, sym=True))
+    alpha, beta = optimized_rtn_params(w, twin, weights, scale_dtype=torch.float16)
+    full = search_range(w, t.name, None)
+    llama, clipped = gguf.quantize(w, t.name, weights), to_gguf(w, t.name, *full, alpha, beta)
+
+    def block_error(q: Any) -> torch.Tensor:
+        return ((w - gguf.dequantize(q)).square() * weights).reshape(w.shape[0], -1, t.block_size).sum(-1)
+
+    take = block_error(clipped) < block_error(llama)
+    start = dataclasses.replace(
+        llama,
+        codes=torch.where(take.repeat_interleave(t.block_size, dim=1), clipped.codes, llama.codes),
+        d=torch.where(take, clipped.d, llama.d),
+    )
+    grid = (
+        torch.where(take, full[0], searched[0]),
+        torch.where(take, full[1], searched[1]),
+        torch.where(take, alpha, ones),
+        torch.where(take, beta, ones),
+    )
+    return grid, start
