@@ -15,8 +15,10 @@ from typing import Any, cast
 
 import torch
 
+from ..quant import gguf
+from ..quant.gguf_tunable import search_range, to_gguf
 from ..quant.int import GroupedWeight, scale_and_zero
-from ..schemes import LayerSpec
+from ..schemes import LayerSpec, gguf_type_of
 
 # Clip factors tried, largest first (ties keep the wider range): a coarse grid for all groups, then a fine
 # one around each group's coarse winner (resolution 0.005 for ~40 evaluations instead of ~100).
@@ -126,12 +128,9 @@ def gguf_legacy_start(
     lower activation-weighted error ``sum_j E[x_j^2] (w_j - q(w_j))^2``.  Returns the tunable GGUF grid's ``(lo,
     hi, alpha, beta)`` for it (``quant.gguf_tunable``; llama.cpp's blocks as its search grid's ends, whose codes
     the tunable recomputes to nearest) and the start's exact blocks.  Why: llama.cpp weighs its search by ``qw *
-    sqrt(sigma^2 + x^2)``, not by the inputs' energy alone; measured on SmolLM2 (bench/gguf_blocks.py), optimised
-    RTN's start tunes to a lower block loss and KL.  None for the other GGUF types (their grids are not int.py's)."""
-    from ..quant import gguf
-    from ..quant.gguf_tunable import search_range, to_gguf
-    from ..schemes import gguf_type_of
-
+    sqrt(sigma^2 + x^2)``, not by the inputs' energy alone (bench/gguf_blocks.py, SmolLM2's first 6 blocks in q4_0:
+    KL 0.0434 from llama.cpp's start, 0.0356 from this one).  None for the other GGUF types (their grids are not
+    int.py's)."""
     t = gguf_type_of(spec.data_type)
     if t is None or t.name not in LEGACY_SYMMETRIC_GGUF:
         return None
