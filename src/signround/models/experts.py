@@ -275,11 +275,8 @@ class LinearExperts(nn.ModuleList):
         new = cls(layout, module)
         weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
         if weights_map is not None and any(p.device.type == "meta" for p in module.parameters(recurse=False)):
-            new.fused_source = weights_map
-            with torch.device("meta"):
-                new.fill_from({name: p for name, p in module.named_parameters(recurse=False)})
-        else:
-            new.fill_from({name: p.detach() for name, p in module.named_parameters(recurse=False)})
+            new.fused_source = weights_map  # the layers get meta views now, their values at the block's turn
+        new.fill_from({name: p.detach() for name, p in module.named_parameters(recurse=False)})
         _empty(module)  # the shell keeps no weights; the views above keep what they need alive
         return new
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -76,10 +77,15 @@ def head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
+def text_config(model: nn.Module) -> Any:
+    """The config of the text model (a VLM's ``text_config``; the model's own config otherwise)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def head_is_tied(model: nn.Module) -> bool:
     """Whether the output head shares the input embedding table: the config's word, not tensor identity
     (offloading, ``low_cpu_mem_usage``, loads the two as separate tensors)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     has_both = model.get_output_embeddings() is not None and model.get_input_embeddings() is not None
     return bool(getattr(config, "tie_word_embeddings", False)) and has_both
 

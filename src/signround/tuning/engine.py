@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models import final_norm, find_blocks, head_is_tied, head_name, observing_experts
 from ..models import quantizable_layers as quantizable_layers  # re-exported: the engine's candidates
+from ..models.layout import text_config
 from ..offload import is_offloaded, materialize
 from ..placement import Dispatch, Spread, main_device
 from ..quant.dispatch import Quantized, dequantize_weight, is_fp, is_gguf, moved, quantize_weight
@@ -389,12 +389,8 @@ def untie_head(model: nn.Module) -> None:
         return
     if head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for config in {id(c): c for c in (model.config, _text_config(model))}.values():
+    for config in {id(c): c for c in (model.config, text_config(model))}.values():
         config.tie_word_embeddings = False
-
-
-def _text_config(model: nn.Module) -> Any:
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 @torch.no_grad()

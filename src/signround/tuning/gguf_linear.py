@@ -83,12 +83,11 @@ class GGUFTunableLinear(TunableParameters):
             alpha0 = beta0 = torch.ones(self.lo.shape, dtype=torch.float32, device=weight.device)
         else:
             self.lo, self.hi, alpha0, beta0 = start_range
-        self.alpha0, self.beta0 = alpha0.float().clone(), beta0.float().clone()
         self.given_start = start  # the exact start blocks that go with start_range (judged as a candidate)
         self.sub_weights = stage2_weights(weight, t.name, self.importance)  # fixed: they depend on the weight only
         self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
-        self.alpha = nn.Parameter(self.alpha0.clone())
-        self.beta = nn.Parameter(self.beta0.clone())
+        self.alpha = nn.Parameter(alpha0.float().clone())
+        self.beta = nn.Parameter(beta0.float().clone())
         self.last: GGUFStep | None = None
         self._judged: gguf.GGUFQuantized | None = None
         self.workspace = None  # the block loop sets it for int.py's layers; unused here
