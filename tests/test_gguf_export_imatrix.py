@@ -100,6 +100,31 @@ def test_q4_0_starts_per_block_from_the_better_of_llama_cpp_s_search_and_optimis
     assert checked >= 5 * 6 and better > 0  # (ffn_down: 172-wide rows, no 32-blocks: left in 16 bit)
 
 
+@pytest.mark.parametrize("type_name, bits", [("q4_0", 4), ("q5_0", 5)])
+def test_legacy_tuning_moves_from_optimised_rtn_while_the_exact_start_is_the_better_block(type_name, bits) -> None:
+    """q4_0 / q5_0: SignRound moves from optimised RTN's clipping of each block's own range (int.py's W4G32 /
+    W5G32 sym start, ``alpha`` / ``beta`` free to move both ways below 1), while the start judged against the tuned
+    result is, per block, the better of that and llama.cpp's importance-matrix blocks: some blocks of each."""
+    from signround.quant.gguf_tunable import search_range, to_gguf
+    from signround.schemes import LayerSpec
+    from signround.tuning.rtn import gguf_legacy_start
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.rand(64, 1)
+    importance = torch.rand(256) ** 3
+    spec = LayerSpec(bits=bits, group_size=32, sym=True, data_type=f"gguf:{type_name}")
+    (lo, hi, alpha, beta), start = gguf_legacy_start(w, spec, importance)
+    full_lo, full_hi = search_range(w, type_name, None)
+    assert torch.equal(lo, full_lo) and torch.equal(hi, full_hi)
+    assert bool(((alpha > 0) & (alpha <= 1) & (beta > 0) & (beta <= 1)).all())
+    tuned_from = to_gguf(w, type_name, lo, hi, alpha, beta)
+    llama = gguf.quantize(w, type_name, importance)
+    from_rtn = start.d == tuned_from.d
+    from_llama = start.d == llama.d
+    assert bool((from_rtn | from_llama).all())
+    assert bool((from_rtn & ~from_llama).any()) and bool((from_llama & ~from_rtn).any())
+
+
 def test_a_gguf_layers_start_is_its_importance_unless_disabled_or_empty() -> None:
     """The engine starts a GGUF layer (block loop, head) from llama.cpp's importance-matrix quantizer with the
     inputs' importance; ``disable_opt_rtn``, no importance, or one nothing reached: no importance,

@@ -123,21 +123,22 @@ LEGACY_SYMMETRIC_GGUF = ("q4_0", "q5_0")
 def gguf_legacy_start(
     w: torch.Tensor, spec: LayerSpec, importance: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], Any] | None:
-    """A q4_0 / q5_0 layer's start, per 32-weight block the better of llama.cpp's importance-matrix quantization
-    (``llama-quantize --imatrix``'s bytes) and optimised RTN's clipping of the block's own range, whichever has the
-    lower activation-weighted error ``sum_j E[x_j^2] (w_j - q(w_j))^2``.  Returns the tunable GGUF grid's ``(lo,
-    hi, alpha, beta)`` for it (``quant.gguf_tunable``; llama.cpp's blocks as its search grid's ends, whose codes
-    the tunable recomputes to nearest) and the start's exact blocks.  Why: llama.cpp weighs its search by ``qw *
-    sqrt(sigma^2 + x^2)``, not by the inputs' energy alone (bench/gguf_blocks.py, SmolLM2's first 6 blocks in q4_0:
-    KL 0.0434 from llama.cpp's start, 0.0356 from this one).  None for the other GGUF types (their grids are not
-    int.py's)."""
+    """A q4_0 / q5_0 layer's start: the tunable grid SignRound moves from, and the exact blocks judged as the start.
+
+    The exact start is, per 32-weight block, the better of llama.cpp's importance-matrix quantization
+    (``llama-quantize --imatrix``'s bytes) and optimised RTN's clipping of the block's own range, by the
+    activation-weighted error ``sum_j E[x_j^2] (w_j - q(w_j))^2`` (llama.cpp weighs its search by ``qw * sqrt(sigma^2
+    + x^2)``, not by the inputs' energy alone).  The tunable grid ``(lo, hi, alpha, beta)`` (``quant.gguf_tunable``)
+    is optimised RTN's clipping of every block's own range, as int.py's W4G32 / W5G32 sym tuner starts: tuning from
+    llama.cpp's blocks (their search's codes, not nearest ones) ends at higher block losses.  bench/gguf_blocks.py,
+    SmolLM2's first 6 blocks in q4_0, KL: 0.0434 from llama.cpp's start, 0.0356 from this exact start, and tuned
+    (iters 50) 0.0366 from llama.cpp's blocks, 0.0334 from this grid.  None for the other GGUF types (their grids
+    are not int.py's)."""
     t = gguf_type_of(spec.data_type)
     if t is None or t.name not in LEGACY_SYMMETRIC_GGUF:
         return None
     w = w.detach().float()
     weights = importance.float().to(w.device)
-    searched = search_range(w, t.name, weights)
-    ones = torch.ones(searched[0].shape, dtype=torch.float32, device=w.device)
     # int.py's grid arithmetic reads only bits / sym (any width); LayerSpec itself admits the widths int packers store
     twin = cast(LayerSpec, SimpleNamespace(bits=t.bits, group_size=t.block_size, sym=True))
     alpha, beta = optimized_rtn_params(w, twin, weights, scale_dtype=torch.float16)
@@ -153,10 +154,4 @@ def gguf_legacy_start(
         codes=torch.where(take.repeat_interleave(t.block_size, dim=1), clipped.codes, llama.codes),
         d=torch.where(take, clipped.d, llama.d),
     )
-    grid = (
-        torch.where(take, full[0], searched[0]),
-        torch.where(take, full[1], searched[1]),
-        torch.where(take, alpha, ones),
-        torch.where(take, beta, ones),
-    )
-    return grid, start
+    return (*full, alpha, beta), start
