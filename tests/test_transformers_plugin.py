@@ -152,3 +152,20 @@ def test_plain_transformers_refuses_our_checkpoint(rtn_checkpoint) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "REFUSED" in proc.stdout and "auto-round" in proc.stdout
+
+
+def test_quantize_on_load_to_gguf_is_refused_before_any_weight_is_read(stories_dir, shakespeare, monkeypatch) -> None:
+    """A .gguf file is not something save_pretrained writes: quantize-on-load with format 'gguf:<type>' fails at
+    once, naming the way that does write one, instead of tuning every block and failing at the packing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from signround import api
+
+    def never(*args, **kwargs):
+        raise AssertionError("tuning started")
+
+    monkeypatch.setattr(api, "quantize_model", never)
+    cfg = signround.AutoRoundConfig(format="gguf:q4_k_m", iters=0, dataset=str(shakespeare))
+    with pytest.raises(ValueError, match=r"format 'gguf:q4_k_m' writes a llama.cpp .gguf file.*quantize_and_save"):
+        AutoModelForCausalLM.from_pretrained(stories_dir, quantization_config=cfg, dtype=torch.float32)

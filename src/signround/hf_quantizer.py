@@ -164,6 +164,15 @@ class SignRoundHfQuantizer(HfQuantizer):
         self.unfused_experts: dict[str, Any] = {}
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Runs before any weight is read: refuse here what quantize-on-load cannot deliver."""
+        mixture = self.quantization_config.gguf_mixture()
+        if not self.pre_quantized and mixture is not None:  # a llama.cpp file is not a Transformers checkpoint
+            raise ValueError(
+                f"format 'gguf:{mixture}' writes a llama.cpp .gguf file, which save_pretrained cannot: quantize with "
+                f"signround.AutoRound(model, tokenizer, format='gguf:{mixture}').quantize_and_save(out_dir) or "
+                f"`signround --model ... --format gguf:{mixture}`; quantize-on-load accepts the formats auto_round, "
+                "auto_gptq, auto_awq, llm_compressor"
+            )
         self.device_map = kwargs.get("device_map")
 
     def adjust_max_memory(self, max_memory: dict[Any, int | str]) -> dict[Any, int | str]:
