@@ -76,6 +76,22 @@ def test_round_to_grid_is_torchs_cast(elem: fp.ElementFormat) -> None:
     assert torch.equal(fp.to_codes(ours, elem), x.to(FLOAT8[elem]).view(torch.uint8))
 
 
+@pytest.mark.parametrize("elem", (E2M1, E4M3, E5M2), ids=lambda e: e.name)
+def test_grid_step_is_two_to_the_binade_minus_mantissa_bits(elem: fp.ElementFormat) -> None:
+    """The unit of ``v`` at every magnitude: ``2^(clamp(floor(log2 |x|), emin, emax) - mbits)``, 0 and subnormals at
+    the subnormal spacing, beyond ``max`` the top binade's, either sign (checked against Python's exact frexp)."""
+    g = torch.Generator().manual_seed(2)
+    magnitudes = torch.exp2(torch.empty(20000).uniform_(elem.emin - 12, elem.emax + 4, generator=g))
+    grid = _positive_grid(elem)
+    x = torch.cat([magnitudes, grid, torch.nextafter(grid, torch.zeros(())), torch.zeros(1)])
+    x = torch.cat([x, -x])
+    expected = [
+        math.ldexp(1.0, min(max(math.frexp(abs(v))[1] - 1 if v else elem.emin, elem.emin), elem.emax) - elem.mbits)
+        for v in x.tolist()
+    ]
+    assert fp.grid_step(x, elem).tolist() == expected
+
+
 def test_e2m1_rounding_ties_to_even_and_saturates() -> None:
     x = _t([0.25, 0.26, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.01, 7.0, 1e9, -0.25, -0.1, -1.75, -100.0])
     expected = _t([0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 6.0, -0.0, -0.0, -2.0, -6.0])
