@@ -438,9 +438,14 @@ def block_scales(q: FPQuantized) -> torch.Tensor:
 def _check_weight(w: torch.Tensor, fmt: FPFormat) -> None:
     if not w.is_floating_point():
         raise ValueError(f"{fmt.name}: the weight must be a float tensor, got {w.dtype}")
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        raise ValueError(f"{fmt.name}: the weight has {int(bad.sum())} NaN or inf values; cannot quantize it")
+
+
+def _check_finite(w: torch.Tensor, extremes: tuple[torch.Tensor, ...], fmt: FPFormat) -> None:
+    """A NaN or inf anywhere in ``w`` reaches its block's max / min (both propagate NaN), so the check reads the
+    per-block extremes (one value per block) instead of the whole tensor; the count is taken on failure only."""
+    if not all(bool(torch.isfinite(e).all()) for e in extremes):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{fmt.name}: the weight has {bad} NaN or inf values; cannot quantize it")
 
 
 def _check_global_scale(g: torch.Tensor | float) -> torch.Tensor:
@@ -464,8 +469,9 @@ class BlockedWeight:
         self.grid = _Grid.of(fmt, tuple(w.shape))
         self.dtype = w.dtype
         self.wb = self.grid.blocks(w if w.dtype in (torch.float32, torch.bfloat16, torch.float16) else w.float())
-        self.wmax = self.wb.amax(dim=(1, 3)).float().clamp(min=0)
-        self.wmin = self.wb.amin(dim=(1, 3)).float().clamp(max=0)
+        wmax, wmin = self.wb.amax(dim=(1, 3)).float(), self.wb.amin(dim=(1, 3)).float()
+        _check_finite(w, (wmax, wmin), fmt)
+        self.wmax, self.wmin = wmax.clamp(min=0), wmin.clamp(max=0)
         self.global_scale: torch.Tensor | None = None
         if fmt.has_global_scale:
             self.global_scale = (
