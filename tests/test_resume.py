@@ -99,3 +99,22 @@ def test_fingerprint_reads_a_few_pages_of_a_memory_mapped_weight(tmp_path) -> No
     with torch.no_grad():
         model.weight[-1] += 1  # the last value is in the sample
     assert fingerprint(model, {}, IDS)["model"] != digest
+
+
+def test_a_run_fingerprints_alike_with_and_without_low_cpu_mem_usage(stories_dir) -> None:
+    """Offloaded weights (meta tensors under low_cpu_mem_usage) are sampled from their checkpoint file, the same
+    runs as in memory: a run killed in one placement resumes in the other; a changed value still changes it."""
+    from transformers import AutoModelForCausalLM
+
+    import signround
+
+    kwargs = dict(bits=4, group_size=32, iters=0, nsamples=4, seqlen=32, show_progress=False)
+    offloaded = signround.AutoRound(str(stories_dir), dataset=[IDS[0].tolist()], low_cpu_mem_usage=True, **kwargs)
+    metas = [n for n, p in offloaded.model.named_parameters() if p.device.type == "meta"]
+    assert len(metas) > 10  # the blocks are on "disk"
+    in_memory = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    digest = fingerprint(in_memory, {}, IDS)["model"]
+    assert fingerprint(offloaded.model, {}, IDS)["model"] == digest
+    with torch.no_grad():
+        in_memory.get_parameter(metas[0]).view(-1)[0] += 1  # the first value is in the sample
+    assert fingerprint(in_memory, {}, IDS)["model"] != digest

@@ -68,16 +68,46 @@ def _weight_sample(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat[s : s + SAMPLE_RUN_LENGTH] for s in starts]).float()
 
 
+def _offloaded_sample(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor | None:
+    """``_weight_sample`` of an offloaded parameter (on the meta device under ``low_cpu_mem_usage``), read from the
+    checkpoint file accelerate's hook maps it to: the same runs as slices (the same few pages), cast to the
+    parameter's dtype as loading does, so a run fingerprints alike in both placements and resumes across them.
+    None where the hook names no file or the stored tensor is not the parameter's shape (converted on load)."""
+    from safetensors import safe_open
+
+    module_name, _, attr = name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    index = getattr(getattr(weights, "dataset", None), "index", None)
+    entry = index.get(getattr(weights, "prefix", "") + attr) if isinstance(index, dict) else None
+    if not entry or "safetensors_file" not in entry:
+        return None
+    with safe_open(entry["safetensors_file"], framework="pt") as f:
+        stored = f.get_slice(entry.get("weight_name", name))
+        if tuple(stored.get_shape()) != tuple(p.shape):
+            return None
+        numel = p.numel()
+        if numel <= SAMPLE_RUNS * SAMPLE_RUN_LENGTH or p.dim() < 2:
+            return f.get_tensor(entry.get("weight_name", name)).to(p.dtype).reshape(-1)[:numel].float()
+        row = numel // p.shape[0]
+        runs = []
+        for s in torch.linspace(0, numel - SAMPLE_RUN_LENGTH, SAMPLE_RUNS).long().tolist():
+            first, last = s // row, (s + SAMPLE_RUN_LENGTH - 1) // row + 1
+            flat = stored[first:last].reshape(-1)
+            runs.append(flat[s - first * row : s - first * row + SAMPLE_RUN_LENGTH])
+        return torch.cat(runs).to(p.dtype).float()
+
+
 def _weights_digest(model: nn.Module) -> str:
     """Every parameter's name, shape and dtype, plus a sample of its values (4096 at most), so that the digest
     of a multi-billion-parameter model takes milliseconds, reads a few pages and still tells two checkpoints
-    apart."""
+    apart.  An offloaded parameter's sample is read from its checkpoint file (``_offloaded_sample``)."""
     parts: list[Any] = []
     for name, p in model.named_parameters():
-        if p.device.type == "meta":  # offloaded (low_cpu_mem_usage): its checkpoint files stand for its values
-            parts += [name, tuple(p.shape), str(p.dtype)]
-            continue
-        parts += [name, _weight_sample(p)]
+        parts += [name, tuple(p.shape), str(p.dtype)]
+        sample = _offloaded_sample(model, name, p) if p.device.type == "meta" else _weight_sample(p)
+        if sample is not None:  # else: its checkpoint files (below) stand for its values
+            parts.append(sample)
     source = Path(str(getattr(model, "name_or_path", "") or ""))
     if source.is_dir():
         parts += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(source.glob("*.safetensors"))]
