@@ -14,7 +14,9 @@ Cases, each a family x tokenizer layout x weight types that llama.cpp must run e
   / q8_0 weights (skipped until ``signround fetch-model smollm2-135m`` has run);
 * mistral (written as llama), qwen2 (q/k/v biases, linear RoPE), qwen3 (q/k norms, head_dim != hidden / heads) and
   llama with llama3 RoPE (a rope_freqs tensor), each with a byte-level BPE tokenizer trained here with one of the
-  pre-tokenizers of ``models.gguf_arch.BPE_PRE_TOKENIZERS`` ("llama-bpe", "qwen2", "smollm").
+  pre-tokenizers of ``models.gguf_arch.BPE_PRE_TOKENIZERS`` ("llama-bpe", "qwen2", "smollm");
+* MoE: qwen3_moe (f32, and q4_k experts with q8_0 attention) and mixtral (f32, written as llama), our per-expert
+  Linear layers stacked into llama.cpp's ``ffn_*_exps`` tensors: tight in f32, so routing and expert order agree.
 
 Quantized weights are compared with our dequantized weights, so only llama.cpp's runtime arithmetic differs: for
 f32 weights nothing but summation order (tolerance 1e-4 of the logits' range); for quantized weights ggml also
@@ -39,12 +41,15 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from signround.fetch import cached_model_path
+from signround.models import unfuse_experts
 from signround.models.gguf_arch import SPLIT_REGEXES
 from signround.packing.gguf import write_gguf
 from signround.quant.gguf import GGUFQuantized, dequantize, quantize
@@ -187,6 +192,37 @@ def _family_cases(tmp: Path, data_dir: Path, stories_dir: Path) -> list[Case]:
                 AutoModelForCausalLM.from_config(config_class(**shape, vocab_size=len(tok) + 3)), weights
             )
         cases.append(case)
+    return cases + _moe_cases(tmp, tokenizers["qwen2"])
+
+
+def _moe_cases(tmp: Path, tok) -> list[Case]:
+    """Qwen3-MoE: our per-expert Linear layers (unfused from transformers' fused experts) stacked into llama.cpp's
+    ``ffn_*_exps`` tensors, float (tight: the routing and the expert order must be exact) and q4_k / q8_0."""
+    config = Qwen3MoeConfig(
+        hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=512, vocab_size=len(tok) + 3,
+    )  # fmt: skip
+    cases = []
+    for name, types, scale, tolerance in (
+        ("qwen3moe-f32", {}, 0.15, TIGHT),
+        ("qwen3moe-q4k", {"experts": "q4_k", "self_attn": "q8_0"}, 0.05, LOOSE),
+    ):
+        model = _randomize(AutoModelForCausalLM.from_config(config), 11, scale=scale)
+        unfuse_experts(model)
+        weights = _quantized(model, types)
+        path = write_gguf(tmp / f"{name}.gguf", config, tok, weights, float_type="f32")
+        cases.append(Case(name, path, tok, _reference(model, weights), tolerance))
+    # Mixtral: llama.cpp's llama arch with experts; q/k rows reordered for its adjacent-pair RoPE, w1 / w3 / w2
+    mixtral = MixtralConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, vocab_size=len(tok) + 3,
+    )  # fmt: skip
+    model = _randomize(AutoModelForCausalLM.from_config(mixtral), 12)
+    unfuse_experts(model)
+    weights = _quantized(model, {})
+    path = write_gguf(tmp / "mixtral-f32.gguf", mixtral, tok, weights, float_type="f32")
+    cases.append(Case("mixtral-f32", path, tok, _reference(model, weights), TIGHT))
     return cases
 
 
@@ -272,6 +308,9 @@ CASES = (
     "mistral-stories",
     "qwen2-linearrope-qwen2",
     "qwen3-headdim-smollm",
+    "qwen3moe-f32",
+    "qwen3moe-q4k",
+    "mixtral-f32",
 )
 
 

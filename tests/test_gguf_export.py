@@ -172,3 +172,35 @@ def test_low_cpu_mem_usage_writes_the_same_gguf_file(stories_dir, shakespeare, t
     assert files[0] == files[1]
     names = {t.name for t in gguf_py.GGUFReader(tmp_path / "lowTrue" / path.name).tensors}
     assert "output.weight" not in names
+
+
+def test_a_qwen3_moe_is_tuned_per_expert_and_written_as_llama_cpp_s_stacked_experts(stories_dir, shakespeare, tmp_path):
+    """Qwen3-MoE to GGUF: each expert is its own tuned Linear, planned at its stacked tensor's type; the file holds
+    ffn_{gate,up,down}_exps [n_expert, out, in] with expert i's tuned blocks at index i (llama.cpp runs such files:
+    integration_tests/test_gguf_llamacpp.py)."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ar = signround.AutoRound(
+        model, AutoTokenizer.from_pretrained(stories_dir), format="gguf:q4_k_m", iters=2, nsamples=4, seqlen=32,
+        dataset=str(shakespeare), show_progress=False, low_cpu_mem_usage=False,
+    )  # fmt: skip
+    ar.quantize_and_save(tmp_path / "out")
+    quantized = ar.result.report.quantized
+    (path,) = (tmp_path / "out").glob("*.gguf")
+    tensors = {t.name: t for t in gguf_py.GGUFReader(path).tensors}
+    for proj, kind in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+        stacked = tensors[f"blk.0.{kind}.weight"]
+        experts = [quantized[f"model.layers.0.mlp.experts.{i}.{proj}"] for i in range(4)]
+        assert len({q.type_name for q in experts}) == 1
+        assert stacked.tensor_type.name == experts[0].type_name.upper()
+        assert [int(n) for n in stacked.shape] == [256, 256, 4]
+        per_expert = stacked.data.reshape(4, -1)
+        for i, q in enumerate(experts):
+            assert bytes(per_expert[i].tobytes()) == bytes(gguf.to_bytes(q).tobytes()), (proj, i)

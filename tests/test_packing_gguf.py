@@ -307,7 +307,7 @@ def test_llama3_rope_freqs(base):
 def test_unknown_family_raises():
     from transformers import GPT2Config
 
-    with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
         check_gguf_supported(GPT2Config())
 
 
@@ -456,3 +456,54 @@ def test_vocab_refuses_other_models():
     word_level = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
     with pytest.raises(ValueError, match="BPE tokenizers only; this one is 'WordLevel'"):
         gguf_vocab(PreTrainedTokenizerFast(tokenizer_object=word_level), 2)
+
+
+def _tiny_qwen3_moe(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    from signround.models import unfuse_experts
+
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=3, num_experts_per_tok=2,
+        norm_topk_prob=True, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)
+    return config, model.state_dict()
+
+
+def test_qwen3_moe_experts_are_stacked_in_expert_order_with_one_type():
+    """llama.cpp's ffn_*_exps: our per-expert Linear weights stacked [n_expert, out, in], expert i at index i; the
+    plan gives every expert the stacked tensor's type."""
+    from signround.packing.gguf import planned_types
+
+    config, weights = _tiny_qwen3_moe()
+    weights = {k: quantize(v, "q8_0") if "experts" in k else v for k, v in weights.items()}
+    by_name = {t.name: t for t in gguf_tensors(config, weights, float_type="f32")}
+    down = by_name["blk.0.ffn_down_exps.weight"]
+    from gguf import GGMLQuantizationType
+
+    assert down.data.shape[0] == 3 and down.ggml_type == int(GGMLQuantizationType.Q8_0)
+    for i in range(3):
+        assert np.array_equal(down.data[i], to_bytes(weights[f"model.layers.0.mlp.experts.{i}.down_proj.weight"]))
+    assert "blk.0.ffn_gate_inp.weight" in by_name and by_name["blk.0.ffn_gate_inp.weight"].data.shape == (3, 64)
+    shapes = {k: tuple(v.shape) for k, v in _tiny_qwen3_moe()[1].items()}
+    types = planned_types(config, shapes, "q4_k_m", tied=False)
+    experts = [types[f"model.layers.0.mlp.experts.{i}.up_proj.weight"] for i in range(3)]
+    assert len(set(experts)) == 1 and "model.layers.0.mlp.experts.up_proj.weight" not in types
+
+
+def test_moe_export_refuses_missing_experts_and_what_llama_cpp_cannot_run():
+    config, weights = _tiny_qwen3_moe()
+    del weights["model.layers.0.mlp.experts.1.gate_proj.weight"]
+    with pytest.raises(ValueError, match=r"experts\.gate_proj\.weight needs experts 0\.\.1; found \[0, 2\]"):
+        list(gguf_tensors(config, weights))
+    from transformers import Qwen3MoeConfig
+
+    check_gguf_supported(Qwen3MoeConfig(norm_topk_prob=True))
+    with pytest.raises(ValueError, match=r"always renormalises the top-k expert weights.*norm_topk_prob=False"):
+        check_gguf_supported(Qwen3MoeConfig(norm_topk_prob=False))
+    with pytest.raises(ValueError, match=r"no dense-MLP layers.*mlp_only_layers=\[0\]"):
+        check_gguf_supported(Qwen3MoeConfig(norm_topk_prob=True, mlp_only_layers=[0]))

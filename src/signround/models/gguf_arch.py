@@ -70,7 +70,16 @@ _DERIVED: dict[str, Callable[[Any], Any]] = {
     "<head_dim>": _head_dim,
     "<kv_heads>": _kv_heads,
     "<rope_theta>": lambda c: _rope_parameters(c)["rope_theta"],
+    # Qwen-MoE flags llama.cpp's qwen3moe arch cannot honour: it always renormalises the chosen experts' weights
+    # and has no dense-MLP layers between the sparse ones.
+    "<unnormalised_top_k>": lambda c: not getattr(c, "norm_topk_prob", True),
+    "<dense_layers>": lambda c: bool(getattr(c, "mlp_only_layers", None)) or getattr(c, "decoder_sparse_step", 1) != 1,
 }
+
+
+def _config_value(config: Any, field: str) -> Any:
+    return _DERIVED[field](config) if field in _DERIVED else getattr(config, field, None)
+
 
 # (gguf-py GGUFWriter method, HF config field or derived value): the ``{arch}.*`` keys every decoder family
 # here writes.  Method names carry the GGUF value type (uint32 / float32), so values are never mistyped.
@@ -89,8 +98,23 @@ DECODER_HPARAMS: tuple[tuple[str, str], ...] = (
 # Written only when the head width is not hidden_size / heads (llama.cpp's default for both).
 HEAD_DIM_HPARAMS: tuple[str, ...] = ("add_key_length", "add_value_length")
 
+# The expert keys of MoE archs (routed experts; per-expert widths).
+MOE_HPARAMS: tuple[tuple[str, str], ...] = (
+    ("add_expert_count", "num_experts"),
+    ("add_expert_used_count", "num_experts_per_tok"),
+    ("add_expert_feed_forward_length", "moe_intermediate_size"),
+)
+# Mixtral: experts as wide as intermediate_size (llama.cpp's llama arch reads feed_forward_length for them)
+MIXTRAL_HPARAMS: tuple[tuple[str, str], ...] = (
+    ("add_expert_count", "num_local_experts"),
+    ("add_expert_used_count", "num_experts_per_tok"),
+)
+
 # GGUF tensor kinds (gguf-py TENSOR_NAMES without "blk.{bid}.") llama.cpp requires in every block of these archs.
-_LLAMA_BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+_ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
+_LLAMA_BLOCK = (*_ATTENTION, "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+# routed experts, stacked per block (packing.gguf stacks our per-expert Linear layers)
+_MOE_FFN = ("ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,8 @@ class GGUFFamily:
     ``block_tensors``: GGUF tensor kinds every block must have (biases and extras are optional).
     ``refuse``: ``(config field, reason)``: a truthy value means llama.cpp's arch would compute something else.
     ``warn``: ``(config field, note)``: a truthy value is logged, as convert_hf_to_gguf accepts it too.
+    ``expert_projections``: our per-expert Linear names -> the names gguf-py's TensorNameMap knows for the stacked
+    ``ffn_*_exps`` tensors (Mixtral's ``w1`` / ``w3`` / ``w2`` are its gate / up / down).
     """
 
     model_type: str
@@ -115,6 +141,7 @@ class GGUFFamily:
     hparams: tuple[tuple[str, str], ...] = DECODER_HPARAMS
     refuse: tuple[tuple[str, str], ...] = ()
     warn: tuple[tuple[str, str], ...] = ()
+    expert_projections: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA_ROPE = frozenset({"default", "linear", "llama3"})
@@ -134,6 +161,17 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
             _LLAMA_ROPE,
             warn=(("sliding_window", "llama.cpp's llama arch attends the whole context, beyond the window"),),
         ),
+        # llama.cpp's llama arch with routed experts (softmax over the router, top-k renormalised, as Mixtral)
+        GGUFFamily(
+            "mixtral",
+            "llama",
+            True,
+            _LLAMA_ROPE,
+            block_tensors=(*_ATTENTION, *_MOE_FFN),
+            hparams=(*DECODER_HPARAMS, *MIXTRAL_HPARAMS),
+            warn=(("sliding_window", "llama.cpp's llama arch attends the whole context, beyond the window"),),
+            expert_projections=(("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")),
+        ),
         GGUFFamily("qwen2", "qwen2", False, _NEOX_ROPE, refuse=_NO_SWA),
         GGUFFamily(
             "qwen3",
@@ -142,6 +180,22 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
             _NEOX_ROPE,
             block_tensors=(*_LLAMA_BLOCK, "attn_q_norm", "attn_k_norm"),
             refuse=_NO_SWA,
+        ),
+        GGUFFamily(
+            "qwen3_moe",
+            "qwen3moe",
+            False,
+            _NEOX_ROPE,
+            block_tensors=(*_ATTENTION, "attn_q_norm", "attn_k_norm", *_MOE_FFN),
+            hparams=(*DECODER_HPARAMS, *MOE_HPARAMS),
+            refuse=(
+                *_NO_SWA,
+                ("<unnormalised_top_k>", "llama.cpp's qwen3moe always renormalises the top-k expert weights"),
+                (
+                    "<dense_layers>",
+                    "llama.cpp's qwen3moe has no dense-MLP layers (mlp_only_layers, decoder_sparse_step)",
+                ),
+            ),
         ),
     )
 }
@@ -177,6 +231,15 @@ def rope_scaling(config: Any) -> dict[str, Any]:
     return params
 
 
+def _describe(config: Any, field: str) -> str:
+    """The config fields behind a refusal, as the user's config spells them."""
+    fields = {
+        "<unnormalised_top_k>": ("norm_topk_prob",),
+        "<dense_layers>": ("mlp_only_layers", "decoder_sparse_step"),
+    }.get(field, (field,))
+    return ", ".join(f"{f}={getattr(config, f, None)!r}" for f in fields)
+
+
 def check_gguf_supported(config: Any) -> None:
     """Raise before any tuning if a GGUF file of this model could not run in llama.cpp as the HF model does.
 
@@ -186,8 +249,8 @@ def check_gguf_supported(config: Any) -> None:
     family = gguf_family(config)
     rope_scaling(config)
     for field, reason in family.refuse:
-        if getattr(config, field, None):
-            raise ValueError(f"GGUF export of {family.model_type!r} with {field}={getattr(config, field)!r}: {reason}")
+        if _config_value(config, field):
+            raise ValueError(f"GGUF export of {family.model_type!r}: {reason} ({_describe(config, field)})")
     for field, note in family.warn:
         if getattr(config, field, None):
             logger.warning("GGUF export of %r with %s=%r: %s", family.model_type, field, getattr(config, field), note)
@@ -198,9 +261,7 @@ def check_gguf_supported(config: Any) -> None:
 def gguf_hparams(config: Any) -> list[tuple[str, Any]]:
     """``(GGUFWriter method, value)`` for the ``{arch}.*`` keys of this config (RoPE scaling keys included)."""
     family = gguf_family(config)
-    values = [
-        (method, _DERIVED[src](config) if src in _DERIVED else getattr(config, src)) for method, src in family.hparams
-    ]
+    values = [(method, _config_value(config, src)) for method, src in family.hparams]
     if _head_dim(config) != config.hidden_size // config.num_attention_heads:
         values += [(method, _head_dim(config)) for method in HEAD_DIM_HPARAMS]
     params = rope_scaling(config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,59 @@ _OUTPUT, _EMBED = "output.weight", "token_embd.weight"
 _ROPE_FREQS = "rope_freqs.weight"
 
 Weight = torch.Tensor | GGUFQuantized
+
+# A per-expert weight of an unfused experts module (signround.models.experts): llama.cpp stores each projection of
+# a block's experts as one tensor ``[n_expert, out, in]`` (``ffn_{gate,up,down}_exps``), named by gguf-py's
+# TensorNameMap as ``<prefix>.experts.<proj>.weight``.
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)\.weight$")
+
+
+class StackedExperts(NamedTuple):
+    """One experts module's projection as llama.cpp stores it: every expert's weight in expert order, written as one
+    ``[n_expert, out, in]`` tensor (all of one GGUF type, or all float)."""
+
+    parts: tuple[Weight, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *tuple(self.parts[0].shape))
+
+
+def expert_groups(names: Iterable[str], config: Any = None) -> dict[str, list[str]]:
+    """``<prefix>.experts.<proj>.weight`` -> the per-expert names ``<prefix>.experts.<i>.<proj>.weight`` in expert
+    order, for every experts module among ``names`` (``<proj>`` renamed by the family's ``expert_projections``
+    when ``config`` is given); ``ValueError`` if an expert is missing (a file with a hole would run the wrong
+    experts)."""
+    renamed = dict(gguf_family(config).expert_projections) if config is not None else {}
+    found: dict[str, dict[int, str]] = {}
+    for name in names:
+        m = _EXPERT.match(name)
+        if m is not None:
+            proj = renamed.get(m["proj"], m["proj"])
+            found.setdefault(f"{m['experts']}.{proj}.weight", {})[int(m["index"])] = name
+    groups = {}
+    for stacked, by_index in found.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"GGUF: {stacked} needs experts 0..{len(by_index) - 1}; found {sorted(by_index)}")
+        groups[stacked] = [by_index[i] for i in range(len(by_index))]
+    return groups
+
+
+def _stacked(config: Any, tensors: Mapping[str, Any], make: Any) -> dict[str, Any]:
+    """``tensors`` with each experts module's per-expert entries replaced by one stacked entry (``make(parts)``),
+    placed where its first expert was."""
+    groups = expert_groups(tensors, config)
+    if not groups:
+        return dict(tensors)
+    first = {members[0]: stacked for stacked, members in groups.items()}
+    members_of = {m for members in groups.values() for m in members}
+    out: dict[str, Any] = {}
+    for name, value in tensors.items():
+        if name in first:
+            out[first[name]] = make([tensors[m] for m in groups[first[name]]])
+        elif name not in members_of:
+            out[name] = value
+    return out
 
 
 class GGUFTensor(NamedTuple):
@@ -149,10 +203,28 @@ def _head_count(config: Any, gguf_name: str) -> int | None:
     return None
 
 
+def _stacked_tensor(name: str, value: StackedExperts, float_type: str) -> GGUFTensor:
+    """``[n_expert, out, in]``: the experts' block bytes stacked (one GGUF type), or their float weights."""
+    parts = value.parts
+    if all(isinstance(p, GGUFQuantized) for p in parts):
+        kinds = {p.type.name for p in parts}  # type: ignore[union-attr]
+        if len(kinds) > 1:
+            raise ValueError(f"GGUF: the experts of {name} have different types {sorted(kinds)}; llama.cpp needs one")
+        return GGUFTensor(name, np.stack([to_bytes(p) for p in parts]), parts[0].type.ggml_type)  # type: ignore[arg-type,union-attr]
+    if any(isinstance(p, GGUFQuantized) for p in parts):
+        raise ValueError(f"GGUF: the experts of {name} are partly quantized; llama.cpp stores them as one tensor")
+    member, dtype = FLOAT_TYPES[float_type]
+    t = torch.stack([p.detach().cpu() for p in parts]).to(dtype).contiguous()  # type: ignore[union-attr]
+    data = t.view(torch.uint8).numpy() if dtype == torch.bfloat16 else t.numpy()
+    return GGUFTensor(name, data, int(_gguf().GGMLQuantizationType[member]))
+
+
 def _tensor(name: str, value: Weight, rows: list[int] | None, float_type: str) -> GGUFTensor:
     """One tensor's GGUF data, rows reordered by ``rows`` (GGUF row j = given row ``rows[j]``) when set."""
     gguf = _gguf()
     types = gguf.GGMLQuantizationType
+    if isinstance(value, StackedExperts):
+        return _stacked_tensor(name, value, float_type)
     if isinstance(value, GGUFQuantized):
         data = to_bytes(value)
         return GGUFTensor(name, data[rows] if rows is not None else data, value.type.ggml_type)
@@ -196,6 +268,7 @@ def gguf_tensors(config: Any, tensors: Mapping[str, Weight], float_type: str = "
         raise ValueError(f"float_type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
     check_gguf_supported(config)
     family = gguf_family(config)
+    tensors = _stacked(config, tensors, lambda parts: StackedExperts(tuple(parts)))
     names = _map_names(config, tensors, _is_tied(config, tensors))
     if rope_scaling(config)["rope_type"] == "llama3":
         yield GGUFTensor(_ROPE_FREQS, _rope_freqs(config).numpy(), int(_gguf().GGMLQuantizationType.F32))
@@ -229,10 +302,15 @@ def planned_types(
     file reuses the embedding as the output matrix.  Planning reads this before tuning, so each layer is tuned
     towards the grid it will be stored in.
     """
-    names = _map_names(config, shapes, tied)
-    by_gguf = {g: tuple(reversed(tuple(shapes[hf]))) for hf, g in names.items()}  # llama.cpp's order: ne0 = row
+    groups = expert_groups(shapes, config)
+    stacked = _stacked(config, shapes, lambda parts: (len(parts), *tuple(parts[0])))
+    names = _map_names(config, stacked, tied)
+    by_gguf = {g: tuple(reversed(tuple(stacked[hf]))) for hf, g in names.items()}  # llama.cpp's order: ne0 = row
     types = plan_types(mixture_name, by_gguf, model_facts(config, tied), imatrix=imatrix)
-    return {hf: types[g] for hf, g in names.items()}
+    planned = {hf: types[g] for hf, g in names.items() if hf not in groups}
+    for name, members in groups.items():  # every expert gets its stacked tensor's type
+        planned.update({member: types[names[name]] for member in members})
+    return planned
 
 
 # ----------------------------------------------------------------------------------------------------------------
