@@ -204,3 +204,26 @@ def test_a_qwen3_moe_is_tuned_per_expert_and_written_as_llama_cpp_s_stacked_expe
         per_expert = stacked.data.reshape(4, -1)
         for i, q in enumerate(experts):
             assert bytes(per_expert[i].tobytes()) == bytes(gguf.to_bytes(q).tobytes()), (proj, i)
+
+
+def test_an_untied_head_gets_its_recipe_type_from_llama_cpp_s_quantizer(stories_dir, shakespeare, tmp_path):
+    """quant_lm_head=False leaves the head untuned, not unquantized: as llama-quantize, a q4_k_m file stores an
+    untied output in q6_k (llama.cpp's quantizer on the fp weight), not in f16."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    head = model.lm_head.weight.detach().clone()
+    ar = signround.AutoRound(
+        model, AutoTokenizer.from_pretrained(stories_dir), format="gguf:q4_k_m", iters=0, nsamples=4, seqlen=32,
+        dataset=str(shakespeare), show_progress=False, low_cpu_mem_usage=False,
+    )  # fmt: skip
+    ar.quantize_and_save(tmp_path / "out")
+    (path,) = (tmp_path / "out").glob("*.gguf")
+    output = {t.name: t for t in gguf_py.GGUFReader(path).tensors}["output.weight"]
+    assert output.tensor_type.name == "Q6_K"
+    assert bytes(output.data.tobytes()) == bytes(gguf.to_bytes(gguf.quantize(head, "q6_k")).tobytes())

@@ -26,7 +26,7 @@ from .config import AutoRoundConfig
 from .data import load_calibration
 from .gguf_export import gguf_can_hold, gguf_layer_config, write_gguf_model
 from .layers import install_quantized
-from .models import block_lists, find_blocks, inventory, quantizable_layers, to_linear, unfuse_experts
+from .models import HEAD_NOT_TUNED, block_lists, find_blocks, inventory, quantizable_layers, to_linear, unfuse_experts
 from .models.gguf_arch import check_gguf_supported
 from .models.naming import checkpoint_name
 from .packing.registry import Packer, format_packer
@@ -523,14 +523,9 @@ class AutoRound:
         mixture = self.config.gguf_mixture()
         if mixture is not None:
             plan = self.result.plan
-            path = write_gguf_model(
-                target,
-                self.model,
-                self.tokenizer,
-                self.result.report.quantized,
-                plan.kept + [s.name for s in plan.skipped],
-                mixture,
-            )
+            # an untuned head is not kept: llama-quantize gives it its recipe type, and so does the writer
+            kept = plan.kept + [s.name for s in plan.skipped if s.reason != HEAD_NOT_TUNED]
+            path = write_gguf_model(target, self.model, self.tokenizer, self.result.report.quantized, kept, mixture)
             logger.info("saved %s (%s)", path.name, _count(path.stat().st_size) + "B")
             self._model_card(format_name).save(target / "README.md")
             return

@@ -3,6 +3,7 @@
 from .conv1d import is_conv1d, is_linear_like, to_linear
 from .experts import ExpertsLayout, LinearExperts, find_fused_experts, linear_experts, observing_experts, unfuse_experts
 from .layout import (
+    HEAD_NOT_TUNED,
     Inventory,
     block_lists,
     final_norm,
@@ -15,6 +16,7 @@ from .layout import (
 )
 
 __all__ = [
+    "HEAD_NOT_TUNED",
     "ExpertsLayout",
     "Inventory",
     "LinearExperts",

@@ -17,6 +17,10 @@ from .conv1d import features, is_linear_like
 from .experts import find_fused_experts, unsupported_reason
 from .families import FINAL_NORM_PATHS, NONTEXT_BLOCK_PATHS, NONTEXT_PREFIXES, ROUTER_LEAF_NAMES, TEXT_BLOCK_PATHS
 
+# Why an output head is not among the tuned layers by default.  Formats that store it anyway (GGUF: llama-quantize
+# gives the output its recipe type) read this to tell it from a head the user kept in 16 bit.
+HEAD_NOT_TUNED = "lm_head (quant_lm_head=False)"
+
 
 def _module_list(model: nn.Module, path: str) -> nn.ModuleList | None:
     try:
@@ -142,7 +146,7 @@ def inventory(
                 if include_lm_head:
                     inv.candidates.append((name, in_f, out_f))
                 else:
-                    inv.kept[name] = "lm_head (quant_lm_head=False)"
+                    inv.kept[name] = HEAD_NOT_TUNED
             elif not name.startswith(prefixes):
                 inv.kept[name] = _outside_reason(name)
             elif is_router(model, name):
