@@ -133,10 +133,16 @@ def _rows(path: Path) -> dict:
 
 
 class Bench:
-    def __init__(self, work: Path, threads: int) -> None:
+    """One model's llama.cpp side: its f32 file, importance matrix, evaluation windows and fp32 log-probs, kept in
+    ``work``.  SmolLM2 on wikitext with tinyshakespeare calibration unless told otherwise (bench/gguf_k256.py)."""
+
+    def __init__(
+        self, work: Path, threads: int, model: str = MODEL, eval_text: Path = EVAL, calib_text: Path = CALIB
+    ) -> None:
         self.work, self.threads = work, threads
+        self.model, self.eval_text, self.calib_text = model, eval_text, calib_text
         work.mkdir(parents=True, exist_ok=True)
-        self.f32 = work / f"{MODEL}-f32.gguf"
+        self.f32 = work / f"{model}-f32.gguf"
         self.windows = work / "eval_windows.npy"
         self.eval_ids = work / "eval_ids.npy"
         self.calib_ids = work / "calib_ids.npy"
@@ -159,9 +165,9 @@ class Bench:
 
         torch.set_num_threads(self.threads)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        ids = tokenize_file(tokenizer, EVAL)
+        ids = tokenize_file(tokenizer, self.eval_text)
         wins = windows(ids, EVAL_SEQLEN, EVAL_N)
-        calib = tokenizer(CALIB.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        calib = tokenizer(self.calib_text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
         chunk_token_ids(calib, CALIB_SEQLEN, CALIB_N)  # raises if the text is too short
         np.save(self.eval_ids, ids.numpy().astype(np.int32))
         np.save(self.calib_ids, calib.numpy().astype(np.int32))
@@ -196,7 +202,7 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------ llama.cpp side
     def convert(self, model_dir: Path) -> None:
-        tmp = self.work / f"{MODEL}-f32.tmp.gguf"
+        tmp = self.work / f"{self.model}-f32.tmp.gguf"
         cmd = [VENV_PY, CONVERT_WORKER, "convert", LLAMA_CPP_DIR, "f32", model_dir, tmp]
         self.commands["convert"] = f"{shlex.join(str(c) for c in cmd)}  # then renamed to {self.f32.name}"
         if not self.f32.exists():
@@ -226,7 +232,7 @@ class Bench:
         # in front of the text and in place of the first token of every chunk; the converted file says false
         # already, the override makes it explicit).
         cmd = [
-            BIN / "llama-imatrix", "-m", self.f32, "-f", CALIB, "-c", str(CALIB_SEQLEN), "-b", str(CALIB_SEQLEN),
+            BIN / "llama-imatrix", "-m", self.f32, "-f", self.calib_text, "-c", str(CALIB_SEQLEN), "-b", str(CALIB_SEQLEN),
             "--chunks", str(CALIB_N), "-t", str(self.threads), "-ngl", "0", "--no-ppl",
             "--override-kv", "tokenizer.ggml.add_bos_token=bool:false", "-o", tmp,
         ]  # fmt: skip
@@ -239,10 +245,10 @@ class Bench:
         result = self.work / f"{gguf.stem}.eval.json"
         cmd = [
             LLAMA_PY, WORKER, "--model", gguf, "--windows", self.windows, "--ref", self.ref,
-            "--threads", str(self.threads), "--out", result, "--check-text", EVAL, self.eval_ids,
+            "--threads", str(self.threads), "--out", result, "--check-text", self.eval_text, self.eval_ids,
         ]  # fmt: skip
         if check_calib:
-            cmd += ["--check-text", CALIB, self.calib_ids]
+            cmd += ["--check-text", self.calib_text, self.calib_ids]
         line = _run(cmd, self.work / f"{gguf.stem}.eval.log")
         return {**json.loads(result.read_text()), "eval_command": line}
 
