@@ -65,10 +65,14 @@ def compare(f32: Path, ours: Path, theirs: Path, importance: dict[str, np.ndarra
                 f"{name}: {ours.name} stores {mine[name].tensor_type.name}, llama.cpp {t.tensor_type.name}"
             )
         w = _weights(ref[name]).astype(np.float64)
-        imp = importance[name]
+        imp = importance.get(name)  # llama-imatrix collects no output.weight: weigh its columns alike
+        weighted = imp is not None
+        imp = np.ones(w.shape[1]) if imp is None else imp
         err_ours = float((((w - _weights(mine[name])) ** 2) * imp).sum())
         err_llama = float((((w - _weights(t)) ** 2) * imp).sum())
-        rows.append({"tensor": name, "type": t.tensor_type.name, "ours": err_ours, "llama": err_llama})
+        rows.append(
+            {"tensor": name, "type": t.tensor_type.name, "ours": err_ours, "llama": err_llama, "imatrix": weighted}
+        )
     return rows
 
 
