@@ -15,7 +15,8 @@ Cases, each a family x tokenizer layout x weight types that llama.cpp must run e
 * mistral (written as llama), qwen2 (q/k/v biases, linear RoPE), qwen3 (q/k norms, head_dim != hidden / heads) and
   llama with llama3 RoPE (a rope_freqs tensor), each with a byte-level BPE tokenizer trained here with one of the
   pre-tokenizers of ``models.gguf_arch.BPE_PRE_TOKENIZERS`` ("llama-bpe", "qwen2", "smollm");
-* MoE: qwen3_moe (f32, and q4_k experts with q8_0 attention) and mixtral (f32, written as llama), our per-expert
+* MoE: qwen3_moe (f32, and q4_k experts with q8_0 attention), mixtral (f32, written as llama) and qwen2_moe (f32,
+  a shared expert beside the routed ones), our per-expert
   Linear layers stacked into llama.cpp's ``ffn_*_exps`` tensors: tight in f32, so routing and expert order agree.
 
 Quantized weights are compared with our dequantized weights, so only llama.cpp's runtime arithmetic differs: for
@@ -44,6 +45,7 @@ from transformers import (
     MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
@@ -223,6 +225,17 @@ def _moe_cases(tmp: Path, tok) -> list[Case]:
     weights = _quantized(model, {})
     path = write_gguf(tmp / "mixtral-f32.gguf", mixtral, tok, weights, float_type="f32")
     cases.append(Case("mixtral-f32", path, tok, _reference(model, weights), TIGHT))
+    # Qwen2-MoE: routed experts without renormalisation, plus a sigmoid-gated shared expert and q/k/v biases
+    qwen2moe = Qwen2MoeConfig(
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, max_position_embeddings=512, vocab_size=len(tok) + 3,
+    )  # fmt: skip
+    model = _randomize(AutoModelForCausalLM.from_config(qwen2moe), 13)
+    unfuse_experts(model)
+    weights = _quantized(model, {})
+    path = write_gguf(tmp / "qwen2moe-f32.gguf", qwen2moe, tok, weights, float_type="f32")
+    cases.append(Case("qwen2moe-f32", path, tok, _reference(model, weights), TIGHT))
     return cases
 
 
@@ -311,6 +324,7 @@ CASES = (
     "qwen3moe-f32",
     "qwen3moe-q4k",
     "mixtral-f32",
+    "qwen2moe-f32",
 )
 
 

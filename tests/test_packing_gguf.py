@@ -307,7 +307,7 @@ def test_llama3_rope_freqs(base):
 def test_unknown_family_raises():
     from transformers import GPT2Config
 
-    with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         check_gguf_supported(GPT2Config())
 
 
@@ -507,3 +507,8 @@ def test_moe_export_refuses_missing_experts_and_what_llama_cpp_cannot_run():
         check_gguf_supported(Qwen3MoeConfig(norm_topk_prob=False))
     with pytest.raises(ValueError, match=r"no dense-MLP layers.*mlp_only_layers=\[0\]"):
         check_gguf_supported(Qwen3MoeConfig(norm_topk_prob=True, mlp_only_layers=[0]))
+    from transformers import Qwen2MoeConfig
+
+    check_gguf_supported(Qwen2MoeConfig(norm_topk_prob=False))
+    with pytest.raises(ValueError, match=r"qwen2moe does not renormalise.*norm_topk_prob=True"):
+        check_gguf_supported(Qwen2MoeConfig(norm_topk_prob=True))

@@ -73,6 +73,7 @@ _DERIVED: dict[str, Callable[[Any], Any]] = {
     # Qwen-MoE flags llama.cpp's qwen3moe arch cannot honour: it always renormalises the chosen experts' weights
     # and has no dense-MLP layers between the sparse ones.
     "<unnormalised_top_k>": lambda c: not getattr(c, "norm_topk_prob", True),
+    "<normalised_top_k>": lambda c: bool(getattr(c, "norm_topk_prob", False)),
     "<dense_layers>": lambda c: bool(getattr(c, "mlp_only_layers", None)) or getattr(c, "decoder_sparse_step", 1) != 1,
 }
 
@@ -104,6 +105,10 @@ MOE_HPARAMS: tuple[tuple[str, str], ...] = (
     ("add_expert_used_count", "num_experts_per_tok"),
     ("add_expert_feed_forward_length", "moe_intermediate_size"),
 )
+# Qwen2-MoE: a shared expert beside the routed ones, gated by a sigmoid
+SHARED_EXPERT_HPARAMS: tuple[tuple[str, str], ...] = (
+    ("add_expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
+)
 # Mixtral: experts as wide as intermediate_size (llama.cpp's llama arch reads feed_forward_length for them)
 MIXTRAL_HPARAMS: tuple[tuple[str, str], ...] = (
     ("add_expert_count", "num_local_experts"),
@@ -115,6 +120,11 @@ _ATTENTION = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
 _LLAMA_BLOCK = (*_ATTENTION, "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 # routed experts, stacked per block (packing.gguf stacks our per-expert Linear layers)
 _MOE_FFN = ("ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_SHARED_EXPERT = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+_DENSE_LAYERS = (
+    "<dense_layers>",
+    "llama.cpp's qwen MoE archs have no dense-MLP layers (mlp_only_layers, decoder_sparse_step)",
+)
 
 
 @dataclass(frozen=True)
@@ -191,10 +201,20 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
             refuse=(
                 *_NO_SWA,
                 ("<unnormalised_top_k>", "llama.cpp's qwen3moe always renormalises the top-k expert weights"),
-                (
-                    "<dense_layers>",
-                    "llama.cpp's qwen3moe has no dense-MLP layers (mlp_only_layers, decoder_sparse_step)",
-                ),
+                _DENSE_LAYERS,
+            ),
+        ),
+        GGUFFamily(
+            "qwen2_moe",
+            "qwen2moe",
+            False,
+            _NEOX_ROPE,
+            block_tensors=(*_ATTENTION, *_MOE_FFN, *_SHARED_EXPERT),
+            hparams=(*DECODER_HPARAMS, *MOE_HPARAMS, *SHARED_EXPERT_HPARAMS),
+            refuse=(
+                *_NO_SWA,
+                ("<normalised_top_k>", "llama.cpp's qwen2moe does not renormalise the top-k expert weights"),
+                _DENSE_LAYERS,
             ),
         ),
     )
@@ -235,6 +255,7 @@ def _describe(config: Any, field: str) -> str:
     """The config fields behind a refusal, as the user's config spells them."""
     fields = {
         "<unnormalised_top_k>": ("norm_topk_prob",),
+        "<normalised_top_k>": ("norm_topk_prob",),
         "<dense_layers>": ("mlp_only_layers", "decoder_sparse_step"),
     }.get(field, (field,))
     return ", ".join(f"{f}={getattr(config, f, None)!r}" for f in fields)
