@@ -215,27 +215,28 @@ def _moe_cases(tmp: Path, tok) -> list[Case]:
         weights = _quantized(model, types)
         path = write_gguf(tmp / f"{name}.gguf", config, tok, weights, float_type="f32")
         cases.append(Case(name, path, tok, _reference(model, weights), tolerance))
-    # Mixtral: llama.cpp's llama arch with experts; q/k rows reordered for its adjacent-pair RoPE, w1 / w3 / w2
-    mixtral = MixtralConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, vocab_size=len(tok) + 3,
-    )  # fmt: skip
-    model = _randomize(AutoModelForCausalLM.from_config(mixtral), 12)
-    unfuse_experts(model)
-    weights = _quantized(model, {})
-    path = write_gguf(tmp / "mixtral-f32.gguf", mixtral, tok, weights, float_type="f32")
-    cases.append(Case("mixtral-f32", path, tok, _reference(model, weights), TIGHT))
+    # Mixtral: llama.cpp's llama arch with experts, q/k rows reordered for its adjacent-pair RoPE, w1 / w3 / w2;
     # Qwen2-MoE: routed experts without renormalisation, plus a sigmoid-gated shared expert and q/k/v biases
-    qwen2moe = Qwen2MoeConfig(
-        hidden_size=128, intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=False, max_position_embeddings=512, vocab_size=len(tok) + 3,
-    )  # fmt: skip
-    model = _randomize(AutoModelForCausalLM.from_config(qwen2moe), 13)
-    unfuse_experts(model)
-    weights = _quantized(model, {})
-    path = write_gguf(tmp / "qwen2moe-f32.gguf", qwen2moe, tok, weights, float_type="f32")
-    cases.append(Case("qwen2moe-f32", path, tok, _reference(model, weights), TIGHT))
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    shape |= dict(num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512, vocab_size=len(tok) + 3)
+    for seed, (name, moe) in enumerate(
+        (
+            ("mixtral-f32", MixtralConfig(**shape, num_local_experts=4)),
+            (
+                "qwen2moe-f32",
+                Qwen2MoeConfig(
+                    **shape, moe_intermediate_size=128, shared_expert_intermediate_size=256, num_experts=4,
+                    norm_topk_prob=False,
+                ),
+            ),
+        ),
+        start=12,
+    ):  # fmt: skip
+        model = _randomize(AutoModelForCausalLM.from_config(moe), seed)
+        unfuse_experts(model)
+        weights = _quantized(model, {})
+        path = write_gguf(tmp / f"{name}.gguf", moe, tok, weights, float_type="f32")
+        cases.append(Case(name, path, tok, _reference(model, weights), TIGHT))
     return cases
 
 

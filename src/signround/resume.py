@@ -57,6 +57,11 @@ def _digest(*parts: Any) -> str:
 SAMPLE_RUNS, SAMPLE_RUN_LENGTH = 4, 1024
 
 
+def _sample_starts(numel: int) -> list[int]:
+    """Where the sample's runs start in a flattened tensor of ``numel`` values (it is whole when that small)."""
+    return torch.linspace(0, numel - SAMPLE_RUN_LENGTH, SAMPLE_RUNS).long().tolist()
+
+
 def _weight_sample(p: torch.Tensor) -> torch.Tensor:
     """4 evenly spaced runs of 1024 consecutive values.  Each run faults in one read-around window (about 2 MB)
     of a memory-mapped weight, where a strided sample of single values faults in nearly every page of it,
@@ -64,8 +69,7 @@ def _weight_sample(p: torch.Tensor) -> torch.Tensor:
     flat = p.detach().reshape(-1)
     if flat.numel() <= SAMPLE_RUNS * SAMPLE_RUN_LENGTH:
         return flat.float()
-    starts = torch.linspace(0, flat.numel() - SAMPLE_RUN_LENGTH, SAMPLE_RUNS).long().tolist()
-    return torch.cat([flat[s : s + SAMPLE_RUN_LENGTH] for s in starts]).float()
+    return torch.cat([flat[s : s + SAMPLE_RUN_LENGTH] for s in _sample_starts(flat.numel())]).float()
 
 
 def _offloaded_sample(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor | None:
@@ -86,15 +90,13 @@ def _offloaded_sample(model: nn.Module, name: str, p: torch.Tensor) -> torch.Ten
         stored = f.get_slice(entry.get("weight_name", name))
         if tuple(stored.get_shape()) != tuple(p.shape):
             return None
-        numel = p.numel()
-        if numel <= SAMPLE_RUNS * SAMPLE_RUN_LENGTH or p.dim() < 2:
-            return f.get_tensor(entry.get("weight_name", name)).to(p.dtype).reshape(-1)[:numel].float()
-        row = numel // p.shape[0]
+        if p.numel() <= SAMPLE_RUNS * SAMPLE_RUN_LENGTH or p.dim() < 2:
+            return _weight_sample(f.get_tensor(entry.get("weight_name", name)).to(p.dtype))
+        row = p.numel() // p.shape[0]
         runs = []
-        for s in torch.linspace(0, numel - SAMPLE_RUN_LENGTH, SAMPLE_RUNS).long().tolist():
+        for s in _sample_starts(p.numel()):  # the rows holding each run, read as one slice
             first, last = s // row, (s + SAMPLE_RUN_LENGTH - 1) // row + 1
-            flat = stored[first:last].reshape(-1)
-            runs.append(flat[s - first * row : s - first * row + SAMPLE_RUN_LENGTH])
+            runs.append(stored[first:last].reshape(-1)[s - first * row : s - first * row + SAMPLE_RUN_LENGTH])
         return torch.cat(runs).to(p.dtype).float()
 
 

@@ -101,10 +101,9 @@ def expert_groups(names: Iterable[str], config: Any = None) -> dict[str, list[st
     return groups
 
 
-def _stacked(config: Any, tensors: Mapping[str, Any], make: Any) -> dict[str, Any]:
-    """``tensors`` with each experts module's per-expert entries replaced by one stacked entry (``make(parts)``),
-    placed where its first expert was."""
-    groups = expert_groups(tensors, config)
+def _stacked(tensors: Mapping[str, Any], groups: Mapping[str, list[str]], make: Any) -> dict[str, Any]:
+    """``tensors`` with each experts module's per-expert entries (``groups``, from :func:`expert_groups`) replaced
+    by one stacked entry (``make(parts)``), placed where its first expert was."""
     if not groups:
         return dict(tensors)
     first = {members[0]: stacked for stacked, members in groups.items()}
@@ -268,7 +267,7 @@ def gguf_tensors(config: Any, tensors: Mapping[str, Weight], float_type: str = "
         raise ValueError(f"float_type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
     check_gguf_supported(config)
     family = gguf_family(config)
-    tensors = _stacked(config, tensors, lambda parts: StackedExperts(tuple(parts)))
+    tensors = _stacked(tensors, expert_groups(tensors, config), lambda parts: StackedExperts(tuple(parts)))
     names = _map_names(config, tensors, _is_tied(config, tensors))
     if rope_scaling(config)["rope_type"] == "llama3":
         yield GGUFTensor(_ROPE_FREQS, _rope_freqs(config).numpy(), int(_gguf().GGMLQuantizationType.F32))
@@ -303,7 +302,7 @@ def planned_types(
     towards the grid it will be stored in.
     """
     groups = expert_groups(shapes, config)
-    stacked = _stacked(config, shapes, lambda parts: (len(parts), *tuple(parts[0])))
+    stacked = _stacked(shapes, groups, lambda parts: (len(parts), *tuple(parts[0])))
     names = _map_names(config, stacked, tied)
     by_gguf = {g: tuple(reversed(tuple(stacked[hf]))) for hf, g in names.items()}  # llama.cpp's order: ne0 = row
     types = plan_types(mixture_name, by_gguf, model_facts(config, tied), imatrix=imatrix)
