@@ -41,12 +41,17 @@ for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}"] = {"bits": _bits, "iters": 50}
 # Tuning entirely in float32 (amp off), for a like-for-like time comparison with the reference's --no_amp run.
 CONFIGS["signround-w4-fp32"] = {"bits": 4, "iters": 50, "amp": False}
+# quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp logits like a block (iters 50).
+for _bits in (4, 2):
+    CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
+    CONFIGS[f"signround-w{_bits}-head"] = {"bits": _bits, "iters": 50, "quant_lm_head": True}
 # The floating-point schemes (weights and activations as the reference's presets): round-to-nearest vs SignRound.
 FP_SCHEMES = ("MXFP4", "MXFP8", "NVFP4")
 for _scheme in FP_SCHEMES:
     CONFIGS[f"rtn-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 0}
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")] + ["signround-w4-fp32"]
+ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
 
@@ -110,8 +115,8 @@ def run_one(name: str) -> dict:
         grid = {"scheme": cfg["scheme"]} if "scheme" in cfg else {"bits": cfg["bits"], "group_size": 32, "sym": True}
         ar = signround.AutoRound(
             model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
-            amp=cfg.get("amp", True), dataset=_calibration(tokenizer), nsamples=32, seqlen=256, batch_size=8,
-            show_progress=False,
+            amp=cfg.get("amp", True), quant_lm_head=cfg.get("quant_lm_head", False), dataset=_calibration(tokenizer),
+            nsamples=32, seqlen=256, batch_size=8, show_progress=False,
         )  # fmt: skip
         start = time.perf_counter()
         if "scheme" in cfg:  # activations are quantized by the packed layers: evaluate those (saved, packed in place)

@@ -268,9 +268,10 @@ def _full_loss(
     targets: torch.Tensor,
     batch_size: int,
     dtype: torch.dtype | None,
-) -> tuple[float, torch.Tensor]:
+    keep_outputs: bool = True,
+) -> tuple[float, torch.Tensor | None]:
     """Mean squared error against ``targets`` over every cached sample of the block computing with ``candidate``'s
-    weights, and the outputs."""
+    weights, and the outputs (None unless ``keep_outputs``)."""
     total, count, outs = 0.0, 0, []
     with ExitStack() as stack:
         for name, tl in tunables.items():
@@ -279,8 +280,9 @@ def _full_loss(
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
             total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
             count += out.numel()
-            outs.append(out.to(inputs.hidden.device))
-    return total / max(count, 1), torch.cat(outs, dim=0)
+            if keep_outputs:
+                outs.append(out.to(inputs.hidden.device))
+    return total / max(count, 1), torch.cat(outs, dim=0) if keep_outputs else None
 
 
 def tune_block(
@@ -290,11 +292,13 @@ def tune_block(
     targets: torch.Tensor,
     options: TuneOptions,
     progress: Callable[[int, float], None] | None = None,
+    keep_outputs: bool = True,
 ) -> BlockResult:
     """Tune the block's layers (``name -> (linear, spec, start)``, names relative to ``block``; ``start`` a
     :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``).
 
-    Returns the quantized tensors of the kept parameters and the block's outputs with them; with
+    Returns the quantized tensors of the kept parameters and the block's outputs with them (not with
+    ``keep_outputs=False``: the head's logits, which nothing downstream reads, would take tokens x vocab); with
     ``options.write_back`` (or without tuning) each Linear's weight is left set to its dequantized value, so the
     block computes what the packed model will.  Without tuning, outputs are computed only where layers quantize
     their inputs (fp schemes): the block's plain forward would miss that.
@@ -318,7 +322,7 @@ def tune_block(
     try:
         dtype = _loop_dtype(options, inputs, targets)
         with block_in_dtype(block, tunables, dtype):
-            result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype)
+            result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype, keep_outputs)
     finally:
         for name, tl in tunables.items():
             block.set_submodule(name, tl.linear)
@@ -381,6 +385,7 @@ def _signsgd_loop(
     options: TuneOptions,
     progress: Callable[[int, float], None] | None,
     dtype: torch.dtype | None,
+    keep_outputs: bool = True,
 ) -> BlockResult:
     min_bits = min(tl.spec.bits for tl in tunables.values())
     lr = options.lr if options.lr is not None else default_lr(options.iters, min_bits)
@@ -453,12 +458,12 @@ def _signsgd_loop(
         tl.end_training()
     return_freed_memory()  # the loop's freed state back to the OS before the judging passes allocate theirs
 
-    final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor] | None = None
+    final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor | None] | None = None
     init_loss = float("nan")
 
     def judge(iteration: int, candidate: dict[str, QuantizedTensor]) -> None:
         nonlocal final, init_loss
-        loss, outputs = _full_loss(block, tunables, candidate, inputs, targets, bs, dtype)
+        loss, outputs = _full_loss(block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs)
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:
@@ -479,5 +484,5 @@ def _signsgd_loop(
         final_loss=final_loss,
         best_iter=best_iter,
         losses=losses,
-        outputs=outputs.to(inputs.hidden.dtype),
+        outputs=None if outputs is None else outputs.to(inputs.hidden.dtype),
     )

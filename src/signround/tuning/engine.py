@@ -28,6 +28,7 @@ from ..quant.fp_tensor import calibrated_input_scale, needs_input_scale
 from ..runtime import return_freed_memory
 from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, LayerStart, TuneOptions, run_block, tune_block
+from .head import tune_head
 from .inputs import BlockInputs, capture_block_inputs
 from .rtn import gguf_legacy_start, optimized_rtn_params, plain_rtn_params
 
@@ -47,6 +48,8 @@ class TuneReport:
     # Layers packed in place as soon as their block was tuned (low_cpu_mem_usage); their QuantizedTensors were
     # dropped to free memory, the installed layers hold them (packing name by layer).
     packed: dict[str, str] = field(default_factory=dict)
+    # lm_head tuned with SignRound: its loss on the calibration logits at the start and kept (None: not tuned)
+    head_loss: tuple[float, float] | None = None
 
     @property
     def layer_count(self) -> int:
@@ -115,10 +118,10 @@ def _layer_start(
     )
 
 
-def _block_device(block: nn.Module) -> torch.device:
+def _block_device(block: nn.Module, default: torch.device | str = "cpu") -> torch.device:
     for p in block.parameters():
         return p.device
-    return torch.device("cpu")
+    return torch.device(default)
 
 
 def placement(options: TuneOptions, block_device: torch.device) -> tuple[torch.device, torch.device]:
@@ -249,7 +252,7 @@ def run(
         bar.close()
         if spread is not None:
             spread.close()
-        _quantize_head(model, plan, q_inputs, options, report)
+        _quantize_head(model, plan, q_inputs, fp_inputs.hidden, options, report)
         _quantize_unwalked(model, plan, options, report)
         if report.expert_tokens:
             idle = report.experts_without_tokens
@@ -333,27 +336,44 @@ def _static_input_amax(
 
 
 def _quantize_head(
-    model: nn.Module, plan: QuantPlan, q_inputs: BlockInputs, options: TuneOptions, report: TuneReport
+    model: nn.Module,
+    plan: QuantPlan,
+    q_inputs: BlockInputs,
+    fp_hidden: torch.Tensor,
+    options: TuneOptions,
+    report: TuneReport,
 ) -> None:
-    """lm_head (only when planned) gets optimised RTN weighted by the final normalised hidden states."""
+    """lm_head (only when planned): optimised RTN weighted by the final normalised hidden states of the quantized
+    stream, then (``iters > 0``) SignRound toward the full-precision model's logits (:mod:`.head`)."""
     name = head_name(model)
     if name is None or name not in plan.layers:
         return
+    untie_head(model)  # (reads an offloaded head)
     head = model.get_submodule(name)
     spec = plan.layers[name]
-    importance = amax = None
-    norm = final_norm(model)
-    if norm is not None and not options.disable_opt_rtn:
-        with torch.no_grad():
-            x = norm(q_inputs.hidden.to(_block_device(norm))).float()
-            importance = x.reshape(-1, x.shape[-1]).square().mean(0)
-            amax = x.abs().amax()
-    untie_head(model)  # (reads an offloaded head)
-    start = _layer_start(head, spec, importance, options, amax)
-    qt = start.quantized(head.weight, spec, options.scale_dtype)
+    norm = final_norm(model) or nn.Identity()
+    device = head.weight.device
     with torch.no_grad():
-        head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
-    report.quantized[name] = qt
+        q_normed = norm(q_inputs.hidden.to(_block_device(norm, device))).to(device)
+    importance = amax = None
+    if not options.disable_opt_rtn:
+        x = q_normed.float()
+        importance = x.reshape(-1, x.shape[-1]).square().mean(0)
+        amax = x.abs().amax()
+        del x
+    start = _layer_start(head, spec, importance, options, amax)
+    if options.iters == 0:
+        qt = start.quantized(head.weight, spec, options.scale_dtype)
+        with torch.no_grad():
+            head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
+        report.quantized[name] = qt
+        return
+    with torch.no_grad():
+        fp_normed = norm(fp_hidden.to(_block_device(norm, device))).to(device)
+    result = tune_head(head, spec, start, q_normed, fp_normed, options)
+    report.quantized[name] = result.quantized["head"]
+    report.head_loss = (result.init_loss, result.final_loss)
+    logger.info("%s: tuned toward the full-precision logits, loss %.4g -> %.4g", name, *report.head_loss)
 
 
 @torch.no_grad()
