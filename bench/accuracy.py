@@ -39,6 +39,9 @@ for _bits in (4, 3, 2):
     CONFIGS[f"rtn-w{_bits}"] = {"bits": _bits, "iters": 0, "disable_opt_rtn": True}
     CONFIGS[f"optrtn-w{_bits}"] = {"bits": _bits, "iters": 0}
     CONFIGS[f"signround-w{_bits}"] = {"bits": _bits, "iters": 50}
+# The reference's light recipe's learning rate (5e-3 at iters 50, where the automatic 1/iters gives 2e-2).
+for _bits in (4, 3, 2):
+    CONFIGS[f"signround-w{_bits}-lr5e-3"] = {"bits": _bits, "iters": 50, "lr": 5e-3}
 # Tuning entirely in float32 (amp off), for a like-for-like time comparison with the reference's --no_amp run.
 CONFIGS["signround-w4-fp32"] = {"bits": 4, "iters": 50, "amp": False}
 # quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp logits like a block (iters 50).
@@ -51,6 +54,7 @@ for _scheme in FP_SCHEMES:
     CONFIGS[f"rtn-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 0}
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")] + ["signround-w4-fp32"]
+ORDER += [f"signround-w{b}-lr5e-3" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
@@ -116,7 +120,7 @@ def run_one(name: str) -> dict:
         ar = signround.AutoRound(
             model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
             amp=cfg.get("amp", True), quant_lm_head=cfg.get("quant_lm_head", False), dataset=_calibration(tokenizer),
-            nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+            lr=cfg.get("lr"), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
         )  # fmt: skip
         start = time.perf_counter()
         if "scheme" in cfg:  # activations are quantized by the packed layers: evaluate those (saved, packed in place)

@@ -125,7 +125,15 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quant_lm_head", action="store_true")
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
-    p.add_argument("--enable_torch_compile", action="store_true")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument(
+        "--enable_torch_compile", action="store_const", const=True, default=None,
+        help="compile every block's tuning loop (default: only blocks large enough to pay for the compile)",
+    )  # fmt: skip
+    compile_group.add_argument(
+        "--disable_torch_compile", dest="enable_torch_compile", action="store_const", const=False,
+        help="never compile the tuning loop",
+    )  # fmt: skip
     p.add_argument("--disable_amp", action="store_true", help="tune in float32 even where bf16 is native")
     p.add_argument(
         "--device_map",
@@ -177,11 +185,13 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.sym is not None:
         kwargs["sym"] = args.sym
     for flag in (
-        "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "enable_torch_compile", "low_gpu_mem_usage",
+        "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "low_gpu_mem_usage",
         "enable_deterministic_algorithms",
     ):  # fmt: skip
         if getattr(args, flag):
             kwargs[flag] = True
+    if args.enable_torch_compile is not None:
+        kwargs["enable_torch_compile"] = args.enable_torch_compile
     # as the reference's CLI: on unless disabled (same tensors either way; see docs/big_models.md)
     kwargs["low_cpu_mem_usage"] = not args.disable_low_cpu_mem_usage
     if args.disable_amp:

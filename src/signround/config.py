@@ -122,7 +122,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
     explicitly passed ``bits``, ``group_size`` or ``sym`` override it.  ``iters=0`` gives (optimised)
     RTN; ``disable_opt_rtn=True`` gives plain RTN.  ``amp`` runs the tuning loop's block in bf16 where the
     device has native bf16 (CUDA, CPUs with AVX512-BF16/AMX), as the reference does; the fake quantizer's
-    float32 weights, the targets and the loss stay float32.
+    float32 weights, the targets and the loss stay float32.  ``enable_torch_compile`` runs each block's loop
+    under torch.compile with the fake quantizer's fused kernels: ``None`` (default) where it pays for the
+    compile (blocks of 2 M tuned weights or more, 20 iterations or more, one CPU or CUDA device), ``True`` /
+    ``False`` always / never; a block torch.compile fails on is tuned eagerly, with a warning.
 
     Per-layer control, with the reference's names:
 
@@ -175,7 +178,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         quant_lm_head: bool = False,
         format: str = "auto_round",
         backend: str = "auto",
-        enable_torch_compile: bool = False,
+        enable_torch_compile: bool | None = None,
         disable_opt_rtn: bool = False,
         amp: bool = True,
         device_map: str | int | None = None,
@@ -335,13 +338,18 @@ class AutoRoundConfig(QuantizationConfigMixin):
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         self.tuning_device()  # raises naming the accepted forms
         _require(
+            self.enable_torch_compile in (None, True, False),
+            f"enable_torch_compile must be None (where it pays: large blocks), True or False, got "
+            f"{self.enable_torch_compile!r}",
+        )
+        _require(
             self.max_memory is None
             or (isinstance(self.max_memory, dict) and all(isinstance(v, (int, str)) for v in self.max_memory.values())),
             f"max_memory={self.max_memory!r} is not supported; accepted: None or a dict like "
             "{0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's form)",
         )
         for name in (
-            "quant_lm_head", "quant_nontext_module", "enable_torch_compile", "disable_opt_rtn", "amp",
+            "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "amp",
             "low_gpu_mem_usage", "low_cpu_mem_usage", "enable_deterministic_algorithms",
         ):  # fmt: skip
             _require(

@@ -25,8 +25,24 @@ from dataclasses import dataclass
 import torch
 
 from ..schemes import LayerSpec
+from . import fused
 
 GradSink = Callable[[slice, torch.Tensor], None]  # (grouped row slice, its gradient), see GroupedWeight.linear
+
+
+class SignStep:
+    """The grad sink of SignRound's ``v``: ``v[rows] <- clamp(v[rows] - lr * sign(grad), -0.5, 0.5)`` as each row
+    slice's gradient is computed (the fused backward applies it inside its kernel).  ``v`` is grouped
+    ``[out, G, gs]``; ``lr`` is read at every step (the schedule moves it)."""
+
+    def __init__(self, v: torch.Tensor, lr: Callable[[], float]):
+        self.v, self.lr = v, lr
+
+    @torch.no_grad()
+    def __call__(self, rows: slice, grad: torch.Tensor) -> None:
+        self.v[rows].add_(grad.sign_(), alpha=-self.lr()).clamp_(-0.5, 0.5)
+
+
 SCALE_EPS = 1e-5  # smallest |scale| allowed, as the reference's q_scale_thresh
 
 
@@ -335,6 +351,8 @@ def _dequantize_groups(
 ) -> torch.Tensor:
     """``(clamp(codes, 0, maxq) - zero) * scale`` computed in float32 and rounded once to ``out``'s dtype, a row
     slice at a time (grouped ``[out, G, gs]`` codes; ``zero`` / ``scale`` ``[out, G, 1]``)."""
+    if fused.applies(codes) and fused.dequantize(codes, zero, scale, out, maxq):
+        return out
     for rows in _row_slices(codes):
         q = codes[rows].clamp(0, maxq).float().sub_(zero[rows].float())
         torch.mul(q, scale[rows].float(), out=out[rows])
@@ -359,6 +377,8 @@ def _qdq_forward(
     else:
         weight = workspace.dense(wg.shape, out_dtype, wg.device)
         marked = workspace.codes(wg.shape, code_dtype, wg.device)
+    if fused.applies(wg) and fused.forward(wg, v, scale, zero, weight, marked, maxq):
+        return weight, marked
     for rows in _row_slices(wg):
         pre = _unclamped_codes(wg[rows], v[rows], scale[rows], zero[rows])
         marked[rows] = pre.clamp(-1, maxq + 1)
@@ -399,8 +419,28 @@ def _qdq_backward(
     grad_v = torch.empty(wg.shape, dtype=torch.float32, device=wg.device) if need_v and not grad_v_sink else None
     grad_scale = torch.empty_like(scale) if need_scale else None
     grad_zero = torch.empty_like(scale) if need_zero else None
+    use_fused = fused.applies(wg)
     for rows in _row_slices(wg):
-        g = grad_rows(rows).float()
+        g = grad_rows(rows)
+        if use_fused:  # one compiled pass per slice; the eager passes below where it cannot run
+            args = (g, wg[rows], scale[rows], zero[rows], marked[rows])
+            if isinstance(grad_v_sink, SignStep):  # v's step inside the kernel
+                found = fused.grads_and_step(*args, grad_v_sink.v[rows], grad_v_sink.lr(), maxq)
+                found = None if found is None else (None, *found)
+            else:
+                found = fused.grads(*args, maxq)
+            if found is not None:
+                slice_v, slice_scale, slice_zero = found
+                if need_scale:
+                    grad_scale[rows] = slice_scale
+                if need_zero:
+                    grad_zero[rows] = slice_zero
+                if slice_v is not None and grad_v_sink is not None:
+                    grad_v_sink(rows, slice_v)
+                elif slice_v is not None and need_v:
+                    grad_v[rows] = slice_v
+                continue
+        g = g.float()
         codes = marked[rows]
         inside = (codes >= 0) & (codes <= maxq)
         if need_scale:

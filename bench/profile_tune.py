@@ -1,0 +1,131 @@
+"""Where a block's tuning time goes: SmolLM2-135M's first blocks tuned under torch.profiler, per-op shares.
+
+    .venv/bin/python bench/profile_tune.py [--blocks 2] [--iters 20] [--scheme W4G32] [--no-amp]
+
+The calibration of bench/accuracy.py (tinyshakespeare, 32 x 256 tokens, batch 8).  Prints the wall time of the
+walk split into phases (the loop's iterations, the candidate judging, everything else: input capture, targets,
+start search), the ops with the largest self CPU time, and the FLOP bound of the iterations: one block's forward
++ backward is ``6 x tokens x weights`` multiply-adds' worth of matmul FLOPs (forward 2, backward 4), against this
+CPU's measured matmul peak in the loop's dtype (``--peak`` only measures that).  Nothing is written: the figures
+belong to this machine and moment (name the CPU flags next to any of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import _calibration
+
+from signround.models import find_blocks
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> float:
+    """Measured GFLOP/s of a square ``n x n`` matmul in ``dtype`` on this CPU (the loop's matmuls are of this
+    order: tokens x hidden x intermediate)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from signround.fetch import fetch_model
+    from signround.schemes import LayerSpec, resolve_plan
+    from signround.tuning import block as block_mod
+    from signround.tuning import engine
+    from signround.tuning.block import TuneOptions, fast_bf16
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--compile", action="store_true", help="enable_torch_compile=True (the block under torch.compile)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--peak", action="store_true", help="only measure the matmul peak (float32 and bfloat16)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.peak:
+        for dtype in (torch.float32, torch.bfloat16):
+            print(f"matmul peak {dtype}: {matmul_peak(dtype):.0f} GFLOP/s")
+        return
+
+    fp_dir = fetch_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(fp_dir)
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+    path, blocks = find_blocks(model)
+    del blocks[args.blocks :]
+    model.config.num_hidden_layers = args.blocks
+    ids = _calibration(tokenizer)
+    spec = LayerSpec(bits=args.bits, group_size=args.group_size, sym=True)
+    plan = resolve_plan(engine.quantizable_layers(model), spec)
+    options = TuneOptions(
+        iters=args.iters,
+        batch_size=8,
+        show_progress=False,
+        amp=not args.no_amp,
+        enable_torch_compile=args.compile,
+    )
+
+    # Phase timers around the loop and the judging (wrapping the module functions the walk calls).
+    phases = {"loop iterations": 0.0, "candidate judging": 0.0}
+    per_block: list[float] = []  # each block's loop + judging: the first ones also pay for any compiling
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[key] += time.perf_counter() - start
+                if key == "loop iterations":
+                    per_block.append(time.perf_counter() - start)
+
+        return wrapper
+
+    judging = block_mod._full_loss
+    block_mod._full_loss = timed(judging, "candidate judging")
+    loop = block_mod._signsgd_loop
+    block_mod._signsgd_loop = timed(loop, "loop iterations")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        engine.run(model, plan, ids, None, options)
+        wall = time.perf_counter() - start
+    phases["loop iterations"] -= phases["candidate judging"]  # (the judging runs inside the loop function)
+    phases["everything else"] = wall - sum(phases.values())
+
+    dtype = torch.bfloat16 if options.amp and fast_bf16(torch.device("cpu")) else torch.float32
+    block = model.get_submodule(path)[0]
+    weights = sum(m.weight.numel() for n, m in block.named_modules() if f"{path}.0.{n}" in plan.layers)
+    tokens = options.batch_size * ids.shape[1]
+    flops = 6 * tokens * weights * args.iters * args.blocks
+    peak = matmul_peak(dtype)
+    print(f"wall {wall:.1f} s for {args.blocks} blocks x {args.iters} iters, loop dtype {dtype}")
+    for key, seconds in phases.items():
+        print(f"  {key:18s} {seconds:7.2f} s  {100 * seconds / wall:5.1f} %")
+    loop_s = phases["loop iterations"]
+    steady = sorted(per_block[len(per_block) // 2 :])[len(per_block[len(per_block) // 2 :]) // 2]
+    print(f"per block (loop + judging): {', '.join(f'{t:.2f}' for t in per_block)} s; steady {steady:.2f} s")
+    print(
+        f"matmul FLOPs of the iterations {flops / 1e9:.0f} G: {flops / loop_s / 1e9:.0f} GFLOP/s achieved against a "
+        f"{dtype} matmul peak of {peak:.0f} GFLOP/s ({100 * flops / loop_s / 1e9 / peak:.0f} %); "
+        f"{tokens * args.iters * args.blocks / loop_s:.0f} tokens/s through one block"
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+
+
+if __name__ == "__main__":
+    main()
