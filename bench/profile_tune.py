@@ -36,6 +36,28 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> float:
     return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e9
 
 
+def plain_step_ms(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, dtype: torch.dtype, repeat: int) -> float:
+    """Milliseconds of one forward + backward of the unquantized block (weights trainable, in ``dtype``) on one
+    batch: what any tuner pays per step before quantizing anything, the floor of an iteration."""
+    import copy
+
+    from signround.tuning.block import block_output, cast_floats
+
+    plain = copy.deepcopy(block).to(dtype)
+    for param in plain.parameters():
+        param.requires_grad_(True)
+    hidden, kwargs = cast_floats(hidden, dtype), cast_floats(kwargs, dtype)
+
+    def step() -> None:
+        block_output(plain(hidden, **kwargs)).float().square().mean().backward()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        step()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,7 +73,9 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--compile", action="store_true", help="enable_torch_compile=True (the block under torch.compile)")
+    p.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="enable_torch_compile None / True / False"
+    )
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak", action="store_true", help="only measure the matmul peak (float32 and bfloat16)")
@@ -76,7 +100,7 @@ def main() -> None:
         batch_size=8,
         show_progress=False,
         amp=not args.no_amp,
-        enable_torch_compile=args.compile,
+        enable_torch_compile={"auto": None, "on": True, "off": False}[args.compile],
     )
 
     # Phase timers around the loop and the judging (wrapping the module functions the walk calls).
@@ -100,6 +124,15 @@ def main() -> None:
     loop = block_mod._signsgd_loop
     block_mod._signsgd_loop = timed(loop, "loop iterations")
 
+    from signround.tuning.inputs import capture_block_inputs
+
+    loop_dtype = torch.bfloat16 if options.amp and fast_bf16(torch.device("cpu")) else torch.float32
+    with torch.no_grad():
+        first = capture_block_inputs(model, blocks[0], ids[: options.batch_size], None)
+    hidden, kwargs = first.batch(torch.arange(options.batch_size))
+    floor_ms = plain_step_ms(blocks[0], hidden, kwargs, loop_dtype, repeat=10)
+    del first, hidden, kwargs
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         engine.run(model, plan, ids, None, options)
@@ -107,7 +140,7 @@ def main() -> None:
     phases["loop iterations"] -= phases["candidate judging"]  # (the judging runs inside the loop function)
     phases["everything else"] = wall - sum(phases.values())
 
-    dtype = torch.bfloat16 if options.amp and fast_bf16(torch.device("cpu")) else torch.float32
+    dtype = loop_dtype
     block = model.get_submodule(path)[0]
     weights = sum(m.weight.numel() for n, m in block.named_modules() if f"{path}.0.{n}" in plan.layers)
     tokens = options.batch_size * ids.shape[1]
@@ -119,6 +152,10 @@ def main() -> None:
     loop_s = phases["loop iterations"]
     steady = sorted(per_block[len(per_block) // 2 :])[len(per_block[len(per_block) // 2 :]) // 2]
     print(f"per block (loop + judging): {', '.join(f'{t:.2f}' for t in per_block)} s; steady {steady:.2f} s")
+    print(
+        f"steady {1e3 * steady / args.iters:.1f} ms per iteration (judging included) against {floor_ms:.1f} ms for a "
+        f"forward + backward of the unquantized block on one batch ({steady * 1e3 / args.iters / floor_ms:.2f}x)"
+    )
     print(
         f"matmul FLOPs of the iterations {flops / 1e9:.0f} G: {flops / loop_s / 1e9:.0f} GFLOP/s achieved against a "
         f"{dtype} matmul peak of {peak:.0f} GFLOP/s ({100 * flops / loop_s / 1e9 / peak:.0f} %); "

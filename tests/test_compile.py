@@ -120,5 +120,10 @@ def test_by_default_only_large_blocks_on_one_device_compile() -> None:
     assert compiles(auto, large)
     assert not compiles(TuneOptions(iters=5), large)  # too few iterations to pay for a compile
     assert not compiles(TuneOptions(iters=50, device=("cpu", "cpu")), large)  # spread over devices: asked only
+    moe = torch.nn.Module()
+    moe.mlp = torch.nn.Module()
+    moe.mlp.experts = torch.nn.ModuleList()
+    assert not compiles(auto, large, moe)  # routing: not by default
+    assert compiles(auto, large, torch.nn.Linear(2, 2))
     assert compiles(TuneOptions(iters=5, enable_torch_compile=True), small)
     assert not compiles(TuneOptions(iters=50, enable_torch_compile=False), large)

@@ -124,8 +124,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
     device has native bf16 (CUDA, CPUs with AVX512-BF16/AMX), as the reference does; the fake quantizer's
     float32 weights, the targets and the loss stay float32.  ``enable_torch_compile`` runs each block's loop
     under torch.compile with the fake quantizer's fused kernels: ``None`` (default) where it pays for the
-    compile (blocks of 2 M tuned weights or more, 20 iterations or more, one CPU or CUDA device), ``True`` /
-    ``False`` always / never; a block torch.compile fails on is tuned eagerly, with a warning.
+    compile (blocks of 2 M tuned weights or more, 20 iterations or more, one CPU or CUDA device, no experts),
+    ``True`` / ``False`` always / never; a block torch.compile fails on is tuned eagerly, with a warning.
 
     Per-layer control, with the reference's names:
 

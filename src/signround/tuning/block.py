@@ -319,7 +319,7 @@ def tune_block(
         block.set_submodule(name, tl)
     try:
         dtype = _loop_dtype(options, inputs, targets)
-        compiling = compiles(options, tunables)
+        compiling = compiles(options, tunables, block)
         with block_in_dtype(block, tunables, dtype), fused.allowed(compiling):
             result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype, keep_outputs, compiling)
     finally:
@@ -370,17 +370,21 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # Where torch.compile pays for itself (enable_torch_compile=None): blocks of at least this many tuned weights (on
-# SmolLM2-135M's 4.5 M a block's steady iteration is about 1.3 times faster; compiling costs seconds once per
-# process), tuned for at least this many iterations, on one CPU or CUDA device.
+# SmolLM2-135M's 4.5 M a block's steady iteration is about 10 % faster on an AMX CPU; compiling costs seconds once
+# per process: bench/profile_tune.py), tuned for at least this many iterations, on one CPU or CUDA device.
 COMPILE_MIN_WEIGHTS = 1 << 21
 COMPILE_MIN_ITERS = 20
 
 
-def compiles(options: TuneOptions, tunables: dict[str, TunableParameters]) -> bool:
-    """Whether this block's loop runs under torch.compile (and the fake quantizer's fused kernels)."""
+def compiles(options: TuneOptions, tunables: dict[str, TunableParameters], block: nn.Module | None = None) -> bool:
+    """Whether this block's loop runs under torch.compile (and the fake quantizer's fused kernels).  By default not
+    for mixture-of-experts blocks (routing is data-dependent control flow: graph breaks per expert, not measured to
+    pay) nor for a block spread over devices."""
     if options.enable_torch_compile is not None:
         return options.enable_torch_compile
     if isinstance(options.device, (tuple, list, dict)) or options.iters < COMPILE_MIN_ITERS:
+        return False
+    if block is not None and any(hasattr(module, "experts") for module in block.modules()):
         return False
     weights = [tl.linear.weight for tl in tunables.values()]
     return (
