@@ -1,6 +1,6 @@
 """Our side of the GGUF anchor: SmolLM2-135M GGUF files from signround, scored by llama.cpp itself.
 
-    .venv/bin/python bench/gguf_signround.py --types Q4_0 Q4_K_M --iters 0 50 [--out bench/results/gguf_signround.jsonl]
+    .venv/bin/python bench/gguf_signround.py --types Q4_0 Q4_K_M --iters 0 50 [--lr 5e-3] [--out ...jsonl]
 
 For each type and iters: ``AutoRound(smollm2, format="gguf:<type>", iters=N)`` with bench/accuracy.py's
 calibration (tinyshakespeare, 32 x 256 tokens, batch 8), written to a .gguf, then evaluated by llama.cpp on the same
@@ -33,17 +33,18 @@ from signround.fetch import cached_model_path
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_signround.jsonl"
 
 
-def _done(path: Path) -> set[tuple[str, int]]:
+def _done(path: Path) -> set[tuple[str, int, float | None]]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["type"], r["iters"]) for r in rows}
+    return {(r["type"], r["iters"], r.get("lr")) for r in rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
     parser.add_argument("--iters", nargs="+", type=int, default=[0, 50])
+    parser.add_argument("--lr", type=float, default=None, help="SignRound's learning rate (default: 1/iters)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gguf-llamacpp"))
     parser.add_argument("--threads", type=int, default=2)
@@ -55,26 +56,27 @@ def main() -> None:
     done = _done(args.out)
     for type_name in args.types:
         for iters in args.iters:
-            if (type_name, iters) in done:
+            if (type_name, iters, args.lr if iters else None) in done:
                 print(f"skip {type_name} iters={iters}: already in {args.out}")
                 continue
             start = time.perf_counter()
             ar = signround.AutoRound(
-                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, nsamples=CALIB_N,
+                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, nsamples=CALIB_N,
                 seqlen=CALIB_SEQLEN, batch_size=8, dataset=str(CALIB), dtype=torch.float32, show_progress=False,
             )  # fmt: skip
-            out_dir = args.work / f"signround-{type_name}-iters{iters}"
+            tag = f"iters{iters}" + (f"-lr{args.lr:g}" if args.lr is not None and iters else "")
+            out_dir = args.work / f"signround-{type_name}-{tag}"
             ar.quantize_and_save(out_dir)
             seconds = time.perf_counter() - start
             (path,) = out_dir.glob("*.gguf")
-            named = args.work / f"signround-{type_name}-iters{iters}.gguf"  # its own name for the score files
+            named = args.work / f"signround-{type_name}-{tag}.gguf"  # its own name for the score files
             named.unlink(missing_ok=True)
             named.symlink_to(path)
             scored = bench.evaluate(named, check_calib=False)
             losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
             row = {
                 "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
-                "model": MODEL, "type": type_name, "iters": iters, "file_bytes": path.stat().st_size,
+                "model": MODEL, "type": type_name, "iters": iters, "lr": args.lr if iters else None, "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
                 "tokens_match": scored.get("tokens_match", scored.get("checks")),
                 "blocks_improved": sum(final < first for first, final in losses), "blocks": len(losses),
