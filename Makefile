@@ -82,13 +82,19 @@ venv-interop: .venv-interop/.installed
 # llama.cpp for the GGUF tests (ggml's own quantizer, llama-quantize's type mixtures, our files run by llama.cpp):
 # llama-cpp-python 0.3.36 builds llama.cpp from source with cmake (~8 min on 2 cores; pip caches the wheel), in its
 # own venv (it pins its own numpy); its source package, unpacked in .venv-llama/src, brings convert_hf_to_gguf.py.
+# Built for this CPU but without AMX: llama.cpp's AMX matmul path segfaults in decode on Sapphire Rapids
+# (ggml-org/llama.cpp#20824; measured here with 0.3.36), and never from pip's wheel cache, which would hand back a
+# wheel built on another machine or with other flags.
 LLAMA_CPP_PIN ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+	-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 venv-llama: .venv-llama/.installed
 
 .venv-llama/.installed: Makefile
 	test -x .venv-llama/bin/python || $(PY) -m venv .venv-llama
 	.venv-llama/bin/python -m pip install -q --upgrade pip
-	.venv-llama/bin/python -m pip install -q "$(LLAMA_CPP_PIN)" gguf==0.19.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" .venv-llama/bin/python -m pip install -q --no-cache-dir --force-reinstall \
+		"$(LLAMA_CPP_PIN)" gguf==0.19.0
 	.venv-llama/bin/python -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PIN)" -d .venv-llama/src
 	tar -xzf .venv-llama/src/llama_cpp_python-0.3.36.tar.gz -C .venv-llama/src
 	.venv-llama/bin/python -c "import llama_cpp, gguf; print('llama-cpp-python', llama_cpp.__version__)"
