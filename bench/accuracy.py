@@ -121,6 +121,7 @@ def run_one(name: str) -> dict:
             model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
             amp=cfg.get("amp", True), quant_lm_head=cfg.get("quant_lm_head", False), dataset=_calibration(tokenizer),
             lr=cfg.get("lr"), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+            low_cpu_mem_usage=False,  # the packed model is evaluated in this process: keep its blocks in memory
         )  # fmt: skip
         start = time.perf_counter()
         if "scheme" in cfg:  # activations are quantized by the packed layers: evaluate those (saved, packed in place)
