@@ -88,6 +88,12 @@ def applies(wg: torch.Tensor) -> bool:
     return _allowed and _disabled is None and wg.numel() >= MIN_ELEMENTS
 
 
+def first_line(exc: BaseException) -> str:
+    """``"Type: first line of the message"``: an exception named in one log line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` compiled; None where compiling is off or has failed (logged once; eager from then on)."""
     global _disabled
@@ -96,7 +102,7 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         result = _kernel(name, fn)(*args)
     except Exception as exc:  # Inductor without a compiler, an unsupported device: the eager code is exact
-        _disabled = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _disabled = first_line(exc)
         logger.warning("fused fake-quant kernels unavailable (%s); the eager ones run instead", _disabled)
         return None
     return True if result is None else result

@@ -393,11 +393,6 @@ def compiles(options: TuneOptions, tunables: dict[str, TunableParameters], block
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor) -> torch.dtype | None:
     """bf16 for the loop and the candidate selection where the device runs it natively (``amp``), else None
     (the block's own dtype).  The fake quantizer's arithmetic, the targets and the loss stay float32."""
@@ -438,9 +433,9 @@ def _signsgd_loop(
 
     # With one step per batch, v's signed step runs inside the backward as each layer's gradient is ready (v's
     # gradients never all exist at once); accumulated gradients take the optimizer's step.
-    fused = options.gradient_accumulate_steps == 1
+    step_in_backward = options.gradient_accumulate_steps == 1
     v_group = optimizer.param_groups[0]
-    removers = [tl.step_v_in_backward(lambda: v_group["lr"]) for tl in tunables.values()] if fused else []
+    removers = [tl.step_v_in_backward(lambda: v_group["lr"]) for tl in tunables.values()] if step_in_backward else []
 
     # The minibatch winner is kept as the codes its forward computed (not a copy of v), packed (KeptCodes); the
     # starting point and the last iterate are quantized again only to be judged.
@@ -461,7 +456,7 @@ def _signsgd_loop(
                 except Exception as exc:  # a block torch.compile cannot take: the eager block computes the same
                     if forward is block or it > 0:
                         raise
-                    logger.warning("torch.compile failed on this block (%s); tuning it eagerly", _first_line(exc))
+                    logger.warning("torch.compile failed on this block (%s); tuning it eagerly", fused.first_line(exc))
                     forward = block
                     out = block_output(forward(h, **kw))
                 loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
