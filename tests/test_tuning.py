@@ -46,13 +46,17 @@ def test_signsgd_rejects_non_positive_lr(lr: float) -> None:
     ("iters", "bits", "expected"),
     [
         (200, 4, 1 / 200),
-        (200, 2, 1 / 200),  # short runs: 1/iters whatever the bits
+        (200, 2, 1 / 200),  # 200 to 999 iterations: 1/iters whatever the bits
         (999, 3, 1 / 999),
         (1000, 3, 2 / 1000),
         (1000, 2, 2 / 1000),
         (1000, 4, 1 / 1000),  # long runs at 4+ bits keep 1/iters
         (5000, 8, 1 / 5000),
-        (1, 4, 1.0),
+        (50, 4, 1 / 200),  # short runs keep the 200-iteration step instead of growing it to 1/iters
+        (50, 2, 1 / 200),
+        (199, 4, 1 / 200),
+        (1, 4, 1 / 200),
+        (0, 4, 0.0),
     ],
 )
 def test_default_lr_rules(iters: int, bits: int, expected: float) -> None:
@@ -352,14 +356,14 @@ class _PlainTunable(nn.Module):
         return F.linear(x, fake_quant(self.weight, self.spec, self.v, self.alpha, self.beta))
 
 
-def _plain_signround(block, layers, inputs, targets, iters: int, bs: int, seed: int):
+def _plain_signround(block, layers, inputs, targets, iters: int, lr: float, bs: int, seed: int):
     """SignRound as the paper writes it: SignSGD on v, alpha, beta with a linear decay, copies of the parameters
     at the best minibatch loss, then last / best / start judged on the whole set; returns (best_iter, packed)."""
     tunables = {name: _PlainTunable(linear, spec, *ab) for name, (linear, spec, ab) in layers.items()}
     for name, t in tunables.items():
         block.set_submodule(name, t)
     params = [p for t in tunables.values() for p in (t.v, t.alpha, t.beta)]
-    optimizer = SignSGD(params, lr=1.0 / iters)
+    optimizer = SignSGD(params, lr=lr)
     scheduler = linear_decay(optimizer, iters)
     generator = torch.Generator().manual_seed(seed)
     start = [p.detach().clone() for p in params]
@@ -405,7 +409,8 @@ def test_the_engine_computes_what_textbook_signround_computes(tiny_llama_factory
         result = tune_block(
             block, layers, inputs, targets, TuneOptions(iters=10, batch_size=4, show_progress=False, amp=False)
         )
-        best_iter, packed = _plain_signround(plain, plain_layers, inputs, targets, iters=10, bs=4, seed=42)
+        lr = default_lr(10, spec.bits)  # what the engine takes when none is given
+        best_iter, packed = _plain_signround(plain, plain_layers, inputs, targets, iters=10, lr=lr, bs=4, seed=42)
     assert result.best_iter == best_iter
     for name in linears:
         same = (result.quantized[name].codes == packed[name].codes).float().mean().item()

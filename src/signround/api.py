@@ -34,6 +34,7 @@ from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
 from .tuning.block import TuneOptions
 from .tuning.engine import TuneReport, rtn_only
 from .tuning.engine import run as run_tuning
+from .tuning.signsgd import default_lr
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +274,13 @@ def pack_model(
     return packer
 
 
+def _tuned_lr(config: AutoRoundConfig) -> float | None:
+    """The learning rate the run used (the automatic one resolved), so the checkpoint records what happened."""
+    if config.lr is not None or not config.iters:
+        return config.lr
+    return default_lr(config.iters, config.bits)
+
+
 def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, packer: Packer) -> None:
     """Make ``config`` (what save_pretrained writes) describe the packed model, in the format's own keys."""
     default = config.default_spec() or LayerSpec()
@@ -293,8 +301,8 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
             overrides.setdefault(on_disk, overrides[name])
     extra = {
         "iters": config.iters,
-        "lr": config.lr,
-        "minmax_lr": config.minmax_lr,
+        "lr": _tuned_lr(config),
+        "minmax_lr": config.minmax_lr if config.minmax_lr is not None else _tuned_lr(config),
         "nsamples": config.nsamples,
         "seqlen": config.seqlen,
         "batch_size": config.batch_size,
@@ -554,7 +562,7 @@ class AutoRound:
         dataset = c.dataset if isinstance(c.dataset, str) else "custom"
         tuning = {
             "scheme": c.scheme, "bits": c.bits, "group_size": c.group_size, "sym": c.sym, "iters": c.iters,
-            "lr": c.lr if c.lr is not None else ("auto (1/iters)" if c.iters else None), "nsamples": c.nsamples,
+            "lr": _tuned_lr(c), "nsamples": c.nsamples,
             "seqlen": c.seqlen, "batch_size": c.batch_size, "calibration dataset": dataset, "format": format_name,
             "quantized layers": self.result.report.layer_count if self.result else None,
         }  # fmt: skip

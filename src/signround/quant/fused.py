@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 MIN_ELEMENTS = 1 << 18  # layers of fewer weights stay eager: a compile would cost more than it saves
 _disabled: str | None = "SIGNROUND_EAGER_QUANT=1" if os.environ.get("SIGNROUND_EAGER_QUANT") == "1" else None
 _allowed = False
+# Inductor's CPU code generator warns when one kernel reads bf16 weights and fp16 scales (the stored scale
+# dtype); all are widened to float32 before any arithmetic here, so the mix is intended and the warning would
+# only alarm users.
+warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node", category=UserWarning)
 
 
 @contextmanager
