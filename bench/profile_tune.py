@@ -1,6 +1,6 @@
 """Where a block's tuning time goes: SmolLM2-135M's first blocks tuned under torch.profiler, per-op shares.
 
-    .venv/bin/python bench/profile_tune.py [--blocks 2] [--iters 20] [--scheme W4G32] [--no-amp]
+    .venv/bin/python bench/profile_tune.py [--blocks 2] [--iters 20] [--bits 4 --group-size 32 | --gguf q5_0] [--no-amp]
 
 The calibration of bench/accuracy.py (tinyshakespeare, 32 x 256 tokens, batch 8).  Prints the wall time of the
 walk split into phases (the loop's iterations, the candidate judging, everything else: input capture, targets,
@@ -62,7 +62,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from signround.fetch import fetch_model
-    from signround.schemes import LayerSpec, resolve_plan
+    from signround.schemes import LayerSpec, gguf_spec_fields, resolve_plan
     from signround.tuning import block as block_mod
     from signround.tuning import engine
     from signround.tuning.block import TuneOptions, fast_bf16
@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--gguf", metavar="TYPE", help="tune toward a GGUF type (e.g. q5_0) instead of the integer grid")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument(
         "--compile", choices=["auto", "on", "off"], default="auto", help="enable_torch_compile None / True / False"
@@ -93,7 +94,10 @@ def main() -> None:
     del blocks[args.blocks :]
     model.config.num_hidden_layers = args.blocks
     ids = _calibration(tokenizer)
-    spec = LayerSpec(bits=args.bits, group_size=args.group_size, sym=True)
+    if args.gguf:
+        spec = LayerSpec(**gguf_spec_fields(args.gguf.lower()))
+    else:
+        spec = LayerSpec(bits=args.bits, group_size=args.group_size, sym=True)
     plan = resolve_plan(engine.quantizable_layers(model), spec)
     options = TuneOptions(
         iters=args.iters,
@@ -149,18 +153,19 @@ def main() -> None:
     print(f"wall {wall:.1f} s for {args.blocks} blocks x {args.iters} iters, loop dtype {dtype}")
     for key, seconds in phases.items():
         print(f"  {key:18s} {seconds:7.2f} s  {100 * seconds / wall:5.1f} %")
-    loop_s = phases["loop iterations"]
-    steady = sorted(per_block[len(per_block) // 2 :])[len(per_block[len(per_block) // 2 :]) // 2]
-    print(f"per block (loop + judging): {', '.join(f'{t:.2f}' for t in per_block)} s; steady {steady:.2f} s")
-    print(
-        f"steady {1e3 * steady / args.iters:.1f} ms per iteration (judging included) against {floor_ms:.1f} ms for a "
-        f"forward + backward of the unquantized block on one batch ({steady * 1e3 / args.iters / floor_ms:.2f}x)"
-    )
-    print(
-        f"matmul FLOPs of the iterations {flops / 1e9:.0f} G: {flops / loop_s / 1e9:.0f} GFLOP/s achieved against a "
-        f"{dtype} matmul peak of {peak:.0f} GFLOP/s ({100 * flops / loop_s / 1e9 / peak:.0f} %); "
-        f"{tokens * args.iters * args.blocks / loop_s:.0f} tokens/s through one block"
-    )
+    if args.iters and per_block:  # iters 0: no loop, only the start (optimised RTN / the GGUF search)
+        loop_s = phases["loop iterations"]
+        steady = sorted(per_block[len(per_block) // 2 :])[len(per_block[len(per_block) // 2 :]) // 2]
+        print(f"per block (loop + judging): {', '.join(f'{t:.2f}' for t in per_block)} s; steady {steady:.2f} s")
+        print(
+            f"steady {1e3 * steady / args.iters:.1f} ms per iteration (judging included) against {floor_ms:.1f} ms for a "
+            f"forward + backward of the unquantized block on one batch ({steady * 1e3 / args.iters / floor_ms:.2f}x)"
+        )
+        print(
+            f"matmul FLOPs of the iterations {flops / 1e9:.0f} G: {flops / loop_s / 1e9:.0f} GFLOP/s achieved against a "
+            f"{dtype} matmul peak of {peak:.0f} GFLOP/s ({100 * flops / loop_s / 1e9 / peak:.0f} %); "
+            f"{tokens * args.iters * args.blocks / loop_s:.0f} tokens/s through one block"
+        )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
 
 
