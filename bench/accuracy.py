@@ -47,6 +47,10 @@ for _bits in (4, 3, 2):
 # and whether the tuned result still depends on the CPU's bf16 matmul units (W2; run under ONEDNN_MAX_CPU_ISA).
 CONFIGS["signround-w4-fp32"] = {"bits": 4, "iters": 50, "amp": False}
 CONFIGS["signround-w2-fp32"] = {"bits": 2, "iters": 50, "amp": False}
+# Other calibration orders (seed 42 is the default): how far a row moves with the minibatch order alone, the scale
+# against which a difference between CPUs is judged.
+for _seed in (43, 44):
+    CONFIGS[f"signround-w2-seed{_seed}"] = {"bits": 2, "iters": 50, "seed": _seed}
 # quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp logits like a block (iters 50).
 for _bits in (4, 2):
     CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
@@ -57,7 +61,7 @@ for _scheme in FP_SCHEMES:
     CONFIGS[f"rtn-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 0}
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
-ORDER += ["signround-w4-fp32", "signround-w2-fp32"]
+ORDER += ["signround-w4-fp32", "signround-w2-fp32", "signround-w2-seed43", "signround-w2-seed44"]
 ORDER += [f"signround-w{b}-lr2e-2" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
@@ -124,7 +128,7 @@ def run_one(name: str) -> dict:
         ar = signround.AutoRound(
             model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
             amp=cfg.get("amp", True), quant_lm_head=cfg.get("quant_lm_head", False), dataset=_calibration(tokenizer),
-            lr=cfg.get("lr"), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+            lr=cfg.get("lr"), seed=cfg.get("seed", 42), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
             low_cpu_mem_usage=False,  # the packed model is evaluated in this process: keep its blocks in memory
         )  # fmt: skip
         start = time.perf_counter()

@@ -29,6 +29,7 @@ from gguf_llamacpp import CALIB, CALIB_N, CALIB_SEQLEN, MODEL, Bench, cpu_info
 
 import signround
 from signround.fetch import cached_model_path
+from signround.tuning.signsgd import default_lr
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_signround.jsonl"
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
     parser.add_argument("--iters", nargs="+", type=int, default=[0, 50])
-    parser.add_argument("--lr", type=float, default=None, help="SignRound's learning rate (default: 1/iters)")
+    parser.add_argument("--lr", type=float, default=None, help="SignRound's learning rate (default: signround's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gguf-llamacpp"))
     parser.add_argument("--threads", type=int, default=2)
@@ -56,7 +57,8 @@ def main() -> None:
     done = _done(args.out)
     for type_name in args.types:
         for iters in args.iters:
-            if (type_name, iters, args.lr if iters else None) in done:
+            lr = (args.lr if args.lr is not None else default_lr(iters, 4)) if iters else None  # < 1000 iters: any bits
+            if (type_name, iters, lr) in done:
                 print(f"skip {type_name} iters={iters}: already in {args.out}")
                 continue
             start = time.perf_counter()
@@ -76,7 +78,7 @@ def main() -> None:
             losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
             row = {
                 "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
-                "model": MODEL, "type": type_name, "iters": iters, "lr": args.lr if iters else None, "file_bytes": path.stat().st_size,
+                "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
                 "tokens_match": scored.get("tokens_match", scored.get("checks")),
                 "blocks_improved": sum(final < first for first, final in losses), "blocks": len(losses),
