@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import signround
 from signround.packing import get_packer, packer_names
 from signround.packing.bits import pack_int32, unpack_int32
 from signround.quant.int import QuantizedTensor, quantize
@@ -315,3 +316,18 @@ def test_matches_tensors_packed_by_the_reference(case) -> None:
 def test_bad_override_names_the_layer() -> None:
     with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.mlp\.up_proj': invalid overrides"):
         get_packer(ZP).quantization_config(LayerSpec(), {"model.layers.0.mlp.up_proj": {"bits": 5}}, {})
+
+
+@pytest.mark.parametrize(("lr", "minmax_lr", "expected"), [(None, None, (5e-3, 5e-3)), (1e-2, None, (1e-2, 1e-2))])
+def test_a_saved_checkpoint_records_the_learning_rates_the_run_used(
+    stories_dir, shakespeare, tmp_path, lr, minmax_lr, expected
+) -> None:
+    """The automatic lr is resolved (1/max(iters, 200) = 5e-3 at iters 3, not the reference's 1/iters) and
+    minmax_lr follows lr: a reader assuming the reference's defaults for missing keys would get them wrong."""
+    ar = signround.AutoRound(
+        str(stories_dir), bits=4, group_size=32, iters=3, lr=lr, minmax_lr=minmax_lr, nsamples=4, seqlen=32,
+        batch_size=2, dataset=str(shakespeare), dtype=torch.float32, show_progress=False,
+    )  # fmt: skip
+    out = ar.quantize_and_save(tmp_path / "out")
+    qc = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    assert (qc["lr"], qc["minmax_lr"]) == pytest.approx(expected)

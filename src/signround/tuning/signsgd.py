@@ -40,9 +40,9 @@ def default_lr(iters: int, bits: int) -> float:
 
     From 200 iterations up this is the reference's ``1/iters``.  Below, its ``1/iters`` grows the step as the run
     shortens (2e-2 at 50), and the step is what hurts there: on SmolLM2 at iters 50 the reference's own light-recipe
-    step 5e-3 gives lower perplexity and KL than 2e-2 at W4, W3 and W2 alike, and tuned GGUF blocks end below their
-    optimised-RTN start only with it (docs/benchmarks.md, "Learning rate").  So short runs keep the 200-iteration
-    step instead of taking larger ones.
+    step 5e-3 gives lower perplexity and KL than 2e-2 at W4, W3 and W2 alike, and better tuned GGUF files at every
+    type measured (docs/benchmarks.md, "Learning rate at iters 50" and the GGUF table).  So short runs keep the
+    200-iteration step instead of taking larger ones.
     """
     if iters <= 0:
         return 0.0
