@@ -157,10 +157,14 @@ def run_one(name: str) -> dict:
 
 
 def _machine() -> dict:
-    """The CPU and the ISA caps in force (oneDNN's and ATen's): the same commit may tune differently per CPU path."""
+    """The CPU and the ISA caps in force (oneDNN's, MKL's, ATen's): the same commit may tune differently per CPU path."""
     from gguf_llamacpp import cpu_info
 
-    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)}
+    caps = {
+        k: os.environ[k]
+        for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+        if os.environ.get(k)
+    }
     return {"cpu": cpu_info(), **({"isa_caps": caps} if caps else {})}
 
 
