@@ -43,6 +43,9 @@ for _bits in (4, 3, 2):
 # the step of the reference's own light recipe).
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-lr2e-2"] = {"bits": _bits, "iters": 50, "lr": 2e-2}
+# The reference's default recipe length (iters 200; automatic lr 1/200 in both tools).
+for _bits in (4, 3, 2):
+    CONFIGS[f"signround-w{_bits}-iters200"] = {"bits": _bits, "iters": 200}
 # Tuning entirely in float32 (amp off): a like-for-like time comparison with the reference's --no_amp run (W4),
 # and whether the tuned result still depends on the CPU's bf16 matmul units (W2; run under ONEDNN_MAX_CPU_ISA).
 CONFIGS["signround-w4-fp32"] = {"bits": 4, "iters": 50, "amp": False}
@@ -63,6 +66,7 @@ for _scheme in FP_SCHEMES:
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
 ORDER += ["signround-w4-fp32", "signround-w2-fp32", "signround-w2-seed43", "signround-w2-seed44"]
 ORDER += [f"signround-w{b}-lr2e-2" for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}-iters200" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
