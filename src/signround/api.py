@@ -34,7 +34,7 @@ from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
 from .tuning.block import TuneOptions
 from .tuning.engine import TuneReport, rtn_only
 from .tuning.engine import run as run_tuning
-from .tuning.signsgd import default_lr
+from .tuning.signsgd import learning_rates
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +274,12 @@ def pack_model(
     return packer
 
 
-def _tuned_lr(config: AutoRoundConfig) -> float | None:
-    """The learning rate the run used (the automatic one resolved), so the checkpoint records what happened."""
-    if config.lr is not None or not config.iters:
-        return config.lr
-    return default_lr(config.iters, config.bits)
+def _tuned_lrs(config: AutoRoundConfig) -> tuple[float | None, float | None]:
+    """``(lr, minmax_lr)`` the run used (the automatic ones resolved), so the checkpoint records what happened;
+    without tuning, what was given."""
+    if not config.iters:
+        return config.lr, config.minmax_lr if config.minmax_lr is not None else config.lr
+    return learning_rates(config.lr, config.minmax_lr, config.iters, config.bits)
 
 
 def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, packer: Packer) -> None:
@@ -299,10 +300,11 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         on_disk = checkpoint_name(model, name)
         if on_disk != name:
             overrides.setdefault(on_disk, overrides[name])
+    lr, minmax_lr = _tuned_lrs(config)
     extra = {
         "iters": config.iters,
-        "lr": _tuned_lr(config),
-        "minmax_lr": config.minmax_lr if config.minmax_lr is not None else _tuned_lr(config),
+        "lr": lr,
+        "minmax_lr": minmax_lr,
         "nsamples": config.nsamples,
         "seqlen": config.seqlen,
         "batch_size": config.batch_size,
@@ -562,7 +564,7 @@ class AutoRound:
         dataset = c.dataset if isinstance(c.dataset, str) else "custom"
         tuning = {
             "scheme": c.scheme, "bits": c.bits, "group_size": c.group_size, "sym": c.sym, "iters": c.iters,
-            "lr": _tuned_lr(c), "nsamples": c.nsamples,
+            "lr": _tuned_lrs(c)[0], "nsamples": c.nsamples,
             "seqlen": c.seqlen, "batch_size": c.batch_size, "calibration dataset": dataset, "format": format_name,
             "quantized layers": self.result.report.layer_count if self.result else None,
         }  # fmt: skip

@@ -38,7 +38,7 @@ from ..schemes import LayerSpec, act_quant_of
 from .fp_linear import FPTunableLinear
 from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
-from .signsgd import SignSGD, default_lr, linear_decay
+from .signsgd import SignSGD, learning_rates, linear_decay
 from .tunable import KeptResult, TunableParameters
 
 logger = logging.getLogger(__name__)
@@ -412,8 +412,7 @@ def _signsgd_loop(
     compiling: bool = False,
 ) -> BlockResult:
     min_bits = min(tl.spec.bits for tl in tunables.values())
-    lr = options.lr if options.lr is not None else default_lr(options.iters, min_bits)
-    minmax_lr = options.minmax_lr if options.minmax_lr is not None else lr
+    lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, min_bits)
     optimizer = SignSGD(
         [
             {"params": [tl.v for tl in tunables.values()], "lr": lr},

@@ -51,6 +51,13 @@ def default_lr(iters: int, bits: int) -> float:
     return 1.0 / max(iters, SHORT_RUN_ITERS)
 
 
+def learning_rates(lr: float | None, minmax_lr: float | None, iters: int, bits: int) -> tuple[float, float]:
+    """``(lr, minmax_lr)`` as a run uses them: an unset ``lr`` is :func:`default_lr`, an unset ``minmax_lr`` is
+    ``lr``.  One rule for the tuning loop and for what a checkpoint records about the run."""
+    lr = lr if lr is not None else default_lr(iters, bits)
+    return lr, (minmax_lr if minmax_lr is not None else lr)
+
+
 def linear_decay(optimizer: torch.optim.Optimizer, iters: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate decayed linearly from its initial value to 0 over ``iters`` steps."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(iters, 1)))
