@@ -38,6 +38,7 @@ from ..schemes import LayerSpec, act_quant_of
 from .fp_linear import FPTunableLinear
 from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
+from .objectives import MSE, Objective
 from .signsgd import SignSGD, learning_rates, linear_decay
 from .tunable import KeptResult, TunableParameters
 
@@ -267,17 +268,18 @@ def _full_loss(
     batch_size: int,
     dtype: torch.dtype | None,
     keep_outputs: bool = True,
+    objective: Objective = MSE,
 ) -> tuple[float, torch.Tensor | None]:
-    """Mean squared error against ``targets`` over every cached sample of the block computing with ``candidate``'s
-    weights, and the outputs (None unless ``keep_outputs``)."""
+    """``objective``'s loss against ``targets`` (mean squared error for blocks) over every cached sample of the block
+    computing with ``candidate``'s weights, and the outputs (None unless ``keep_outputs``)."""
     total, count, outs = 0.0, 0, []
     with ExitStack() as stack:
         for name, tl in tunables.items():
             stack.enter_context(tl.judging(candidate[name]))
         for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
-            total += F.mse_loss(out.float(), targets[idx].to(out.device).float(), reduction="sum").item()
-            count += out.numel()
+            total += objective.loss(out.float(), targets[idx].to(out.device).float(), "sum").item()
+            count += objective.units(out)
             if keep_outputs:
                 outs.append(out.to(inputs.hidden.device))
     return total / max(count, 1), torch.cat(outs, dim=0) if keep_outputs else None
@@ -291,9 +293,11 @@ def tune_block(
     options: TuneOptions,
     progress: Callable[[int, float], None] | None = None,
     keep_outputs: bool = True,
+    objective: Objective = MSE,
 ) -> BlockResult:
     """Tune the block's layers (``name -> (linear, spec, start)``, names relative to ``block``; ``start`` a
-    :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``).
+    :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``) to minimise ``objective`` (the loop's and the
+    judging's loss; hidden states: mean squared error).
 
     Returns the quantized tensors of the kept parameters and the block's outputs with them (not with
     ``keep_outputs=False``: the head's logits, which nothing downstream reads, would take tokens x vocab); with
@@ -321,7 +325,9 @@ def tune_block(
         dtype = _loop_dtype(options, inputs, targets)
         compiling = compiles(options, tunables, block)
         with block_in_dtype(block, tunables, dtype), fused.allowed(compiling):
-            result = _signsgd_loop(block, tunables, inputs, targets, options, progress, dtype, keep_outputs, compiling)
+            result = _signsgd_loop(
+                block, tunables, inputs, targets, options, progress, dtype, keep_outputs, compiling, objective
+            )
     finally:
         for name, tl in tunables.items():
             block.set_submodule(name, tl.linear)
@@ -410,6 +416,7 @@ def _signsgd_loop(
     dtype: torch.dtype | None,
     keep_outputs: bool = True,
     compiling: bool = False,
+    objective: Objective = MSE,
 ) -> BlockResult:
     min_bits = min(tl.spec.bits for tl in tunables.values())
     lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, min_bits)
@@ -458,7 +465,7 @@ def _signsgd_loop(
                     logger.warning("torch.compile failed on this block (%s); tuning it eagerly", fused.first_line(exc))
                     forward = block
                     out = block_output(forward(h, **kw))
-                loss = F.mse_loss(out.float(), targets[idx].to(out.device).float())
+                loss = objective.loss(out.float(), targets[idx].to(out.device).float(), "mean")
                 total += loss.item() / options.gradient_accumulate_steps
                 (loss / options.gradient_accumulate_steps).backward()
                 del out, loss  # their graph holds every v (AccumulateGrad): not past the loop into the judging
@@ -500,7 +507,7 @@ def _signsgd_loop(
 
     def judge(iteration: int, candidate: dict[str, QuantizedTensor]) -> None:
         nonlocal final, init_loss
-        loss, outputs = _full_loss(block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs)
+        loss, outputs = _full_loss(block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs, objective)
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:

@@ -1,4 +1,5 @@
-"""The output head (``quant_lm_head=True``) tuned like a block: SignRound against the full-precision logits.
+"""The output head (``quant_lm_head=True``) tuned like a block: SignRound toward the full-precision next-token
+distributions (the KL divergence of their softmax; blocks use the squared error of hidden states).
 
 The head sees the final norm of the quantized stream and should reproduce the logits the full-precision model
 computes from its own stream, so its rounding corrects, as every block's does, the error accumulated upstream.
@@ -20,6 +21,7 @@ from torch import nn
 from ..schemes import LayerSpec
 from .block import BlockResult, LayerStart, TuneOptions, tune_block
 from .inputs import BlockInputs
+from .objectives import KL, Objective
 
 # One batch's logits in float32 at most this large (the loss also holds their target and gradient alike).
 LOGIT_BYTES = 512 * 2**20
@@ -63,10 +65,12 @@ def tune_head(
     fp_normed: torch.Tensor,
     options: TuneOptions,
     progress: Callable[[int, float], None] | None = None,
+    objective: Objective = KL,
 ) -> BlockResult:
     """Tune ``head`` from ``start`` so that it maps the quantized stream's normalised hidden states ``q_normed``
-    (``[N, T, H]``) onto the logits of ``fp_normed`` through the unquantized head.  The weight is left set to
-    the kept result, dequantized; the result holds no outputs."""
+    (``[N, T, H]``) onto the logits of ``fp_normed`` through the unquantized head: by default it minimises the KL
+    divergence of the next-token distributions (tuning.objectives).  The weight is left set to the kept result,
+    dequantized; the result holds no outputs."""
     hidden = head.in_features
     tokens = tokens_per_batch(options, q_normed.shape[1], head.out_features)
     weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
@@ -75,4 +79,7 @@ def tune_head(
     options = dataclasses.replace(options, batch_size=tokens, write_back=True)
     stage = _HeadStage(head)
     with torch.enable_grad():
-        return tune_block(stage, {"head": (head, spec, start)}, inputs, targets, options, progress, keep_outputs=False)
+        return tune_block(
+            stage, {"head": (head, spec, start)}, inputs, targets, options, progress, keep_outputs=False,
+            objective=objective,
+        )  # fmt: skip
