@@ -10,6 +10,10 @@ its importance matrix (byte-identical to ``llama-quantize --imatrix`` for the pe
 measures on the quantized stream; rows dated before that change are ``llama-quantize`` without one); iters > 0 is
 SignRound toward the same grids, from that start.  One JSON row per (type, iters), appended; rows already present
 are skipped (``--out`` elsewhere to measure again).
+
+``--calib wikitext-heldout`` calibrates (importance and tuning alike) on wikitext-2 text that the evaluation never
+reads (the test file from twice the evaluated tokens on): a calibration text of the evaluation's domain, to tell
+what tuning does when the calibration is like the use from what a shift of domain does (tinyshakespeare).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_llamacpp import CALIB, CALIB_N, CALIB_SEQLEN, MODEL, Bench, cpu_info
+from gguf_llamacpp import CALIB, CALIB_N, CALIB_SEQLEN, EVAL, EVAL_N, EVAL_SEQLEN, MODEL, Bench, cpu_info
 
 import signround
 from signround.fetch import cached_model_path
@@ -34,11 +38,24 @@ from signround.tuning.signsgd import default_lr
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_signround.jsonl"
 
 
-def _done(path: Path) -> set[tuple[str, int, float | None]]:
+def _done(path: Path) -> set[tuple[str, int, float | None, str]]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["type"], r["iters"], r.get("lr")) for r in rows}
+    return {(r["type"], r["iters"], r.get("lr"), r.get("calibration", CALIB.name)) for r in rows}
+
+
+def heldout_wikitext(model_dir: Path, work: Path) -> Path:
+    """The wikitext-2 test text from the character where its ``2 x EVAL_N x EVAL_SEQLEN``-th token starts (the
+    evaluation reads the first ``EVAL_N x EVAL_SEQLEN`` tokens only), written to ``work``."""
+    from transformers import AutoTokenizer
+
+    text = EVAL.read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    path = work / "wikitext2_test_heldout.txt"
+    path.write_text(text[offsets[2 * EVAL_N * EVAL_SEQLEN][0] :], encoding="utf-8")
+    return path
 
 
 def main() -> None:
@@ -49,24 +66,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gguf-llamacpp"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--calib", choices=["tinyshakespeare", "wikitext-heldout"], default="tinyshakespeare",
+        help="calibration text (default: the accuracy protocol's); wikitext-heldout: see above",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = cached_model_path("smollm2-135m")
     bench = Bench(args.work, args.threads)
     bench.prepare(model_dir)
     done = _done(args.out)
+    calib = CALIB if args.calib == "tinyshakespeare" else heldout_wikitext(model_dir, args.work)
     for type_name in args.types:
         for iters in args.iters:
             lr = (args.lr if args.lr is not None else default_lr(iters, 4)) if iters else None  # < 1000 iters: any bits
-            if (type_name, iters, lr) in done:
+            if (type_name, iters, lr, calib.name) in done:
                 print(f"skip {type_name} iters={iters}: already in {args.out}")
                 continue
             start = time.perf_counter()
             ar = signround.AutoRound(
                 str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, nsamples=CALIB_N,
-                seqlen=CALIB_SEQLEN, batch_size=8, dataset=str(CALIB), dtype=torch.float32, show_progress=False,
+                seqlen=CALIB_SEQLEN, batch_size=8, dataset=str(calib), dtype=torch.float32, show_progress=False,
             )  # fmt: skip
             tag = f"iters{iters}" + (f"-lr{args.lr:g}" if args.lr is not None and iters else "")
+            tag += "" if calib == CALIB else f"-{args.calib}"
             out_dir = args.work / f"signround-{type_name}-{tag}"
             ar.quantize_and_save(out_dir)
             seconds = time.perf_counter() - start
@@ -78,7 +101,8 @@ def main() -> None:
             losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
             row = {
                 "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
-                "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "file_bytes": path.stat().st_size,
+                "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "calibration": calib.name,
+                "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
                 "tokens_match": scored.get("tokens_match", scored.get("checks")),
                 "blocks_improved": sum(final < first for first, final in losses), "blocks": len(losses),
