@@ -112,6 +112,19 @@ def _evaluate(model, wins, ref_path: Path | None, save_ref: Path | None) -> tupl
     return math.exp(nll / count), (kl_sum / kl_count if ref is not None else None)
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with "+" when it has uncommitted changes): which code a row measured."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
 def run_one(name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,6 +155,12 @@ def run_one(name: str) -> dict:
         else:
             ar.quantize()
         row["tune_seconds"] = round(time.perf_counter() - start, 1)
+        report = ar.result.report
+        losses = [(first, final) for first, final in report.block_losses if first is not None]
+        row["blocks_improved"] = sum(final < first for first, final in losses)  # strictly below their start
+        row["blocks_tuned"] = len(losses)
+        if report.head_loss is not None:
+            row["head_loss"] = list(report.head_loss)
     row["peak_rss_mb_after_tuning"] = round(_peak_rss_mb(), 1)
     wins = _eval_windows(tokenizer)
     if name == "fp32":
@@ -155,6 +174,7 @@ def run_one(name: str) -> dict:
         kl=None if kl is None else round(kl, 5),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        commit=_commit(),
         **_machine(),
     )
     return row
