@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from signround.tuning.objectives import KL, MSE, OBJECTIVES
+from signround.schemes import LayerSpec, resolve_plan
+from signround.tuning import engine
+from signround.tuning.block import TuneOptions
+from signround.tuning.objectives import KL, MSE, MSE_WITHOUT_OUTLIERS, OBJECTIVES, block_objective
 
 
 def test_mse_is_torchs_mean_squared_error_and_sums_over_elements() -> None:
@@ -30,4 +33,48 @@ def test_kl_ignores_what_the_softmax_ignores_and_mse_does_not() -> None:
     shifted = target + torch.randn(2, 3, 1)
     assert KL.loss(shifted, target, "mean").item() == pytest.approx(0.0, abs=1e-6)
     assert MSE.loss(shifted, target, "mean").item() > 0.1
-    assert set(OBJECTIVES) == {"mse", "kl"}
+    assert set(OBJECTIVES) == {"mse", "kl", "mse-without-outliers"}
+
+
+def test_the_low_bit_loss_leaves_out_the_largest_differences_and_is_judged_by_the_full_error() -> None:
+    """The largest 0.1 % of |out - target| get no loss and no gradient; the rest count as in the squared error,
+    divided by every element; the judging objective is the plain squared error."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 50, 40)
+    out = (target + 0.1 * torch.randn_like(target)).requires_grad_()
+    with torch.no_grad():
+        out[0, 3, 5] += 50.0  # two outliers: 4000 elements x 0.1 % = 4 left out, these among them
+        out[1, 7, 2] -= 30.0
+    loss = MSE_WITHOUT_OUTLIERS.loss(out, target, "mean")
+    loss.backward()
+    assert out.grad[0, 3, 5] == 0 and out.grad[1, 7, 2] == 0
+    assert int((out.grad == 0).sum()) == 4
+    diff = (out - target).detach()
+    size = diff.abs().flatten().sort().values
+    assert loss.item() == pytest.approx((size[:-4] ** 2).sum().item() / diff.numel(), rel=1e-5)
+    assert loss.item() < 0.1 * MSE.loss(out, target, "mean").item()
+    assert MSE_WITHOUT_OUTLIERS.judge is MSE and MSE.judge is MSE
+
+
+def test_only_blocks_of_low_bit_integer_grids_leave_out_outliers() -> None:
+    w2, w3, w4 = (LayerSpec(bits=b, group_size=32) for b in (2, 3, 4))
+    assert block_objective([w2, w2]) is MSE_WITHOUT_OUTLIERS
+    assert block_objective([w3]) is MSE  # measured a wash at W3: the plain loss
+    assert block_objective([w2, w4]) is MSE  # one layer at 4 bits: the block's error is not the low-bit kind
+    assert block_objective([w4]) is MSE
+    assert block_objective([LayerSpec(bits=2, group_size=16, sym=False, data_type="gguf:q2_k")]) is MSE
+
+
+@pytest.mark.parametrize(("bits", "expected"), [(2, "mse-without-outliers"), (4, "mse")])
+def test_the_engine_tunes_each_block_on_its_objective(tiny_llama, monkeypatch, bits, expected) -> None:
+    seen: list[str] = []
+    real = engine.tune_block
+    monkeypatch.setattr(
+        engine,
+        "tune_block",
+        lambda *a, objective, **k: seen.append(objective.name) or real(*a, objective=objective, **k),
+    )
+    plan = resolve_plan(engine.quantizable_layers(tiny_llama), LayerSpec(bits=bits, group_size=32))
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    engine.run(tiny_llama, plan, ids, None, TuneOptions(iters=2, batch_size=2, show_progress=False))
+    assert seen and set(seen) == {expected}

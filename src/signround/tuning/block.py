@@ -296,8 +296,8 @@ def tune_block(
     objective: Objective = MSE,
 ) -> BlockResult:
     """Tune the block's layers (``name -> (linear, spec, start)``, names relative to ``block``; ``start`` a
-    :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``) to minimise ``objective`` (the loop's and the
-    judging's loss; hidden states: mean squared error).
+    :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``) to minimise ``objective`` (the loop's loss; the
+    whole-set judging takes ``objective.judge``; hidden states: mean squared error).
 
     Returns the quantized tensors of the kept parameters and the block's outputs with them (not with
     ``keep_outputs=False``: the head's logits, which nothing downstream reads, would take tokens x vocab); with
@@ -507,7 +507,9 @@ def _signsgd_loop(
 
     def judge(iteration: int, candidate: dict[str, QuantizedTensor]) -> None:
         nonlocal final, init_loss
-        loss, outputs = _full_loss(block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs, objective)
+        loss, outputs = _full_loss(
+            block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs, objective.judge
+        )
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:

@@ -30,6 +30,7 @@ from ..schemes import LayerSpec, QuantPlan
 from .block import BlockResult, LayerStart, TuneOptions, run_block, tune_block
 from .head import tune_head
 from .inputs import BlockInputs, capture_block_inputs
+from .objectives import block_objective
 from .rtn import gguf_legacy_start, optimized_rtn_params, plain_rtn_params
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def _tune_one_block(
             bar.set_postfix_str(f"block {index} iter {it} loss {loss:.3g}")
 
     with torch.enable_grad():
-        result = tune_block(block, prepared, q_in, fp_out, options, progress)
+        result = tune_block(block, prepared, q_in, fp_out, options, progress, objective=block_objective(specs.values()))
     if result.init_loss is not None:
         logger.debug(
             "block %d: loss %.4g -> %.4g (best iter %s)", index, result.init_loss, result.final_loss, result.best_iter
