@@ -54,7 +54,7 @@ CONFIGS["signround-w2-fp32"] = {"bits": 2, "iters": 50, "amp": False}
 # against which a difference between CPUs is judged.
 for _seed in (43, 44):
     CONFIGS[f"signround-w2-seed{_seed}"] = {"bits": 2, "iters": 50, "seed": _seed}
-# quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp logits like a block (iters 50).
+# quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp next-token distributions (iters 50).
 for _bits in (4, 2):
     CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
     CONFIGS[f"signround-w{_bits}-head"] = {"bits": _bits, "iters": 50, "quant_lm_head": True}
