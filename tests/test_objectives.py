@@ -27,6 +27,46 @@ def test_kl_is_the_mean_over_tokens_of_the_next_token_divergence() -> None:
     assert KL.loss(out, target, "sum").item() == pytest.approx(per_token.sum().item(), rel=1e-5)
 
 
+def _autograd_kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The KL as autograd would build it (the head's objective before it computed its own gradient)."""
+    return F.kl_div(out.float().log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kls_own_gradient_is_autograds_over_chunks_of_tokens(monkeypatch, dtype) -> None:
+    """Value and gradient equal autograd's through log_softmax, also when the tokens do not fill the last chunk;
+    the gradient comes back in the logits' dtype."""
+    monkeypatch.setattr("signround.tuning.objectives.KL_ROWS_PER_CHUNK", 4)
+    torch.manual_seed(0)
+    target = 3 * torch.randn(3, 5, 50)
+    base = (target + torch.randn_like(target)).to(dtype)
+    ours, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    loss = KL.loss(ours, target, "mean")
+    (_autograd_kl(ref, target) / 15).backward()
+    loss.backward()
+    assert loss.item() == pytest.approx(_autograd_kl(base, target).item() / 15, rel=1e-5)
+    assert ours.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(ours.grad.float(), ref.grad.float(), rtol=0, atol=tol * ref.grad.abs().max().item())
+    assert KL.loss(base, target, "sum").item() == pytest.approx(_autograd_kl(base, target).item(), rel=1e-5)
+
+
+def test_the_kl_saves_nothing_for_its_backward_but_the_gradient() -> None:
+    """No float32 log-softmax or probabilities of a tokens x vocabulary batch are kept for the backward (autograd's
+    version of the same loss keeps several)."""
+    target = torch.randn(8, 100)
+    out = torch.randn(8, 100, requires_grad=True)
+
+    def saved_by(loss_fn) -> int:
+        saved: list[torch.Size] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            loss_fn(out, target)
+        return sum(1 for shape in saved if shape.numel() >= out.numel())
+
+    assert saved_by(lambda o, t: KL.loss(o, t, "mean")) == 0
+    assert saved_by(_autograd_kl) >= 2
+
+
 def test_kl_ignores_what_the_softmax_ignores_and_mse_does_not() -> None:
     """A per-token shift of the logits changes no probability: KL sees no error, the squared error does."""
     target = torch.randn(2, 3, 9)

@@ -278,7 +278,7 @@ def _full_loss(
             stack.enter_context(tl.judging(candidate[name]))
         for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
-            total += objective.loss(out.float(), targets[idx].to(out.device).float(), "sum").item()
+            total += objective.loss(out, targets[idx].to(out.device).float(), "sum").item()
             count += objective.units(out)
             if keep_outputs:
                 outs.append(out.to(inputs.hidden.device))
@@ -465,7 +465,7 @@ def _signsgd_loop(
                     logger.warning("torch.compile failed on this block (%s); tuning it eagerly", fused.first_line(exc))
                     forward = block
                     out = block_output(forward(h, **kw))
-                loss = objective.loss(out.float(), targets[idx].to(out.device).float(), "mean")
+                loss = objective.loss(out, targets[idx].to(out.device).float(), "mean")
                 total += loss.item() / options.gradient_accumulate_steps
                 (loss / options.gradient_accumulate_steps).backward()
                 del out, loss  # their graph holds every v (AccumulateGrad): not past the loop into the judging
