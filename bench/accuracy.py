@@ -43,6 +43,7 @@ for _bits in (4, 3, 2):
 # the step of the reference's own light recipe).
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-lr2e-2"] = {"bits": _bits, "iters": 50, "lr": 2e-2}
+    CONFIGS[f"signround-w{_bits}-lr2.5e-3"] = {"bits": _bits, "iters": 50, "lr": 2.5e-3}  # half the default step
 # The reference's default recipe length (iters 200; automatic lr 1/200 in both tools).
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-iters200"] = {"bits": _bits, "iters": 200}
@@ -65,7 +66,7 @@ for _scheme in FP_SCHEMES:
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
 ORDER += ["signround-w4-fp32", "signround-w2-fp32", "signround-w2-seed43", "signround-w2-seed44"]
-ORDER += [f"signround-w{b}-lr2e-2" for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-iters200" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
