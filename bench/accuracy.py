@@ -55,6 +55,9 @@ CONFIGS["signround-w2-fp32"] = {"bits": 2, "iters": 50, "amp": False}
 # against which a difference between CPUs is judged.
 for _seed in (43, 44):
     CONFIGS[f"signround-w2-seed{_seed}"] = {"bits": 2, "iters": 50, "seed": _seed}
+# Without tuning the blocks' norm weights (enable_norm_bias_tuning=False): the rounding and clipping alone.
+for _bits in (4, 3, 2):
+    CONFIGS[f"signround-w{_bits}-no-norms"] = {"bits": _bits, "iters": 50, "enable_norm_bias_tuning": False}
 # quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp next-token distributions (iters 50).
 for _bits in (4, 2):
     CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
@@ -68,6 +71,7 @@ ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "s
 ORDER += ["signround-w4-fp32", "signround-w2-fp32", "signround-w2-seed43", "signround-w2-seed44"]
 ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-iters200" for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
@@ -146,7 +150,7 @@ def run_one(name: str) -> dict:
         ar = signround.AutoRound(
             model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
             amp=cfg.get("amp", True), quant_lm_head=cfg.get("quant_lm_head", False), dataset=_calibration(tokenizer),
-            lr=cfg.get("lr"), seed=cfg.get("seed", 42), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+            lr=cfg.get("lr"), enable_norm_bias_tuning=cfg.get("enable_norm_bias_tuning", True), seed=cfg.get("seed", 42), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
             low_cpu_mem_usage=False,  # the packed model is evaluated in this process: keep its blocks in memory
         )  # fmt: skip
         start = time.perf_counter()

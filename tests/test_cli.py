@@ -50,6 +50,17 @@ def test_flags_without_recipe_only_pass_what_was_given() -> None:
     assert _kwargs("--iter", "3")["iters"] == 3  # the reference's spelling
 
 
+def test_norm_tuning_is_on_unless_disabled() -> None:
+    from signround.config import AutoRoundConfig
+
+    assert "enable_norm_bias_tuning" not in _kwargs()
+    assert AutoRoundConfig(bits=4).enable_norm_bias_tuning is True
+    assert _kwargs("--disable_norm_bias_tuning") == {"enable_norm_bias_tuning": False}
+    assert _kwargs("--enable_norm_bias_tuning") == {"enable_norm_bias_tuning": True}
+    with pytest.raises(ValueError, match="enable_norm_bias_tuning must be True or False"):
+        AutoRoundConfig(bits=4, enable_norm_bias_tuning="yes")
+
+
 def test_unknown_recipe_is_refused(capsys) -> None:
     with pytest.raises(SystemExit):
         _quantize_parser().parse_args(["--model", "m", "--recipe", "fastest"])

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from signround.schemes import LayerSpec, resolve_plan
 from signround.tuning import engine
 from signround.tuning.block import TuneOptions
-from signround.tuning.objectives import KL, MSE, MSE_WITHOUT_OUTLIERS, OBJECTIVES, block_objective
+from signround.tuning.objectives import (
+    KL,
+    MSE,
+    OBJECTIVES,
+    RELATIVE_MSE,
+    RELATIVE_MSE_WITHOUT_OUTLIERS,
+    block_objective,
+)
 
 
 def test_mse_is_torchs_mean_squared_error_and_sums_over_elements() -> None:
@@ -73,39 +80,66 @@ def test_kl_ignores_what_the_softmax_ignores_and_mse_does_not() -> None:
     shifted = target + torch.randn(2, 3, 1)
     assert KL.loss(shifted, target, "mean").item() == pytest.approx(0.0, abs=1e-6)
     assert MSE.loss(shifted, target, "mean").item() > 0.1
-    assert set(OBJECTIVES) == {"mse", "kl", "mse-without-outliers"}
+    assert set(OBJECTIVES) == {"mse", "relative-mse", "kl", "relative-mse-without-outliers"}
+
+
+def test_the_blocks_loss_weighs_each_tokens_error_relative_to_its_target() -> None:
+    """A token 1000 times larger than the others (an attention sink) with the same relative error counts as much as
+    any other token, where in the plain squared error it would be the whole loss; sum / units is the mean."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 8, 16)
+    target[:, 0] *= 1000.0
+    out = target * (1 + 0.01 * torch.randn_like(target))
+    per_token = ((out - target).square().mean(-1) / target.square().mean(-1)).mean()
+    assert RELATIVE_MSE.loss(out, target, "mean").item() == pytest.approx(per_token.item(), rel=1e-4)
+    summed = RELATIVE_MSE.loss(out, target, "sum").item() / RELATIVE_MSE.units(out)
+    assert summed == pytest.approx(per_token.item(), rel=1e-4)
+    sink_share = (out - target)[:, 0].square().sum() / (out - target).square().sum()
+    assert sink_share > 0.99  # what the plain squared error would chase
+    relative_sink = RELATIVE_MSE.loss(out[:, :1], target[:, :1], "sum") / RELATIVE_MSE.loss(out, target, "sum")
+    assert 0.02 < relative_sink.item() < 0.3  # one of 8 positions: about its share
+
+
+def test_a_token_of_zero_size_does_not_divide_by_zero() -> None:
+    target = torch.randn(1, 4, 8)
+    target[0, 2] = 0.0
+    out = target + 0.1
+    loss = RELATIVE_MSE.loss(out, target, "mean")
+    assert torch.isfinite(loss) and loss.item() < 1e4 * RELATIVE_MSE.loss(out[:, :2], target[:, :2], "mean").item()
 
 
 def test_the_low_bit_loss_leaves_out_the_largest_differences_and_is_judged_by_the_full_error() -> None:
-    """The largest 0.1 % of |out - target| get no loss and no gradient; the rest count as in the squared error,
-    divided by every element; the judging objective is the plain squared error."""
+    """The largest 0.1 % of the relative differences get no loss and no gradient; the rest count as in the relative
+    squared error, divided by every element; the judging objective is the full relative squared error."""
     torch.manual_seed(0)
     target = torch.randn(2, 50, 40)
     out = (target + 0.1 * torch.randn_like(target)).requires_grad_()
     with torch.no_grad():
         out[0, 3, 5] += 50.0  # two outliers: 4000 elements x 0.1 % = 4 left out, these among them
         out[1, 7, 2] -= 30.0
-    loss = MSE_WITHOUT_OUTLIERS.loss(out, target, "mean")
+    loss = RELATIVE_MSE_WITHOUT_OUTLIERS.loss(out, target, "mean")
     loss.backward()
     assert out.grad[0, 3, 5] == 0 and out.grad[1, 7, 2] == 0
     assert int((out.grad == 0).sum()) == 4
-    diff = (out - target).detach()
+    scale = target.square().mean(-1, keepdim=True).rsqrt()
+    diff = ((out - target) * scale).detach()
     size = diff.abs().flatten().sort().values
-    assert loss.item() == pytest.approx((size[:-4] ** 2).sum().item() / diff.numel(), rel=1e-5)
-    assert loss.item() < 0.1 * MSE.loss(out, target, "mean").item()
-    assert MSE_WITHOUT_OUTLIERS.judge is MSE and MSE.judge is MSE
+    assert loss.item() == pytest.approx((size[:-4] ** 2).sum().item() / diff.numel(), rel=1e-4)
+    assert loss.item() < 0.1 * RELATIVE_MSE.loss(out, target, "mean").item()
+    assert RELATIVE_MSE_WITHOUT_OUTLIERS.judge is RELATIVE_MSE and RELATIVE_MSE.judge is RELATIVE_MSE
 
 
 def test_only_blocks_of_low_bit_integer_grids_leave_out_outliers() -> None:
     w2, w3, w4 = (LayerSpec(bits=b, group_size=32) for b in (2, 3, 4))
-    assert block_objective([w2, w2]) is MSE_WITHOUT_OUTLIERS
-    assert block_objective([w3]) is MSE  # measured a wash at W3: the plain loss
-    assert block_objective([w2, w4]) is MSE  # one layer at 4 bits: the block's error is not the low-bit kind
-    assert block_objective([w4]) is MSE
-    assert block_objective([LayerSpec(bits=2, group_size=16, sym=False, data_type="gguf:q2_k")]) is MSE
+    assert block_objective([w2, w2]) is RELATIVE_MSE_WITHOUT_OUTLIERS
+    assert block_objective([w3]) is RELATIVE_MSE
+    assert block_objective([w2, w4]) is RELATIVE_MSE  # one layer at 4 bits: the block's error is not the low-bit kind
+    assert block_objective([w4]) is RELATIVE_MSE
+    q2_k = LayerSpec(bits=2, group_size=16, sym=False, data_type="gguf:q2_k")
+    assert block_objective([q2_k]) is RELATIVE_MSE
 
 
-@pytest.mark.parametrize(("bits", "expected"), [(2, "mse-without-outliers"), (4, "mse")])
+@pytest.mark.parametrize(("bits", "expected"), [(2, "relative-mse-without-outliers"), (4, "relative-mse")])
 def test_the_engine_tunes_each_block_on_its_objective(tiny_llama, monkeypatch, bits, expected) -> None:
     seen: list[str] = []
     real = engine.tune_block

@@ -78,6 +78,14 @@ def _add_debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(DEBUG_FLAG, action="store_true", help=f"print tracebacks of errors (or set {DEBUG_ENV}=1)")
 
 
+def _on_off(parser: argparse.ArgumentParser, knob: str, on_help: str, off_help: str) -> None:
+    """``--enable_<knob>`` / ``--disable_<knob>``, exclusive, into ``enable_<knob>`` (None when neither is given)."""
+    group = parser.add_mutually_exclusive_group()
+    dest = f"enable_{knob}"
+    group.add_argument(f"--{dest}", dest=dest, action="store_const", const=True, default=None, help=on_help)
+    group.add_argument(f"--disable_{knob}", dest=dest, action="store_const", const=False, help=off_help)
+
+
 def _quantize_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="signround", description="SignRound weight-only quantization of a causal LM.")
     p.add_argument("--model", "--model_name", required=True, help="local model directory (or hub name when online)")
@@ -125,16 +133,15 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quant_lm_head", action="store_true")
     p.add_argument("--disable_opt_rtn", action="store_true", help="plain RTN when iters=0 (and plain init for tuning)")
-    compile_group = p.add_mutually_exclusive_group()
-    compile_group.add_argument(
-        "--enable_torch_compile", action="store_const", const=True, default=None,
-        help="compile every block's tuning loop (default: only blocks large enough to pay for the compile)",
-    )  # fmt: skip
-    compile_group.add_argument(
-        "--disable_torch_compile", dest="enable_torch_compile", action="store_const", const=False,
-        help="never compile the tuning loop",
+    _on_off(
+        p, "torch_compile", "compile every block's tuning loop (default: only blocks large enough to pay for the compile)",
+        "never compile the tuning loop",
     )  # fmt: skip
     p.add_argument("--disable_amp", action="store_true", help="tune in float32 even where bf16 is native")
+    _on_off(
+        p, "norm_bias_tuning", "tune each block's norm weights with the rounding (the default)",
+        "leave the norm weights as they are",
+    )  # fmt: skip
     p.add_argument(
         "--device_map",
         "--device",
@@ -196,6 +203,8 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs["low_cpu_mem_usage"] = not args.disable_low_cpu_mem_usage
     if args.disable_amp:
         kwargs["amp"] = False
+    if args.enable_norm_bias_tuning is not None:
+        kwargs["enable_norm_bias_tuning"] = args.enable_norm_bias_tuning
     if args.layer_config:
         kwargs["layer_config"] = args.layer_config
     if args.max_memory:

@@ -47,7 +47,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Knobs that only matter while quantizing; the rest describe the packed checkpoint.
 _TUNING_KEYS = (
     "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
-    "seed", "disable_opt_rtn", "enable_torch_compile", "amp",
+    "seed", "disable_opt_rtn", "enable_torch_compile", "amp", "enable_norm_bias_tuning",
 )  # fmt: skip
 
 
@@ -127,6 +127,9 @@ class AutoRoundConfig(QuantizationConfigMixin):
     under torch.compile with the fake quantizer's fused kernels: ``None`` (default) where it pays for the
     compile (blocks of 2 M tuned weights or more, 20 iterations or more, one CPU or CUDA device, no experts),
     ``True`` / ``False`` always / never; a block torch.compile fails on is tuned eagerly, with a warning.
+    ``enable_norm_bias_tuning`` (default on, unlike the reference) tunes each block's norm weights along with the
+    rounding (by at most half a step of the scheme's grid over each norm weight's range; they stay in 16 bit);
+    Linear biases are not tuned.
 
     Per-layer control, with the reference's names:
 
@@ -180,6 +183,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         format: str = "auto_round",
         backend: str = "auto",
         enable_torch_compile: bool | None = None,
+        enable_norm_bias_tuning: bool = True,
         disable_opt_rtn: bool = False,
         amp: bool = True,
         device_map: str | int | None = None,
@@ -243,6 +247,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.format = format
         self.backend = backend
         self.enable_torch_compile = enable_torch_compile
+        self.enable_norm_bias_tuning = enable_norm_bias_tuning
         self.disable_opt_rtn = disable_opt_rtn
         self.amp = amp
         self.device_map = kwargs.pop("device", None) if device_map is None else device_map  # the reference's old name
@@ -350,7 +355,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
             "{0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's form)",
         )
         for name in (
-            "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "amp",
+            "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "amp", "enable_norm_bias_tuning",
             "low_gpu_mem_usage", "low_cpu_mem_usage", "enable_deterministic_algorithms",
         ):  # fmt: skip
             _require(

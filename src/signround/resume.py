@@ -3,7 +3,8 @@
 A run that will save to ``out`` keeps its work in ``out``'s parent, in ``.out.signround-resume/``. The output
 path itself is never written before the final atomic save. After every block the work directory receives:
 
-* the block's quantized tensors (``block-0003.safetensors``, written once, never changed);
+* the block's quantized tensors and its tuned norm weights (``block-0003.safetensors``, written once, never
+  changed);
 * the two streams that feed the next block (``streams-0004.safetensors``; the previous one is deleted after);
 * ``state.json``, replaced atomically last: it names the block files and the streams file of the last state.
 
@@ -34,6 +35,7 @@ from .tuning.engine import BlockCheckpoint, TuneReport
 logger = logging.getLogger(__name__)
 
 _STATE = "state.json"
+_NORM = "norm::"  # block-file key prefix of a tuned norm weight (enable_norm_bias_tuning), by parameter name
 
 
 def work_dir_for(output_dir: str | os.PathLike) -> Path:
@@ -172,6 +174,7 @@ class ResumeStore:
                 prefix = f"{name}."
                 mine = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
                 report.quantized[name] = from_tensors(mine, description)
+            report.norms.update({k[len(_NORM) :]: t for k, t in tensors.items() if k.startswith(_NORM)})
         streams = load_file(str(self.directory / state["streams"]))
         logger.info(
             "resuming from %s: blocks 0-%d already tuned, continuing at block %d",
@@ -190,6 +193,8 @@ class ResumeStore:
         for name, qt in new.items():
             parts, descriptions[name] = to_tensors(qt)
             tensors.update({f"{name}.{k}": t for k, t in parts.items()})
+        new_norms = {n: t for n, t in checkpoint.report.norms.items() if n not in known}
+        tensors.update({_NORM + n: t for n, t in new_norms.items()})
         atomic_save_tensors(self.directory / block_file, tensors)
         _atomic_write_json((self.directory / block_file).with_suffix(".json"), descriptions)
         streams_file = f"streams-{checkpoint.next_block:04d}.safetensors"
@@ -211,6 +216,7 @@ class ResumeStore:
         if previous.get("streams") and previous["streams"] != streams_file:
             (self.directory / previous["streams"]).unlink(missing_ok=True)
         known.update(new)
+        known.update(new_norms)
 
     def _state(self) -> dict[str, Any]:
         state_file = self.directory / _STATE

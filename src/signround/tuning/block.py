@@ -2,7 +2,8 @@
 
 The block's quantizable Linear layers are swapped, for the duration of the loop, for ``TunableLinear``
 modules that compute ``x @ fake_quant(W; V, alpha, beta)^T``.  Signed gradient descent then minimises
-the MSE between the block's outputs on the quantized stream and the full-precision reference outputs.
+the error between the block's outputs on the quantized stream and the full-precision reference outputs (each
+token's squared error relative to its target's size: tuning.objectives).
 The parameters with the lowest loss seen are kept — the starting point included, and checked on the whole
 calibration set at the end, so tuning never returns something worse than its initialisation.
 """
@@ -38,7 +39,8 @@ from ..schemes import LayerSpec, act_quant_of
 from .fp_linear import FPTunableLinear
 from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
-from .objectives import MSE, Objective
+from .norms import TunableNorm, norm_modules
+from .objectives import RELATIVE_MSE, Objective
 from .signsgd import SignSGD, learning_rates, linear_decay
 from .tunable import KeptResult, TunableParameters
 
@@ -70,6 +72,8 @@ class TuneOptions:
     # leave each tuned Linear's weight set to its dequantized value; off when the caller packs every block as soon
     # as it is tuned (low_cpu_mem_usage), where the write would only copy a memory-mapped weight into RAM
     write_back: bool = True
+    # the block's norm weights tuned with the rounding (the reference's enable_norm_bias_tuning; tuning/norms.py)
+    enable_norm_bias_tuning: bool = True
 
 
 @dataclass
@@ -81,6 +85,8 @@ class BlockResult:
     losses: list[float] = field(default_factory=list)
     # the tuned block's outputs on the calibration inputs, when the candidate selection computed them
     outputs: torch.Tensor | None = None
+    # tuned norms: name -> the kept offset v (tuning/norms.py)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -268,14 +274,18 @@ def _full_loss(
     batch_size: int,
     dtype: torch.dtype | None,
     keep_outputs: bool = True,
-    objective: Objective = MSE,
+    objective: Objective = RELATIVE_MSE,
+    norms: dict[str, TunableNorm] | None = None,
+    norm_candidate: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, torch.Tensor | None]:
-    """``objective``'s loss against ``targets`` (mean squared error for blocks) over every cached sample of the block
+    """``objective``'s loss against ``targets`` (blocks: the relative squared error) over every cached sample of the block
     computing with ``candidate``'s weights, and the outputs (None unless ``keep_outputs``)."""
     total, count, outs = 0.0, 0, []
     with ExitStack() as stack:
         for name, tl in tunables.items():
             stack.enter_context(tl.judging(candidate[name]))
+        for name, tn in (norms or {}).items():
+            stack.enter_context(tn.judging(norm_candidate[name]))
         for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
             total += objective.loss(out, targets[idx].to(out.device).float(), "sum").item()
@@ -293,7 +303,7 @@ def tune_block(
     options: TuneOptions,
     progress: Callable[[int, float], None] | None = None,
     keep_outputs: bool = True,
-    objective: Objective = MSE,
+    objective: Objective = RELATIVE_MSE,
 ) -> BlockResult:
     """Tune the block's layers (``name -> (linear, spec, start)``, names relative to ``block``; ``start`` a
     :class:`LayerStart` or an integer grid's ``(alpha0, beta0)``) to minimise ``objective`` (the loop's loss; the
@@ -319,18 +329,29 @@ def tune_block(
     tunables = {
         name: starts[name].tunable(linear, spec, options.scale_dtype) for name, (linear, spec, _start) in layers.items()
     }
+    norms: dict[str, TunableNorm] = {}
+    if options.enable_norm_bias_tuning:
+        spec = min((s for _l, s, _st in layers.values()), key=lambda s: s.bits)
+        found = norm_modules(block, set(tunables))
+        norms = {name: TunableNorm(module, spec.bits, spec.group_size) for name, module in found.items()}
     for name, tl in tunables.items():
         block.set_submodule(name, tl)
+    for name, tn in norms.items():
+        block.set_submodule(name, tn)
     try:
         dtype = _loop_dtype(options, inputs, targets)
         compiling = compiles(options, tunables, block)
-        with block_in_dtype(block, tunables, dtype), fused.allowed(compiling):
+        with block_in_dtype(block, [*tunables, *norms], dtype), fused.allowed(compiling):
             result = _signsgd_loop(
-                block, tunables, inputs, targets, options, progress, dtype, keep_outputs, compiling, objective
+                block, tunables, inputs, targets, options, progress, dtype, keep_outputs, compiling, objective, norms
             )
     finally:
         for name, tl in tunables.items():
             block.set_submodule(name, tl.linear)
+        for name, tn in norms.items():
+            block.set_submodule(name, tn.norm)
+    for name, v in result.norms.items():
+        norms[name].write(v)
     if options.write_back:
         _write_dequantized(layers, result.quantized)
     return result
@@ -416,13 +437,15 @@ def _signsgd_loop(
     dtype: torch.dtype | None,
     keep_outputs: bool = True,
     compiling: bool = False,
-    objective: Objective = MSE,
+    objective: Objective = RELATIVE_MSE,
+    norms: dict[str, TunableNorm] | None = None,
 ) -> BlockResult:
+    norms = norms or {}
     min_bits = min(tl.spec.bits for tl in tunables.values())
     lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, min_bits)
     optimizer = SignSGD(
         [
-            {"params": [tl.v for tl in tunables.values()], "lr": lr},
+            {"params": [tl.v for tl in tunables.values()] + [tn.v for tn in norms.values()], "lr": lr},
             {"params": [p for tl in tunables.values() for p in (tl.alpha, tl.beta)], "lr": minmax_lr},
         ],
         lr=lr,
@@ -446,6 +469,7 @@ def _signsgd_loop(
     # The minibatch winner is kept as the codes its forward computed (not a copy of v), packed (KeptCodes); the
     # starting point and the last iterate are quantized again only to be judged.
     best_loss, best_state, best_iter = float("inf"), None, -1
+    best_norms: dict[str, torch.Tensor] = {}
     losses: list[float] = []
     workspace = Workspace()
     for tl in tunables.values():
@@ -472,6 +496,7 @@ def _signsgd_loop(
             if total < best_loss:  # the loss of the parameters *before* this step: keep the codes they gave
                 best_loss, best_iter, best_state = total, it, None  # (the previous best let go first)
                 best_state = {name: _kept(tl) for name, tl in tunables.items()}
+                best_norms = {name: tn.v.detach().clone() for name, tn in norms.items()}
             # The backward is done: this step's codes go back to the workspace for the next one.
             for tl in tunables.values():
                 if tl.last is not None and tl.last.marked_codes is not None:
@@ -482,6 +507,8 @@ def _signsgd_loop(
             optimizer.zero_grad(set_to_none=True)
             for tl in tunables.values():
                 tl.clamp_()
+            for tn in norms.values():
+                tn.clamp_()
             scheduler.step()
             if progress is not None:
                 progress(it, total)
@@ -502,28 +529,34 @@ def _signsgd_loop(
         tl.end_training()
     return_freed_memory()  # the loop's freed state back to the OS before the judging passes allocate theirs
 
-    final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor | None] | None = None
+    final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor | None, dict] | None = None
     init_loss = float("nan")
 
-    def judge(iteration: int, candidate: dict[str, QuantizedTensor]) -> None:
+    def judge(iteration: int, candidate: dict[str, QuantizedTensor], norm_v: dict[str, torch.Tensor]) -> None:
         nonlocal final, init_loss
         loss, outputs = _full_loss(
-            block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs, objective.judge
+            block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs, objective.judge, norms, norm_v
         )
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:
-            final = (loss, candidate, iteration, outputs)
+            final = (loss, candidate, iteration, outputs, norm_v)
 
-    judge(options.iters, last)
+    judge(options.iters, last, {name: tn.v.detach().clone() for name, tn in norms.items()})
     del last
     if best_state is not None and best_iter != 0:  # (iteration 0's winner is the starting point itself)
         # each layer's marked codes are let go as soon as they are converted
-        judge(best_iter, {name: best_state.pop(name).quantized(options.scale_dtype) for name in list(best_state)})
+        judge(
+            best_iter,
+            {name: best_state.pop(name).quantized(options.scale_dtype) for name in list(best_state)},
+            best_norms,
+        )
     del best_state
-    judge(-1, {name: tl.start() for name, tl in tunables.items()})
+    judge(
+        -1, {name: tl.start() for name, tl in tunables.items()}, {n: torch.zeros_like(tn.v) for n, tn in norms.items()}
+    )
     assert final is not None
-    final_loss, quantized, best_iter, outputs = final
+    final_loss, quantized, best_iter, outputs, final_norms = final
     return BlockResult(
         quantized=quantized,
         init_loss=init_loss,
@@ -531,4 +564,5 @@ def _signsgd_loop(
         best_iter=best_iter,
         losses=losses,
         outputs=None if outputs is None else outputs.to(inputs.hidden.dtype),
+        norms={} if best_iter == -1 else final_norms,
     )

@@ -51,6 +51,8 @@ class TuneReport:
     packed: dict[str, str] = field(default_factory=dict)
     # lm_head tuned with SignRound: its loss on the calibration logits at the start and kept (None: not tuned)
     head_loss: tuple[float, float] | None = None
+    # norm weights tuned with their block (enable_norm_bias_tuning), by full parameter name, as the model holds them
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def layer_count(self) -> int:
@@ -191,6 +193,7 @@ def run(
                 if is_offloaded(done):
                     materialize(done, torch.device("cpu"))
             _set_dequantized(model, report.quantized)
+            _set_norms(model, report.norms)
         bs = min(options.batch_size, len(fp_inputs))
         params_require_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
@@ -236,6 +239,10 @@ def run(
                 result = _tune_one_block(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i)
                 for name, qt in result.quantized.items():
                     report.quantized[prefix + name] = moved(qt, home)  # home with its block
+                for name in result.norms:
+                    report.norms[f"{prefix}{name}.weight"] = (
+                        block.get_submodule(name).weight.detach().to("cpu", copy=True)
+                    )
                 report.block_losses.append((result.init_loss, result.final_loss))
                 q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
                 del result  # its quantized tensors are the report's now (and the packed block's, once packed)
@@ -384,6 +391,13 @@ def _set_dequantized(model: nn.Module, quantized: dict[str, Quantized]) -> None:
     for name, qt in quantized.items():
         linear = model.get_submodule(name)
         linear.weight.copy_(dequantize_weight(qt, linear.weight.dtype))
+
+
+@torch.no_grad()
+def _set_norms(model: nn.Module, norms: dict[str, torch.Tensor]) -> None:
+    """Norm weights tuned in an earlier run that this one resumes, back into the model."""
+    for name, value in norms.items():
+        model.get_parameter(name).copy_(value)
 
 
 @torch.no_grad()
