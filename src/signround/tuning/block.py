@@ -267,16 +267,14 @@ def block_in_dtype(block: nn.Module, keep: Iterable[str], dtype: torch.dtype | N
 @torch.no_grad()
 def _full_loss(
     block: nn.Module,
-    tunables: dict[str, TunableLinear | GGUFTunableLinear],
-    candidate: dict[str, Quantized],
+    tunables: dict[str, TunableParameters],
+    candidate: dict[str, Any],
     inputs: BlockInputs,
     targets: torch.Tensor,
     batch_size: int,
     dtype: torch.dtype | None,
     keep_outputs: bool = True,
     objective: Objective = RELATIVE_MSE,
-    norms: dict[str, TunableNorm] | None = None,
-    norm_candidate: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, torch.Tensor | None]:
     """``objective``'s loss against ``targets`` (blocks: the relative squared error) over every cached sample of the block
     computing with ``candidate``'s weights, and the outputs (None unless ``keep_outputs``)."""
@@ -284,8 +282,6 @@ def _full_loss(
     with ExitStack() as stack:
         for name, tl in tunables.items():
             stack.enter_context(tl.judging(candidate[name]))
-        for name, tn in (norms or {}).items():
-            stack.enter_context(tn.judging(norm_candidate[name]))
         for (h, kw), idx in zip(inputs.batches(batch_size), inputs.batch_indices(batch_size), strict=True):
             out = block_output(block(cast_floats(h, dtype), **cast_floats(kw, dtype)))
             total += objective.loss(out, targets[idx].to(out.device).float(), "sum").item()
@@ -529,40 +525,40 @@ def _signsgd_loop(
         tl.end_training()
     return_freed_memory()  # the loop's freed state back to the OS before the judging passes allocate theirs
 
-    final: tuple[float, dict[str, QuantizedTensor], int, torch.Tensor | None, dict] | None = None
+    # A candidate names a quantized weight per layer and a norm offset v per tuned norm (the norms judge like layers).
+    judged: dict[str, TunableParameters] = {**tunables, **norms}
+    final: tuple[float, dict[str, Any], int, torch.Tensor | None] | None = None
     init_loss = float("nan")
 
-    def judge(iteration: int, candidate: dict[str, QuantizedTensor], norm_v: dict[str, torch.Tensor]) -> None:
+    def judge(iteration: int, candidate: dict[str, Any]) -> None:
         nonlocal final, init_loss
-        loss, outputs = _full_loss(
-            block, tunables, candidate, inputs, targets, bs, dtype, keep_outputs, objective.judge, norms, norm_v
-        )
+        loss, outputs = _full_loss(block, judged, candidate, inputs, targets, bs, dtype, keep_outputs, objective.judge)
         if iteration == -1:
             init_loss = loss
         if final is None or loss < final[0]:
-            final = (loss, candidate, iteration, outputs, norm_v)
+            final = (loss, candidate, iteration, outputs)
 
-    judge(options.iters, last, {name: tn.v.detach().clone() for name, tn in norms.items()})
+    last.update({name: tn.v.detach().clone() for name, tn in norms.items()})
+    judge(options.iters, last)
     del last
     if best_state is not None and best_iter != 0:  # (iteration 0's winner is the starting point itself)
         # each layer's marked codes are let go as soon as they are converted
         judge(
             best_iter,
-            {name: best_state.pop(name).quantized(options.scale_dtype) for name in list(best_state)},
-            best_norms,
+            {name: best_state.pop(name).quantized(options.scale_dtype) for name in list(best_state)} | best_norms,
         )
     del best_state
     judge(
-        -1, {name: tl.start() for name, tl in tunables.items()}, {n: torch.zeros_like(tn.v) for n, tn in norms.items()}
+        -1, {name: tl.start() for name, tl in tunables.items()} | {n: torch.zeros_like(tn.v) for n, tn in norms.items()}
     )
     assert final is not None
-    final_loss, quantized, best_iter, outputs, final_norms = final
+    final_loss, candidate, best_iter, outputs = final
     return BlockResult(
-        quantized=quantized,
+        quantized={name: candidate[name] for name in tunables},
         init_loss=init_loss,
         final_loss=final_loss,
         best_iter=best_iter,
         losses=losses,
         outputs=None if outputs is None else outputs.to(inputs.hidden.dtype),
-        norms={} if best_iter == -1 else final_norms,
+        norms={} if best_iter == -1 else {name: candidate[name] for name in norms},
     )
