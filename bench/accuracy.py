@@ -58,6 +58,11 @@ CONFIGS["signround-w2-fp32"] = {"bits": 2, "iters": 50, "amp": False}
 for _seed in (43, 44):
     for _bits in (4, 2):
         CONFIGS[f"signround-w{_bits}-seed{_seed}"] = {"bits": _bits, "iters": 50, "seed": _seed}
+# W2 at iters 200 over calibration orders, at the automatic step and at a quarter of it: whether a smaller step for
+# long 2-bit runs holds beyond one seed.
+for _seed in (43, 44):
+    CONFIGS[f"signround-w2-iters200-seed{_seed}"] = {"bits": 2, "iters": 200, "seed": _seed}
+    CONFIGS[f"signround-w2-iters200-lr1.25e-3-seed{_seed}"] = {"bits": 2, "iters": 200, "lr": 1.25e-3, "seed": _seed}
 # Without tuning the blocks' norm weights (enable_norm_bias_tuning=False): the rounding and clipping alone.
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-no-norms"] = {"bits": _bits, "iters": 50, "enable_norm_bias_tuning": False}
@@ -74,6 +79,7 @@ ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "s
 ORDER += ["signround-w4-fp32", "signround-w2-fp32"] + [f"signround-w{b}-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-iters200{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
+ORDER += [f"signround-w2-iters200{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
 ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]

@@ -1,8 +1,11 @@
 """Where a block's tuning time goes: SmolLM2-135M's first blocks tuned under torch.profiler, per-op shares.
 
     .venv/bin/python bench/profile_tune.py [--blocks 2] [--iters 20] [--bits 4 --group-size 32 | --gguf q5_0] [--no-amp]
+    python3 bench/profile_tune.py --device cuda --model DIR --calib FILE [--nsamples 128 --seqlen 2048]   # a GPU
 
-The calibration of bench/accuracy.py (tinyshakespeare, 32 x 256 tokens, batch 8).  Prints the wall time of the
+The calibration of bench/accuracy.py (tinyshakespeare, 32 x 256 tokens, batch 8) unless --nsamples / --seqlen say
+otherwise.  On a GPU (``--device cuda``: blocks tuned there, as ``device_map=0``) the profiler also records the
+kernels, and a second table sorts by their time.  Prints the wall time of the
 walk split into phases (the loop's iterations, the candidate judging, everything else: input capture, targets,
 start search), the ops with the largest self CPU time, and the FLOP bound of the iterations: one block's forward
 + backward is ``6 x tokens x weights`` multiply-adds' worth of matmul FLOPs (forward 2, backward 4), against this
@@ -20,19 +23,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import _calibration
+from accuracy import CALIB, _calibration
 
 from signround.models import find_blocks
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 10) -> float:
-    """Measured GFLOP/s of a square ``n x n`` matmul in ``dtype`` on this CPU (the loop's matmuls are of this
-    order: tokens x hidden x intermediate)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 10, device: str = "cpu") -> float:
+    """Measured GFLOP/s of a square ``n x n`` matmul in ``dtype`` on this CPU or ``device`` (the loop's matmuls
+    are of this order: tokens x hidden x intermediate)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    _sync(a.device)
     start = time.perf_counter()
     for _ in range(repeat):
         a @ b
+    _sync(a.device)
     return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e9
 
 
@@ -43,7 +53,7 @@ def plain_step_ms(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, dt
 
     from signround.tuning.block import block_output, cast_floats
 
-    plain = copy.deepcopy(block).to(dtype)
+    plain = copy.deepcopy(block).to(hidden.device, dtype)
     for param in plain.parameters():
         param.requires_grad_(True)
     hidden, kwargs = cast_floats(hidden, dtype), cast_floats(kwargs, dtype)
@@ -52,9 +62,11 @@ def plain_step_ms(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, dt
         block_output(plain(hidden, **kwargs)).float().square().mean().backward()
 
     step()
+    _sync(hidden.device)
     start = time.perf_counter()
     for _ in range(repeat):
         step()
+    _sync(hidden.device)
     return (time.perf_counter() - start) / repeat * 1e3
 
 
@@ -80,20 +92,33 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak", action="store_true", help="only measure the matmul peak (float32 and bfloat16)")
+    p.add_argument("--device", default="cpu", help="where blocks are tuned: cpu (default) or cuda")
+    p.add_argument("--model", type=Path, help="model directory (default: the fetched SmolLM2-135M)")
+    p.add_argument("--calib", type=Path, help="calibration text (default: ../shared/data/tinyshakespeare.txt)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     if args.peak:
         for dtype in (torch.float32, torch.bfloat16):
-            print(f"matmul peak {dtype}: {matmul_peak(dtype):.0f} GFLOP/s")
+            print(f"matmul peak {dtype}: {matmul_peak(dtype, device=args.device):.0f} GFLOP/s")
         return
 
-    fp_dir = fetch_model("smollm2-135m")
+    fp_dir = args.model or fetch_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
     path, blocks = find_blocks(model)
     del blocks[args.blocks :]
     model.config.num_hidden_layers = args.blocks
-    ids = _calibration(tokenizer)
+    if args.calib or (args.nsamples, args.seqlen) != (32, 256):
+        from signround.data import chunk_token_ids
+
+        text = (args.calib or CALIB).read_text()
+        stream = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        ids = chunk_token_ids(stream, args.seqlen, args.nsamples)
+    else:
+        ids = _calibration(tokenizer)
     if args.gguf:
         spec = LayerSpec(**gguf_spec_fields(args.gguf.lower()))
     else:
@@ -105,6 +130,7 @@ def main() -> None:
         show_progress=False,
         amp=not args.no_amp,
         enable_torch_compile={"auto": None, "on": True, "off": False}[args.compile],
+        device=None if device.type == "cpu" else str(device),
     )
 
     # Phase timers around the loop and the judging (wrapping the module functions the walk calls).
@@ -130,16 +156,20 @@ def main() -> None:
 
     from signround.tuning.inputs import capture_block_inputs
 
-    loop_dtype = torch.bfloat16 if options.amp and fast_bf16(torch.device("cpu")) else torch.float32
+    loop_dtype = torch.bfloat16 if options.amp and fast_bf16(device) else torch.float32
     with torch.no_grad():
-        first = capture_block_inputs(model, blocks[0], ids[: options.batch_size], None)
-    hidden, kwargs = first.batch(torch.arange(options.batch_size))
+        first = capture_block_inputs(model, blocks[0], ids[: options.batch_size], None).placed(device, device)
+    hidden, kwargs = first.batch(torch.arange(options.batch_size, device=device))
     floor_ms = plain_step_ms(blocks[0], hidden, kwargs, loop_dtype, repeat=10)
     del first, hidden, kwargs
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         engine.run(model, plan, ids, None, options)
+        _sync(device)
         wall = time.perf_counter() - start
     phases["loop iterations"] -= phases["candidate judging"]  # (the judging runs inside the loop function)
     phases["everything else"] = wall - sum(phases.values())
@@ -149,7 +179,7 @@ def main() -> None:
     weights = sum(m.weight.numel() for n, m in block.named_modules() if f"{path}.0.{n}" in plan.layers)
     tokens = options.batch_size * ids.shape[1]
     flops = 6 * tokens * weights * args.iters * args.blocks
-    peak = matmul_peak(dtype)
+    peak = matmul_peak(dtype, device=args.device)
     print(f"wall {wall:.1f} s for {args.blocks} blocks x {args.iters} iters, loop dtype {dtype}")
     for key, seconds in phases.items():
         print(f"  {key:18s} {seconds:7.2f} s  {100 * seconds / wall:5.1f} %")
@@ -166,7 +196,12 @@ def main() -> None:
             f"{dtype} matmul peak of {peak:.0f} GFLOP/s ({100 * flops / loop_s / 1e9 / peak:.0f} %); "
             f"{tokens * args.iters * args.blocks / loop_s:.0f} tokens/s through one block"
         )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+    if device.type == "cuda":
+        launches = sum(e.count for e in table if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+        print(f"kernel launches: {launches} ({launches / max(1, args.iters * args.blocks):.0f} per iteration)")
+        print(table.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=48))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ launch-shape sweep runs under Triton's interpreter.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh", "gpu_prebuild.sh"])
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh", "gpu_prebuild.sh", "gpu_tune.sh"])
 def test_gpu_shell_scripts_parse(script: str) -> None:
     done = subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -180,3 +181,30 @@ def test_kernel_bench_calls_enough_copies_to_read_dram_not_l2(monkeypatch: pytes
     assert gpu_kernels.copies_beyond_l2(8 * 2**20, "cuda") == 13  # a 4096x4096 4-bit layer: 104 MiB > 2 x L2
     assert gpu_kernels.copies_beyond_l2(90 * 2**20, "cuda") == 2  # its 11008x4096 fp16 weight
     assert gpu_kernels.copies_beyond_l2(8 * 2**20, "cpu") == 1
+
+
+def test_gpu_tune_pair_times_both_tools_on_the_same_random_model(tmp_path: Path) -> None:
+    """bench/gpu_tune.sh's steps on CPU with stories260K's shapes: prepare, build, one timed run per tool."""
+    stories = ROOT.parent / "shared" / "models" / "stories260K"
+    env = {"GPU_TUNE_CARRY": str(tmp_path / "carry")}
+    _run(["bench/gpu_tune_pair.py", "prepare", "--model-src", str(stories)], env)
+    assert (tmp_path / "carry" / "tinyshakespeare.txt").exists() and (tmp_path / "carry" / "config.json").exists()
+    model = tmp_path / "model"
+    _run(["bench/gpu_tune_pair.py", "build", "--layers", "2", "--model-dir", str(model)], env)
+    rows = tmp_path / "rows.jsonl"
+    run = ["bench/gpu_tune_pair.py", "run", "--iters", "2", "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
+           "--model-dir", str(model), "--out", str(rows)]  # fmt: skip
+    _run([*run, "--tool", "ours"], env)
+    ours = json.loads(rows.read_text().splitlines()[-1])
+    assert ours["tool"].startswith("signround") and ours["blocks"] == 2 and ours["blocks_tuned"] == 2
+    assert ours["tune_seconds"] > 0 and ours["iters"] == 2 and ours["seqlen"] == 32
+    ref_python = ROOT / ".venv-ref" / "bin" / "python"
+    if not ref_python.exists():
+        pytest.skip("the reference venv is missing (make venv-ref): the auto-round half of the pair is not checked")
+    done = subprocess.run(
+        [str(ref_python), *run, "--tool", "reference"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = json.loads(rows.read_text().splitlines()[-1])
+    assert ref["tool"].startswith("auto-round") and ref["blocks"] == 2 and ref["tune_seconds"] > 0
