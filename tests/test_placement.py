@@ -39,10 +39,62 @@ def _accelerator() -> torch.device | None:
         (None, True, "cuda:0", ("cuda:0", "cpu")),
     ],
 )
-def test_placement_policy(device, low_mem, block_on, expected):
+def test_placement_policy(device, low_mem, block_on, expected, monkeypatch):
+    monkeypatch.setattr(engine, "_host_accelerator", lambda: None)  # the same answer on a machine with a GPU
     options = TuneOptions(device=device, low_gpu_mem_usage=low_mem)
     tune, cache = engine.placement(options, torch.device(block_on))
     assert (str(tune), str(cache)) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "low_mem", "block_on", "expected"),
+    [
+        (None, False, "cpu", ("cuda:0", "cuda:0")),  # a model loaded on the host is tuned on the GPU beside it
+        (None, True, "cpu", ("cuda:0", "cpu")),  # low_gpu_mem_usage: its caches stay on the host
+        (None, False, "cuda:1", ("cuda:1", "cuda:1")),  # a block already on an accelerator is tuned where it is
+        ("cpu", False, "cpu", ("cpu", "cpu")),  # the host when asked for
+    ],
+)
+def test_default_device_is_the_accelerator_like_the_references_device_map_0(
+    device, low_mem, block_on, expected, monkeypatch
+):
+    monkeypatch.setattr(engine, "_host_accelerator", lambda: torch.device("cuda"))
+    tune, cache = engine.placement(TuneOptions(device=device, low_gpu_mem_usage=low_mem), torch.device(block_on))
+    assert (str(tune), str(cache)) == expected
+
+
+@pytest.mark.skipif(_accelerator() is None, reason="needs an accelerator (CUDA / XPU): none on this machine")
+def test_a_model_on_the_host_is_tuned_on_the_accelerator_by_default():
+    accelerator = _accelerator()
+    model = make_tiny_llama()
+    seen: list[str] = []
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda m, args: seen.append(next(m.parameters()).device.type))
+    plan = resolve_plan(engine.quantizable_layers(model), LayerSpec(bits=4, group_size=32))
+    engine.run(model, plan, IDS, None, TuneOptions(iters=3, batch_size=2, show_progress=False))
+    assert set(seen) == {accelerator.type}
+    assert all(p.device == CPU for p in model.parameters())  # and home again
+
+
+@pytest.mark.skipif(_accelerator() is None, reason="needs an accelerator (CUDA / XPU): none on this machine")
+@pytest.mark.parametrize("iters", [0, 3])
+def test_a_host_head_is_quantized_on_the_accelerator_and_goes_home(iters, monkeypatch):
+    accelerator = _accelerator()
+    model = make_tiny_llama()
+    seen: list[str] = []
+    start = engine._layer_start
+
+    def recording_start(layer, *args, **kwargs):
+        seen.append(layer.weight.device.type)
+        return start(layer, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_layer_start", recording_start)
+    plan = resolve_plan(engine.quantizable_layers(model, include_lm_head=True), LayerSpec(bits=4, group_size=32))
+    assert "lm_head" in plan.layers
+    report = engine.run(model, plan, IDS, None, TuneOptions(iters=iters, batch_size=2, show_progress=False))
+    assert set(seen) == {accelerator.type}  # every layer's start, the head's included, was found there
+    assert model.lm_head.weight.device == CPU and report.quantized["lm_head"].codes.device == CPU
+    assert (report.head_loss is not None) == bool(iters)
 
 
 def test_host_cache_hands_out_batches_on_the_compute_device():

@@ -146,7 +146,8 @@ def _quantize_parser() -> argparse.ArgumentParser:
         "--device_map",
         "--device",
         help="tune each block on this device: 0, cuda:1, xpu, cpu; several: 0,1 or 0,cpu (a block too big for one "
-        "is split layer by layer); auto: every accelerator (default: where the model is)",
+        "is split layer by layer); auto: every accelerator (default: accelerator 0 for a model on the host, else "
+        "where the model is)",
     )
     p.add_argument(
         "--max_memory",

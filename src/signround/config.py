@@ -526,11 +526,12 @@ class AutoRoundConfig(QuantizationConfigMixin):
     def tuning_device(self) -> str | tuple[str, ...] | dict[str, str] | None:
         """The devices blocks are tuned on, from ``device_map`` (the reference's name; ``device`` too).
 
-        One device, a string: None (where the model is), ``"auto"`` (the accelerator when there is one),
-        ``"cpu"``, ``0`` / ``"0"`` (accelerator 0), ``"cuda:1"``, ``"xpu"``, ``"hpu"`` ...  A device is a string,
-        never a code path.  Several devices, a tuple: ``"0,1"``, ``"cuda:0,cuda:1"``, ``"0,cpu"``, a list, or
-        ``"auto"`` on a machine with several accelerators (all of them); each block is tuned whole on the first
-        that holds it, else split layer by layer over them.  A dict ``{layer name or pattern: device}`` (the
+        One device, a string: None (accelerator 0 for a model on the host, as the reference's default ``0``; else
+        where the model is), ``"auto"`` (the accelerator when there is one), ``"cpu"``, ``0`` / ``"0"``
+        (accelerator 0), ``"cuda:1"``, ``"xpu"``, ``"hpu"`` ...  A device is a string, never a code path.  Several
+        devices, a tuple: ``"0,1"``, ``"cuda:0,cuda:1"``, ``"0,cpu"``, a list, or ``"auto"`` on a machine with
+        several accelerators (all of them); each block is tuned whole on the first that holds it, else split layer
+        by layer over them.  A dict ``{layer name or pattern: device}`` (the
         reference's DeepSeek-V3 example): the named layers of every block are tuned there, the rest of the block
         on the dict's first accelerator.  See :mod:`signround.placement`."""
         value = self.device_map

@@ -52,7 +52,7 @@ class TuneOptions:
     """Knobs of the tuning loop (a plain copy of the user-facing ones that matter here)."""
 
     iters: int = 200
-    # where blocks are tuned (None: where each block is); several devices (a tuple, or a dict from layer name or
+    # where blocks are tuned (None: where each block is, accelerator 0 for a block on the host: engine.placement); several devices (a tuple, or a dict from layer name or
     # pattern to device) spread each block with accelerate, see signround.placement
     device: str | tuple[str, ...] | dict[str, str] | None = None
     low_gpu_mem_usage: bool = False  # cached block inputs / outputs on the host, moved per batch

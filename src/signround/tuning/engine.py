@@ -135,8 +135,25 @@ def placement(options: TuneOptions, block_device: torch.device) -> tuple[torch.d
     if isinstance(options.device, (tuple, list, Mapping)):
         device = main_device(options.device)
     else:
-        device = torch.device(options.device) if options.device else block_device
+        device = torch.device(options.device) if options.device else default_tuning_device(block_device)
     return device, torch.device("cpu") if options.low_gpu_mem_usage else device
+
+
+def default_tuning_device(block_device: torch.device) -> torch.device:
+    """``device_map=None``: where the block is, except that a block on the host of a machine with an accelerator
+    is tuned on accelerator 0, as the reference's default ``device_map=0`` does.  Models are usually loaded on the
+    host; tuning them there while a GPU sits idle beside it is never what a user asked for (``device_map="cpu"``
+    asks for the host)."""
+    if block_device.type != "cpu":
+        return block_device
+    accelerator = _host_accelerator()
+    return block_device if accelerator is None else torch.device(accelerator.type, 0)
+
+
+def _host_accelerator() -> torch.device | None:
+    """This machine's accelerator type (CUDA, XPU, ...), or None."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.current_accelerator() if accelerator is not None and accelerator.is_available() else None
 
 
 @dataclass
@@ -360,26 +377,31 @@ def _quantize_head(
     head = model.get_submodule(name)
     spec = plan.layers[name]
     norm = final_norm(model) or nn.Identity()
-    device = head.weight.device
-    with torch.no_grad():
-        q_normed = norm(q_inputs.hidden.to(_block_device(norm, device))).to(device)
-    importance = amax = None
-    if not options.disable_opt_rtn:
-        x = q_normed.float()
-        importance = x.reshape(-1, x.shape[-1]).square().mean(0)
-        amax = x.abs().amax()
-        del x
-    start = _layer_start(head, spec, importance, options, amax)
-    if options.iters == 0:
-        qt = start.quantized(head.weight, spec, options.scale_dtype)
+    home = head.weight.device
+    device, _cache = placement(options, home)  # where the blocks were tuned (the host head of a GPU run: the GPU)
+    head.to(device)
+    try:
         with torch.no_grad():
-            head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
-        report.quantized[name] = qt
-        return
-    with torch.no_grad():
-        fp_normed = norm(fp_hidden.to(_block_device(norm, device))).to(device)
-    result = tune_head(head, spec, start, q_normed, fp_normed, options)
-    report.quantized[name] = result.quantized["head"]
+            q_normed = norm(q_inputs.hidden.to(_block_device(norm, device))).to(device)
+        importance = amax = None
+        if not options.disable_opt_rtn:
+            x = q_normed.float()
+            importance = x.reshape(-1, x.shape[-1]).square().mean(0)
+            amax = x.abs().amax()
+            del x
+        start = _layer_start(head, spec, importance, options, amax)
+        if options.iters == 0:
+            qt = start.quantized(head.weight, spec, options.scale_dtype)
+            with torch.no_grad():
+                head.weight.copy_(dequantize_weight(qt, head.weight.dtype))
+            report.quantized[name] = moved(qt, home)
+            return
+        with torch.no_grad():
+            fp_normed = norm(fp_hidden.to(_block_device(norm, device))).to(device)
+        result = tune_head(head, spec, start, q_normed, fp_normed, options)
+    finally:
+        head.to(home)
+    report.quantized[name] = moved(result.quantized["head"], home)
     report.head_loss = (result.init_loss, result.final_loss)
     logger.info("%s: tuned toward the full-precision logits, loss %.4g -> %.4g", name, *report.head_loss)
 
