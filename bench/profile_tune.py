@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_tune.py [--blocks 2] [--iters 20] [--bits 4 --group-size 32 | --gguf q5_0] [--no-amp]
     python3 bench/profile_tune.py --device cuda --model DIR --calib FILE [--nsamples 128 --seqlen 2048]   # a GPU
+    .venv/bin/python bench/profile_tune.py --blocks 1 --iters 10 --ops-per-iteration   # ops one iteration dispatches
 
 The calibration of bench/accuracy.py (tinyshakespeare, 32 x 256 tokens, batch 8) unless --nsamples / --seqlen say
 otherwise.  On a GPU (``--device cuda``: blocks tuned there, as ``device_map=0``) the profiler also records the
@@ -70,6 +71,44 @@ def plain_step_ms(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, dt
     return (time.perf_counter() - start) / repeat * 1e3
 
 
+def ops_per_iteration(load, plan, ids: torch.Tensor, options, top: int) -> None:
+    """The aten ops one tuning iteration dispatches, by name: the difference of two whole walks (fresh models
+    from ``load``) at ``iters`` and ``2 x iters``, divided by the extra iterations, so that input capture, start
+    search and judging cancel: the mean over iterations ``n+1 .. 2n`` (an iteration that improves the best step
+    also packs its codes, so early iterations cost more ops).  Deterministic on any CPU: on a GPU nearly every op that is not a view is a kernel
+    launch, which the host pays for while small kernels leave the GPU idle (docs/benchmarks.md, the H200 profile).
+    Eager only: under torch.compile the counts depend on which walk traces and compiles, not on the loop."""
+    import collections
+    import dataclasses
+
+    from signround.tuning import engine
+
+    def counts(iters: int) -> collections.Counter:
+        model = load()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            engine.run(model, plan, ids, None, dataclasses.replace(options, iters=iters))
+        return collections.Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
+
+    n = options.iters
+    options = dataclasses.replace(options, enable_torch_compile=False)
+    low, high = counts(n), counts(2 * n)
+    blocks = len(find_blocks(load())[1])
+    per = {k: (high[k] - low[k]) / (n * blocks) for k in high if high[k] != low[k]}
+    views = {"aten::view", "aten::as_strided", "aten::slice", "aten::reshape", "aten::permute", "aten::transpose",
+             "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::detach", "aten::t", "aten::_unsafe_view",
+             "aten::alias", "aten::select", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::empty",
+             "aten::empty_strided", "aten::empty_like", "aten::lift_fresh", "aten::result_type",
+             # composites: their kernels are counted under the ops they call (copy_, fill_, zero_, mm ...)
+             "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::zeros", "aten::zeros_like",
+             "aten::full", "aten::full_like", "aten::linear", "aten::matmul", "aten::new_zeros",
+             "aten::new_empty"}  # fmt: skip
+    work = sum(v for k, v in per.items() if k not in views)
+    print(f"aten ops per iteration of one block: {sum(per.values()):.0f}, of which {work:.0f} not views, "
+          f"allocations or composites (about the kernels a GPU would launch)")  # fmt: skip
+    for key, value in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{value:9.1f}  {key}{'  (view / allocation / composite)' if key in views else ''}")
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +134,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where blocks are tuned: cpu (default) or cuda")
     p.add_argument("--model", type=Path, help="model directory (default: the fetched SmolLM2-135M)")
     p.add_argument("--calib", type=Path, help="calibration text (default: ../shared/data/tinyshakespeare.txt)")
+    p.add_argument(
+        "--ops-per-iteration", action="store_true", help="count the aten ops of one iteration (two walks) and stop"
+    )
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     args = p.parse_args()
@@ -107,10 +149,16 @@ def main() -> None:
 
     fp_dir = args.model or fetch_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+
+    def load():
+        """The model cut to its first ``--blocks`` blocks."""
+        model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+        del find_blocks(model)[1][args.blocks :]
+        model.config.num_hidden_layers = args.blocks
+        return model
+
+    model = load()
     path, blocks = find_blocks(model)
-    del blocks[args.blocks :]
-    model.config.num_hidden_layers = args.blocks
     if args.calib or (args.nsamples, args.seqlen) != (32, 256):
         from signround.data import chunk_token_ids
 
@@ -132,6 +180,10 @@ def main() -> None:
         enable_torch_compile={"auto": None, "on": True, "off": False}[args.compile],
         device=None if device.type == "cpu" else str(device),
     )
+
+    if args.ops_per_iteration:
+        ops_per_iteration(load, plan, ids, options, args.top)
+        return
 
     # Phase timers around the loop and the judging (wrapping the module functions the walk calls).
     phases = {"loop iterations": 0.0, "candidate judging": 0.0}

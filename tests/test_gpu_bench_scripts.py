@@ -208,3 +208,18 @@ def test_gpu_tune_pair_times_both_tools_on_the_same_random_model(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-3000:]
     ref = json.loads(rows.read_text().splitlines()[-1])
     assert ref["tool"].startswith("auto-round") and ref["blocks"] == 2 and ref["tune_seconds"] > 0
+
+
+def test_profile_counts_the_ops_of_one_iteration_without_the_walk_around_it() -> None:
+    """bench/profile_tune.py --ops-per-iteration: the GPU launch proxy measured on CPU (two walks differenced)."""
+    stories = ROOT.parent / "shared" / "models" / "stories260K"
+    base = ["bench/profile_tune.py", "--model", str(stories), "--blocks", "1", "--ops-per-iteration", "--threads", "1",
+            "--nsamples", "4", "--seqlen", "32"]  # fmt: skip
+    totals = []
+    for iters in ("2", "4"):
+        out = _run([*base, "--iters", iters])
+        line = next(row for row in out.splitlines() if row.startswith("aten ops per iteration"))
+        totals.append(float(line.split(":")[1].split(",")[0]))
+        assert "aten::mm" in out  # the layers' matmuls are among one iteration's ops
+    # per iteration, about independent of the run length (iterations that improve the best also pack its codes)
+    assert totals[0] > 50 and abs(totals[0] - totals[1]) < 0.1 * totals[0]

@@ -13,7 +13,15 @@ from torch import nn
 from signround.quant.int import dequantize, fake_quant, group_view, quantize
 from signround.schemes import LayerSpec, resolve_plan
 from signround.tuning import engine
-from signround.tuning.block import LayerStart, TunableLinear, TuneOptions, block_output, run_block, tune_block
+from signround.tuning.block import (
+    LayerStart,
+    TunableLinear,
+    TuneOptions,
+    block_output,
+    clamp_after_step,
+    run_block,
+    tune_block,
+)
 from signround.tuning.inputs import BlockInputs, capture_block_inputs
 from signround.tuning.objectives import MSE
 from signround.tuning.rtn import FACTOR_MIN, optimized_rtn_params, plain_rtn_params
@@ -280,7 +288,7 @@ def test_v_step_in_backward_is_the_optimizer_step_and_frees_the_gradient() -> No
             remove()
         else:
             SignSGD([tl.v], lr=lr).step()
-            tl.clamp_()
+            clamp_after_step({"layer": tl}, {})
         moved.append(tl.v.detach().clone())
     assert torch.equal(moved[0], moved[1])
     assert float(moved[0].abs().max()) == 0.5

@@ -195,6 +195,21 @@ class TunableLinear(TunableParameters):
         return undo
 
 
+@torch.no_grad()
+def clamp_after_step(tunables: dict[str, TunableParameters], norms: dict[str, TunableNorm]) -> None:
+    """After a step: every rounding offset ``v`` back in [-0.5, 0.5] and every clipping factor in [0, 1], as
+    multi-tensor ops (on a GPU a kernel or two for the whole block instead of three per layer).  An offset
+    stepped inside the backward (``step_v_in_backward``) was clamped there and is left alone: no pass over every
+    weight's offset again."""
+    offsets = [tl.v for tl in tunables.values() if getattr(tl, "_v_step", None) is None]
+    offsets += [tn.v for tn in norms.values()]
+    factors = [p for tl in tunables.values() for p in (tl.alpha, tl.beta)]
+    for tensors, low, high in ((offsets, -0.5, 0.5), (factors, 0.0, 1.0)):
+        if tensors:
+            torch._foreach_clamp_min_(tensors, low)
+            torch._foreach_clamp_max_(tensors, high)
+
+
 def _kept(tl: TunableParameters) -> Any:
     """A layer's result put aside as the best step, before the optimizer moves the parameters: integer grids pack
     their codes (KeptCodes), GGUF and fp grids quantize at once (KeptResult).  A layer this step did not run (an
@@ -501,10 +516,7 @@ def _signsgd_loop(
             losses.append(total)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for tl in tunables.values():
-                tl.clamp_()
-            for tn in norms.values():
-                tn.clamp_()
+            clamp_after_step(tunables, norms)
             scheduler.step()
             if progress is not None:
                 progress(it, total)

@@ -57,10 +57,6 @@ class TunableNorm(TunableParameters):
         return functional_call(self.norm, params, (x, *args), kwargs)
 
     @torch.no_grad()
-    def clamp_(self) -> None:
-        self.v.clamp_(-0.5, 0.5)
-
-    @torch.no_grad()
     def write(self, v: torch.Tensor) -> None:
         """Set the wrapped norm's stored weight to the tuned one."""
         self.norm.weight.copy_(self.weight_of(v).to(self.norm.weight.dtype))

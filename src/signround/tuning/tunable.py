@@ -46,12 +46,6 @@ class TunableParameters(nn.Module):
         finally:
             self._judged = None
 
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        self.v.clamp_(-0.5, 0.5)
-        self.alpha.clamp_(0.0, 1.0)
-        self.beta.clamp_(0.0, 1.0)
-
     def end_training(self) -> None:
         """Drop the trained parameters and the last forward's state (only fixed candidates are judged now)."""
         self.v = self.alpha = self.beta = None
