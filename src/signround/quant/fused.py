@@ -131,5 +131,17 @@ def grads(g, wg, scale, zero, marked, maxq: int):
 def grads_and_step(g, wg, scale, zero, marked, v, lr: float, maxq: int):
     """``(grad_scale, grad_zero)`` of one row slice with ``v``'s signed step applied, or None (run the eager
     code)."""
-    lr_t = torch.tensor(lr, dtype=torch.float32, device=v.device)  # a tensor: a float would recompile per value
-    return _call("grads_and_step", _grads_and_step, g, wg, scale, zero, marked, v, lr_t, maxq)
+    return _call("grads_and_step", _grads_and_step, g, wg, scale, zero, marked, v, _lr_tensor(lr, v.device), maxq)
+
+
+_lr_tensors: dict[torch.device, torch.Tensor] = {}
+
+
+def _lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
+    """``lr`` as a 0-d float32 tensor on ``device`` (a float argument would recompile the kernel per value),
+    refilled in place: a fill kernel with the value as its argument, where ``torch.tensor(lr, device=...)`` is a
+    blocking host-to-device copy per layer per step on a GPU."""
+    tensor = _lr_tensors.get(device)
+    if tensor is None:
+        tensor = _lr_tensors[device] = torch.empty((), dtype=torch.float32, device=device)
+    return tensor.fill_(lr)

@@ -470,6 +470,13 @@ def _signsgd_loop(
     generator = torch.Generator().manual_seed(options.seed)
     n = len(inputs)
     bs = min(options.batch_size, n)
+    # Every step's batch drawn up front (the same sequence as drawing each in turn) and moved where the cache is
+    # in one transfer: on a GPU a host index per step would be a blocking copy per step, and another per tensor
+    # it indexes.  The arguments every sample shares (rotary tables, masks) are cast to the loop's dtype once.
+    steps = options.iters * options.gradient_accumulate_steps
+    batches = [torch.randperm(n, generator=generator)[:bs] for _ in range(steps)]
+    batch_indices = iter(torch.stack(batches).to(inputs.hidden.device) if batches else [])
+    inputs = inputs.with_shared(cast_floats(inputs.shared, dtype))
 
     # With one step per batch, v's signed step runs inside the backward as each layer's gradient is ready (v's
     # gradients never all exist at once); accumulated gradients take the optimizer's step.
@@ -489,7 +496,7 @@ def _signsgd_loop(
         for it in range(options.iters):
             total = 0.0
             for _ in range(options.gradient_accumulate_steps):
-                idx = torch.randperm(n, generator=generator)[:bs]
+                idx = next(batch_indices)
                 h, kw = inputs.batch(idx)
                 h, kw = cast_floats(h, dtype), cast_floats(kw, dtype)
                 try:

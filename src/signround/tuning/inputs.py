@@ -105,6 +105,10 @@ class BlockInputs:
         """Same arguments, other hidden states (a block's outputs feed the next block)."""
         return BlockInputs(hidden, self.shared, self.per_sample, self.compute_device)
 
+    def with_shared(self, shared: dict[str, Any]) -> BlockInputs:
+        """Same samples, other shared arguments (e.g. cast once to the tuning loop's dtype)."""
+        return BlockInputs(self.hidden, shared, self.per_sample, self.compute_device)
+
     def to(self, device: torch.device) -> BlockInputs:
         return BlockInputs(
             hidden=self.hidden.to(device),
