@@ -60,6 +60,37 @@ def test_the_fused_kernels_compute_what_the_eager_ones_do(monkeypatch, sym: bool
         assert torch.equal(once, qint.dequantize_rounded_once(qt, torch.bfloat16))
 
 
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_the_symmetric_clip_scale_equals_autograd_through_the_composed_ops(monkeypatch, use_fused: bool) -> None:
+    """The written-out scale and its clipping gradients are bit-identical to autograd through ``scale_and_zero``,
+    eagerly and compiled; compiled, the scale is still rounded to its stored dtype (Inductor would otherwise keep
+    the float32 -> float16 -> float32 round trip in float32)."""
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    spec = LayerSpec(bits=4, group_size=32, sym=True)
+    gen = torch.Generator().manual_seed(5)
+    gw = qint.GroupedWeight.of(torch.randn(64, 256, generator=gen), 32)
+    start_alpha, start_beta = torch.rand(gw.wmin.shape, generator=gen), torch.rand(gw.wmin.shape, generator=gen)
+    start_alpha[0, 0] = 0.0  # a clamped scale (|scale| below SCALE_EPS): its gradient stops there
+    grad = torch.randn(gw.wmin.shape, generator=gen)
+
+    def run(written_out: bool) -> tuple[torch.Tensor, ...]:
+        alpha, beta = start_alpha.clone().requires_grad_(True), start_beta.clone().requires_grad_(True)
+        if written_out:
+            scale, zero = qint.tuning_scale_and_zero(gw.wmin, gw.wmax, spec, alpha, beta, torch.float16, use_fused)
+        else:
+            scale, zero = qint.scale_and_zero(gw.wmin, gw.wmax, spec, alpha, beta, torch.float16, ste=True)
+        (scale * grad).sum().backward()
+        return scale.detach(), zero, alpha.grad, beta.grad
+
+    with fused.allowed():
+        got = run(True)
+    assert fused._disabled is None
+    for name, a, b in zip(("scale", "zero", "grad alpha", "grad beta"), run(False), got, strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(got[0], got[0].half().float())  # stored-dtype values
+    assert bool((got[2] == 0).any()) and bool((got[2] != 0).any())
+
+
 def test_outside_a_tuning_loop_nothing_is_compiled(monkeypatch) -> None:
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
     assert not fused.applies(torch.zeros(4, 2, 32))

@@ -82,9 +82,15 @@ def _grads_and_step(g, wg, scale, zero, marked, v, lr, maxq: int):
 _compiled: dict[str, Callable[..., Any]] = {}
 
 
+# Inductor keeps intermediates in float32 and would drop a float32 -> float16 -> float32 round trip inside a
+# kernel; the scale's rounding to its stored dtype is exactly such a trip, so these kernels emulate the casts.
+_EMULATE_CASTS = {"sym_scale", "sym_scale_grads"}
+
+
 def _kernel(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=None)
+        options = {"emulate_precision_casts": True} if name in _EMULATE_CASTS else None
+        _compiled[name] = torch.compile(fn, dynamic=None, options=options)
     return _compiled[name]
 
 
@@ -145,3 +151,17 @@ def _lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
     if tensor is None:
         tensor = _lr_tensors[device] = torch.empty((), dtype=torch.float32, device=device)
     return tensor.fill_(lr)
+
+
+def sym_scale(wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype):
+    """The symmetric scale from the clipping factors (``quant.int._sym_scale``), or None (run the eager code)."""
+    from .int import _sym_scale
+
+    return _call("sym_scale", _sym_scale, wmin, wmax, alpha, beta, half, scale_dtype)
+
+
+def sym_scale_grads(grad, wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype):
+    """``(grad_alpha, grad_beta)`` of :func:`sym_scale` (``quant.int._sym_scale_grads``), or None (eager)."""
+    from .int import _sym_scale_grads
+
+    return _call("sym_scale_grads", _sym_scale_grads, grad, wmin, wmax, alpha, beta, half, scale_dtype)

@@ -129,6 +129,69 @@ def scale_and_zero(
     return scale, zero.clamp(0, maxq)
 
 
+def _sym_scale(wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``scale_and_zero``'s symmetric scale, op for op (the fused path compiles this function)."""
+    a, b = wmin * alpha, wmax * beta
+    neg_wins = (-a) > b
+    return _to_scale_dtype(_clamp_scale(torch.where(neg_wins, -a, -b) / half), scale_dtype)
+
+
+def _sym_scale_grads(grad, wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype):
+    """The gradients of ``alpha`` and ``beta`` that autograd computes through :func:`_sym_scale`: the cast's
+    straight-through gradient (rounded to the scale dtype and back), each clamp's pass-through mask, the division,
+    the selection of the larger side, its negation and the product with the range."""
+    a, b = wmin * alpha, wmax * beta
+    neg_wins = (-a) > b
+    s0 = torch.where(neg_wins, -a, -b) / half
+    g = grad.to(scale_dtype).to(grad.dtype)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    g = torch.where(s0 < 0, torch.where(s0 <= -SCALE_EPS, g, zero), torch.where(s0 >= SCALE_EPS, g, zero)) / half
+    return -torch.where(neg_wins, g, zero) * wmin, -torch.where(neg_wins, zero, g) * wmax
+
+
+class _SymClipScale(torch.autograd.Function):
+    """The symmetric per-group scale from the clipping factors ``alpha`` / ``beta``, with its backward written out.
+
+    Composed, autograd records some fifteen small ops per layer and step and as many backward, each a kernel
+    launch on a GPU (where the tuning loop is bound by launches: docs/benchmarks.md, the H200 profile).  Here each
+    direction is one compiled kernel on the fused path and the same eager ops otherwise, with the values and
+    gradients of the composed ops."""
+
+    @staticmethod
+    def forward(ctx, wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype, use_fused: bool):
+        ctx.save_for_backward(wmin, wmax, alpha, beta)
+        ctx.half, ctx.scale_dtype, ctx.use_fused = half, scale_dtype, use_fused
+        args = (wmin, wmax, alpha.detach(), beta.detach(), half, scale_dtype)
+        found = fused.sym_scale(*args) if use_fused else None
+        return found if found is not None else _sym_scale(*args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wmin, wmax, alpha, beta = ctx.saved_tensors
+        args = (grad, wmin, wmax, alpha, beta, ctx.half, ctx.scale_dtype)
+        found = fused.sym_scale_grads(*args) if ctx.use_fused else None
+        grad_alpha, grad_beta = found if found is not None else _sym_scale_grads(*args)
+        return None, None, grad_alpha, grad_beta, None, None, None
+
+
+def tuning_scale_and_zero(
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    spec: LayerSpec,
+    alpha: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    scale_dtype: torch.dtype,
+    use_fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scale_and_zero` for the fake quantizer (``ste=True``): the symmetric grid with both clipping factors
+    through :class:`_SymClipScale` (one op each way), every other case composed."""
+    if not spec.sym or alpha is None or beta is None:
+        return scale_and_zero(wmin, wmax, spec, alpha, beta, scale_dtype, ste=True)
+    half = 2 ** (spec.bits - 1)
+    scale = _SymClipScale.apply(wmin, wmax, alpha, beta, half, scale_dtype, use_fused)
+    return scale, torch.full_like(scale, float(half)).detach()
+
+
 def fake_quant(
     w: torch.Tensor,
     spec: LayerSpec,
@@ -177,7 +240,9 @@ class GroupedWeight:
         codes it used (no extra memory: the backward keeps them anyway), so that a caller can keep exactly the
         quantization it measured.  Asking for the matmul's dtype here (bf16 in mixed precision) saves a separate
         cast of the full weight, forward and backward."""
-        scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
+        scale, zero = tuning_scale_and_zero(
+            self.wmin, self.wmax, spec, alpha, beta, scale_dtype, fused.applies(self.wg)
+        )
         v = torch.zeros(self.wg.shape, device=self.wg.device) if v is None else v.reshape(self.wg.shape)
         out_dtype = self.wg.dtype if out_dtype is None else out_dtype
         maxq = 2**spec.bits - 1
@@ -203,7 +268,9 @@ class GroupedWeight:
         ``grad_v_sink(rows, grad)``: the backward hands ``v``'s gradient to it one grouped row slice at a time
         (e.g. to step ``v`` at once) instead of returning it, so no weight-sized gradient of ``v`` ever exists.
         ``workspace``: buffers reused across steps (the codes returned are then one of its buffers)."""
-        scale, zero = scale_and_zero(self.wmin, self.wmax, spec, alpha, beta, scale_dtype, ste=True)
+        scale, zero = tuning_scale_and_zero(
+            self.wmin, self.wmax, spec, alpha, beta, scale_dtype, fused.applies(self.wg)
+        )
         maxq = 2**spec.bits - 1
         out, codes = _QDQLinear.apply(
             x, self.wg, v.reshape(self.wg.shape), scale.unsqueeze(-1), zero.unsqueeze(-1), bias, maxq, self.shape,
