@@ -42,9 +42,18 @@ step() {  # step CAP TOOL ARGS...: one timed run, in its own process
         --out "$ROWS" "$@" 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -25 >> "$LOG"
     stamp "rc=${PIPESTATUS[0]}"; tail -1 "$ROWS" 2>/dev/null
 }
+# 0. the GPU-only tuning tests: one synchronisation per step, the default device, the head on the tuning device
+stamp "GPU tuning tests"
+timeout 45 python3 -m pytest -q -p no:cacheprovider -rs tests/test_tuning.py -k synchronises 2>&1 | tail -5 | tee -a "$LOG"
+timeout 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_placement.py tests/test_compile.py 2>&1 | tail -10 \
+    | tee -a "$LOG"
 # 1. the CPU protocol's shape: W4G32, iters 50, 32 x 256, batch 8
 step 120 ours --iters 50
 step 150 reference --iters 50
+# where our time goes now (against docs/benchmarks.md's H200 profile: ~1000 launches, ~12 syncs per iteration)
+stamp "profile"
+timeout 90 python3 bench/profile_tune.py --device cuda --model /tmp/gpu-tune-model-8 --calib "$CARRY/tinyshakespeare.txt" \
+    --blocks 2 --iters 30 --top 15 > "$OUT/profile.txt" 2>&1; stamp "profile rc=$?"
 # 2. the reference's default recipe shape: iters 200, 128 x 2048, batch 8, on 8 blocks
 step 150 ours --iters 200 --nsamples 128 --seqlen 2048 --model-dir /tmp/gpu-tune-model-8
 step 150 reference --iters 200 --nsamples 128 --seqlen 2048 --model-dir /tmp/gpu-tune-model-8
