@@ -52,8 +52,9 @@ class TuneOptions:
     """Knobs of the tuning loop (a plain copy of the user-facing ones that matter here)."""
 
     iters: int = 200
-    # where blocks are tuned (None: where each block is, accelerator 0 for a block on the host: engine.placement); several devices (a tuple, or a dict from layer name or
-    # pattern to device) spread each block with accelerate, see signround.placement
+    # where blocks are tuned (None: where each block is, but accelerator 0 for a block on the host: engine.placement);
+    # several devices (a tuple, or a dict from layer name or pattern to device) spread each block with accelerate,
+    # see signround.placement
     device: str | tuple[str, ...] | dict[str, str] | None = None
     low_gpu_mem_usage: bool = False  # cached block inputs / outputs on the host, moved per batch
     max_memory: dict[Any, int | str] | None = None  # several devices: each one's budget (None: its free memory)
