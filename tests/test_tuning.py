@@ -55,14 +55,18 @@ def test_signsgd_rejects_non_positive_lr(lr: float) -> None:
     ("iters", "bits", "expected"),
     [
         (200, 4, 1 / 200),
-        (200, 2, 1 / 200),  # 200 to 999 iterations: 1/iters whatever the bits
+        (200, 3, 1 / 200),  # 200 to 999 iterations: 1/iters from 3 bits up
+        (200, 2, 0.25 / 200),  # at 2 bits the total movement of 50 steps of 5e-3: 1.25e-3
+        (100, 2, 0.25 / 100),
+        (999, 2, 0.25 / 999),
         (999, 3, 1 / 999),
         (1000, 3, 2 / 1000),
         (1000, 2, 2 / 1000),
         (1000, 4, 1 / 1000),  # long runs at 4+ bits keep 1/iters
         (5000, 8, 1 / 5000),
         (50, 4, 1 / 200),  # short runs keep the 200-iteration step instead of growing it to 1/iters
-        (50, 2, 1 / 200),
+        (50, 2, 1 / 200),  # (= 0.25 / 50: the two rules meet at 50 iterations)
+        (10, 2, 1 / 200),
         (199, 4, 1 / 200),
         (1, 4, 1 / 200),
         (0, 4, 0.0),

@@ -103,7 +103,11 @@ def _quantize_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric (full range)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric (zero point)")
     p.add_argument("--iters", "--iter", type=int, help="tuning steps per block (0 = RTN)")
-    p.add_argument("--lr", type=float, help="default: 1/max(iters, 200); 2/iters from 1000 iters at <= 3 bits")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="default: 1/max(iters, 200); at <= 2 bits min(5e-3, 0.25/iters); 2/iters from 1000 iters at <= 3 bits",
+    )
     p.add_argument("--minmax_lr", type=float, help="default: lr")
     p.add_argument("--nsamples", type=int)
     p.add_argument("--seqlen", type=int)

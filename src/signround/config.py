@@ -36,7 +36,7 @@ from .schemes import (
 QUANT_METHOD = "auto-round"
 DEFAULT_DATASET = "NeelNanda/pile-10k"
 
-# The reference's recipes (user guide, "各配置方案详细参数"); lr None = automatic (1/max(iters, 200), see
+# The reference's recipes (user guide, "各配置方案详细参数"); lr None = automatic (1/max(iters, 200) from 3 bits up, see
 # tuning.signsgd.default_lr).
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {"batch_size": 8, "iters": 200, "seqlen": 2048, "nsamples": 128, "lr": None},
