@@ -117,11 +117,8 @@ def scale_and_zero(
         wmax = wmax * beta
     if spec.sym:
         half = 2 ** (spec.bits - 1)
-        neg_wins = (-wmin) > wmax
-        max_v = torch.where(neg_wins, -wmin, -wmax)
-        scale = _to_scale_dtype(_clamp_scale(max_v / half), scale_dtype)
-        zero = torch.full_like(scale, float(half)).detach()
-        return scale, zero
+        scale = _sym_scale_of_range(wmin, wmax, half, scale_dtype)
+        return scale, _sym_zero(scale, half)
     maxq = 2**spec.bits - 1
     scale = _to_scale_dtype(((wmax - wmin) / maxq).clamp(min=SCALE_EPS), scale_dtype)
     raw_zero = -wmin / scale
@@ -129,11 +126,20 @@ def scale_and_zero(
     return scale, zero.clamp(0, maxq)
 
 
+def _sym_scale_of_range(lo: torch.Tensor, hi: torch.Tensor, half: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The full-range symmetric scale of a (clipped) range: the larger side maps to ``-half`` exactly."""
+    neg_wins = (-lo) > hi
+    return _to_scale_dtype(_clamp_scale(torch.where(neg_wins, -lo, -hi) / half), scale_dtype)
+
+
+def _sym_zero(scale: torch.Tensor, half: int) -> torch.Tensor:
+    """The symmetric grid's fixed zero point (no gradient)."""
+    return torch.full_like(scale, float(half)).detach()
+
+
 def _sym_scale(wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype) -> torch.Tensor:
-    """``scale_and_zero``'s symmetric scale, op for op (the fused path compiles this function)."""
-    a, b = wmin * alpha, wmax * beta
-    neg_wins = (-a) > b
-    return _to_scale_dtype(_clamp_scale(torch.where(neg_wins, -a, -b) / half), scale_dtype)
+    """``scale_and_zero``'s symmetric scale with both clipping factors (the fused path compiles this function)."""
+    return _sym_scale_of_range(wmin * alpha, wmax * beta, half, scale_dtype)
 
 
 def _sym_scale_grads(grad, wmin, wmax, alpha, beta, half: int, scale_dtype: torch.dtype):
@@ -189,7 +195,7 @@ def tuning_scale_and_zero(
         return scale_and_zero(wmin, wmax, spec, alpha, beta, scale_dtype, ste=True)
     half = 2 ** (spec.bits - 1)
     scale = _SymClipScale.apply(wmin, wmax, alpha, beta, half, scale_dtype, use_fused)
-    return scale, torch.full_like(scale, float(half)).detach()
+    return scale, _sym_zero(scale, half)
 
 
 def fake_quant(
