@@ -19,6 +19,7 @@ what tuning does when the calibration is like the use from what a shift of domai
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import shlex
@@ -58,6 +59,16 @@ def heldout_wikitext(model_dir: Path, work: Path) -> Path:
     return path
 
 
+def _override(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
@@ -70,7 +81,12 @@ def main() -> None:
         "--calib", choices=["tinyshakespeare", "wikitext-heldout"], default="tinyshakespeare",
         help="calibration text (default: the accuracy protocol's); wikitext-heldout: see above",
     )  # fmt: skip
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="further AutoRound arguments, e.g. enable_norm_bias_tuning=False (Python literals; recorded in the row)",
+    )  # fmt: skip
     args = parser.parse_args()
+    overrides = dict(_override(item) for item in args.set)
     torch.set_num_threads(args.threads)
     model_dir = cached_model_path("smollm2-135m")
     bench = Bench(args.work, args.threads)
@@ -80,16 +96,18 @@ def main() -> None:
     for type_name in args.types:
         for iters in args.iters:
             lr = (args.lr if args.lr is not None else default_lr(iters, 4)) if iters else None  # < 1000 iters: any bits
-            if (type_name, iters, lr, calib.name) in done:
+            if (type_name, iters, lr, calib.name) in done and not overrides:
                 print(f"skip {type_name} iters={iters}: already in {args.out}")
                 continue
             start = time.perf_counter()
             ar = signround.AutoRound(
                 str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, nsamples=CALIB_N,
                 seqlen=CALIB_SEQLEN, batch_size=8, dataset=str(calib), dtype=torch.float32, show_progress=False,
+                **overrides,
             )  # fmt: skip
             tag = f"iters{iters}" + (f"-lr{args.lr:g}" if args.lr is not None and iters else "")
             tag += "" if calib == CALIB else f"-{args.calib}"
+            tag += "".join(f"-{key}={value}" for key, value in overrides.items())
             out_dir = args.work / f"signround-{type_name}-{tag}"
             ar.quantize_and_save(out_dir)
             seconds = time.perf_counter() - start
@@ -102,6 +120,7 @@ def main() -> None:
             row = {
                 "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
                 "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "calibration": calib.name,
+                **({"overrides": {key: repr(value) for key, value in overrides.items()}} if overrides else {}),
                 "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
                 "tokens_match": scored.get("tokens_match", scored.get("checks")),

@@ -61,6 +61,17 @@ def test_norm_tuning_is_on_unless_disabled() -> None:
         AutoRoundConfig(bits=4, enable_norm_bias_tuning="yes")
 
 
+def test_minmax_tuning_is_automatic_unless_given() -> None:
+    from signround.config import AutoRoundConfig
+
+    assert "enable_minmax_tuning" not in _kwargs()
+    assert AutoRoundConfig(bits=4).enable_minmax_tuning is None
+    assert _kwargs("--disable_minmax_tuning") == {"enable_minmax_tuning": False}
+    assert _kwargs("--enable_minmax_tuning") == {"enable_minmax_tuning": True}
+    with pytest.raises(ValueError, match=r"enable_minmax_tuning must be None \(automatic\), True or False"):
+        AutoRoundConfig(bits=4, enable_minmax_tuning=1)
+
+
 def test_unknown_recipe_is_refused(capsys) -> None:
     with pytest.raises(SystemExit):
         _quantize_parser().parse_args(["--model", "m", "--recipe", "fastest"])

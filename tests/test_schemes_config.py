@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -243,3 +244,15 @@ def test_layer_spec_rejects_bad_fields() -> None:
         LayerSpec(bits=16)
     with pytest.raises(ValueError, match=r"sym=1 .*True or False"):
         LayerSpec(sym=1)  # type: ignore[arg-type]
+
+
+def test_an_argument_the_config_does_not_use_is_named_in_a_warning(calib: str, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="signround.config"):
+        cfg = _config(calib, iter=50)  # a typo of iters: kept, but it tunes nothing
+    assert cfg.iters != 50
+    assert "'iter'" in caplog.text and "did you mean 'iters'?" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="signround.config"):
+        AutoRoundConfig.from_dict({**_config(calib).to_dict(), "vendor_key": 1})  # a checkpoint's extra key: silent
+        _config(calib, iters=3)
+    assert caplog.text == ""

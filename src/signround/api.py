@@ -125,6 +125,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         disable_opt_rtn=config.disable_opt_rtn,
         enable_torch_compile=config.enable_torch_compile,
         enable_norm_bias_tuning=config.enable_norm_bias_tuning,
+        enable_minmax_tuning=config.enable_minmax_tuning,
         amp=config.amp,
         device=config.tuning_device(),
         low_gpu_mem_usage=config.low_gpu_mem_usage,

@@ -146,6 +146,10 @@ def _quantize_parser() -> argparse.ArgumentParser:
         p, "norm_bias_tuning", "tune each block's norm weights with the rounding (the default)",
         "leave the norm weights as they are",
     )  # fmt: skip
+    _on_off(
+        p, "minmax_tuning", "tune each group's clipping (scale and zero) with the rounding",
+        "tune the rounding only (default: minmax tuned except on GGUF grids)",
+    )  # fmt: skip
     p.add_argument(
         "--device_map",
         "--device",
@@ -210,6 +214,8 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["amp"] = False
     if args.enable_norm_bias_tuning is not None:
         kwargs["enable_norm_bias_tuning"] = args.enable_norm_bias_tuning
+    if args.enable_minmax_tuning is not None:
+        kwargs["enable_minmax_tuning"] = args.enable_minmax_tuning
     if args.layer_config:
         kwargs["layer_config"] = args.layer_config
     if args.max_memory:

@@ -10,6 +10,9 @@ written back unchanged.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +36,8 @@ from .schemes import (
     scheme_names,
 )
 
+logger = logging.getLogger(__name__)
+
 QUANT_METHOD = "auto-round"
 DEFAULT_DATASET = "NeelNanda/pile-10k"
 
@@ -47,7 +52,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Knobs that only matter while quantizing; the rest describe the packed checkpoint.
 _TUNING_KEYS = (
     "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
-    "seed", "disable_opt_rtn", "enable_torch_compile", "amp", "enable_norm_bias_tuning",
+    "seed", "disable_opt_rtn", "enable_torch_compile", "amp", "enable_norm_bias_tuning", "enable_minmax_tuning",
 )  # fmt: skip
 
 
@@ -63,6 +68,18 @@ def _is_pattern(key: str) -> bool:
     except re.error:
         return False
     return True
+
+
+def _warn_unused(keys: Mapping[str, Any]) -> None:
+    """Arguments this config does not act on are kept (and saved, as transformers keeps a config's extra keys) but
+    change nothing: say so, with the known argument a typo most likely meant."""
+    known = [name for name in inspect.signature(AutoRoundConfig.__init__).parameters if name not in ("self", "kwargs")]
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        logger.warning(
+            "AutoRoundConfig does not use %r: kept in the saved config only, it changes nothing%s", key, hint
+        )
 
 
 def _require(condition: bool, message: str) -> None:
@@ -129,7 +146,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
     ``True`` / ``False`` always / never; a block torch.compile fails on is tuned eagerly, with a warning.
     ``enable_norm_bias_tuning`` (default on, unlike the reference) tunes each block's norm weights along with the
     rounding (by at most half a step of the scheme's grid over each norm weight's range; they stay in 16 bit);
-    Linear biases are not tuned.
+    Linear biases are not tuned.  ``enable_minmax_tuning`` tunes each group's clipping factors (its scale and
+    zero) with the rounding: ``None`` (default) on every grid but the GGUF ones, whose start is llama.cpp's own
+    importance-weighted scale search and whose files came out closer to the fp model with only the rounding tuned
+    (docs/benchmarks.md); ``True`` / ``False`` everywhere / nowhere.
 
     Per-layer control, with the reference's names:
 
@@ -184,6 +204,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         backend: str = "auto",
         enable_torch_compile: bool | None = None,
         enable_norm_bias_tuning: bool = True,
+        enable_minmax_tuning: bool | None = None,
         disable_opt_rtn: bool = False,
         amp: bool = True,
         device_map: str | int | None = None,
@@ -248,6 +269,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.backend = backend
         self.enable_torch_compile = enable_torch_compile
         self.enable_norm_bias_tuning = enable_norm_bias_tuning
+        self.enable_minmax_tuning = enable_minmax_tuning
         self.disable_opt_rtn = disable_opt_rtn
         self.amp = amp
         self.device_map = kwargs.pop("device", None) if device_map is None else device_map  # the reference's old name
@@ -263,6 +285,8 @@ class AutoRoundConfig(QuantizationConfigMixin):
         # A config read back from a saved model describes it; its dataset is history, not something to open.
         self._check_dataset = not kwargs.pop("_from_saved", False)
         self.unknown_keys: dict[str, Any] = dict(kwargs)
+        if self.unknown_keys and self._check_dataset:  # a caller's own arguments, not a checkpoint's extra keys
+            _warn_unused(self.unknown_keys)
         # The exact description of a packed model (a checkpoint's dict, or what packing produced); None
         # while the config only says how to quantize.
         self.packed: dict[str, Any] | None = None
@@ -361,6 +385,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"
             )
+        _require(
+            self.enable_minmax_tuning is None or isinstance(self.enable_minmax_tuning, bool),
+            f"enable_minmax_tuning must be None (automatic), True or False, got {self.enable_minmax_tuning!r}",
+        )
         _require(
             self.moe_expert_names in EXPERT_NAMINGS,
             f"moe_expert_names={self.moe_expert_names!r} is not supported; accepted: {list(EXPERT_NAMINGS)}",

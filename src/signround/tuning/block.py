@@ -75,6 +75,9 @@ class TuneOptions:
     write_back: bool = True
     # the block's norm weights tuned with the rounding (the reference's enable_norm_bias_tuning; tuning/norms.py)
     enable_norm_bias_tuning: bool = True
+    # the clipping factors alpha / beta tuned with the rounding (the reference's enable_minmax_tuning); None:
+    # everywhere but on GGUF grids (tunes_minmax)
+    enable_minmax_tuning: bool | None = None
 
 
 @dataclass
@@ -439,6 +442,16 @@ def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor
     return torch.bfloat16 if options.amp and fast_bf16(device) else None
 
 
+def tunes_minmax(options: TuneOptions, spec: LayerSpec) -> bool:
+    """Whether a layer's clipping factors ``alpha`` / ``beta`` move with its rounding.  By default everywhere but
+    on the GGUF grids: their start is llama.cpp's importance-weighted search of each sub-block's scale (and min),
+    and moving those on the calibration text fitted it at the cost of other text, while the rounding offsets alone
+    moved the file closer to the fp model (measured: docs/benchmarks.md, "GGUF: what tuning moves")."""
+    if options.enable_minmax_tuning is not None:
+        return options.enable_minmax_tuning
+    return not is_gguf(spec)
+
+
 def _signsgd_loop(
     block: nn.Module,
     tunables: dict[str, TunableLinear | GGUFTunableLinear],
@@ -455,10 +468,16 @@ def _signsgd_loop(
     norms = norms or {}
     min_bits = min(tl.spec.bits for tl in tunables.values())
     lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, min_bits)
+    factors = []
+    for tl in tunables.values():
+        tuned = tunes_minmax(options, tl.spec)
+        tl.alpha.requires_grad_(tuned)  # frozen: no gradient computed for them either
+        tl.beta.requires_grad_(tuned)
+        factors += [tl.alpha, tl.beta] if tuned else []
     optimizer = SignSGD(
         [
             {"params": [tl.v for tl in tunables.values()] + [tn.v for tn in norms.values()], "lr": lr},
-            {"params": [p for tl in tunables.values() for p in (tl.alpha, tl.beta)], "lr": minmax_lr},
+            {"params": factors, "lr": minmax_lr},
         ],
         lr=lr,
     )

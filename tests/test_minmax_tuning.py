@@ -1,0 +1,62 @@
+"""``enable_minmax_tuning``: which layers' clipping factors move with the rounding (by default all but GGUF grids)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from signround.schemes import LayerSpec, gguf_spec_fields
+from signround.tuning import block as block_module
+from signround.tuning.block import LayerStart, TuneOptions, run_block, tune_block
+from signround.tuning.inputs import capture_block_inputs
+from signround.tuning.rtn import plain_rtn_params
+
+
+def _tuned(tiny_llama_factory, spec: LayerSpec, enable: bool | None, monkeypatch) -> dict[str, dict[str, bool]]:
+    """Per layer, whether its ``v``, ``alpha`` and ``beta`` ended where they started after 10 steps."""
+    model = tiny_llama_factory(seed=1, initializer_range=0.2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(2))
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, ids)
+    targets = run_block(block, inputs, 8)
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    gguf = spec.data_type.startswith("gguf")
+    layers = {n: (m, spec, LayerStart() if gguf else plain_rtn_params(m.weight, spec)) for n, m in linears.items()}
+    starts: dict[str, list[torch.Tensor]] = {}  # per layer: v (zeros), alpha, beta as the loop got them
+    seen: dict[str, dict[str, bool]] = {}
+    tunable, clamp = LayerStart.tunable, block_module.clamp_after_step
+
+    def recording_tunable(self, linear, spec, scale_dtype):
+        tl = tunable(self, linear, spec, scale_dtype)
+        name = next(n for n, m in linears.items() if m is linear)
+        starts[name] = [p.detach().clone() for p in (tl.v, tl.alpha, tl.beta)]
+        return tl
+
+    def spying_clamp(tunables, norms):  # after every step: which parameters have left their start
+        clamp(tunables, norms)
+        for n, tl in tunables.items():
+            now = (tl.v, tl.alpha, tl.beta)
+            seen[n] = {k: not torch.equal(p, s) for k, p, s in zip(("v", "alpha", "beta"), now, starts[n], strict=True)}
+
+    monkeypatch.setattr(block_module, "clamp_after_step", spying_clamp)
+    monkeypatch.setattr(LayerStart, "tunable", recording_tunable)
+    options = TuneOptions(
+        iters=10, batch_size=4, show_progress=False, amp=False, lr=0.05, enable_minmax_tuning=enable,
+        enable_norm_bias_tuning=False,
+    )  # fmt: skip
+    with torch.enable_grad():
+        tune_block(block, layers, inputs, targets, options)
+    return seen
+
+
+@pytest.mark.parametrize("enable", [None, True, False])
+@pytest.mark.parametrize("grid", ["int", "gguf"])
+def test_clipping_moves_where_minmax_tuning_is_on(tiny_llama_factory, monkeypatch, grid: str, enable) -> None:
+    spec = LayerSpec(bits=4, group_size=32) if grid == "int" else LayerSpec(**gguf_spec_fields("q4_1"))
+    moved = _tuned(tiny_llama_factory, spec, enable, monkeypatch)
+    expected = enable if enable is not None else grid == "int"  # automatic: all but the GGUF grids
+    assert moved and all(m["v"] for m in moved.values())  # the rounding is tuned either way
+    assert all((m["alpha"] or m["beta"]) == expected for m in moved.values()), moved
