@@ -126,7 +126,7 @@ def _evaluate(model, wins, ref_path: Path | None, save_ref: Path | None) -> tupl
     return math.exp(nll / count), (kl_sum / kl_count if ref is not None else None)
 
 
-def _commit() -> str | None:
+def checkout_commit() -> str | None:
     """The checkout's commit (with "+" when it has uncommitted changes): which code a row measured."""
     import subprocess
 
@@ -188,7 +188,7 @@ def run_one(name: str) -> dict:
         kl=None if kl is None else round(kl, 5),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
-        commit=_commit(),
+        commit=checkout_commit(),
         **_machine(),
     )
     return row

@@ -8,8 +8,8 @@ calibration (tinyshakespeare, 32 x 256 tokens, batch 8), written to a .gguf, the
 and scores both sides, so the rows compare).  iters 0 is llama.cpp's own quantizer with the calibration data as
 its importance matrix (byte-identical to ``llama-quantize --imatrix`` for the per-column mean ``x^2`` our engine
 measures on the quantized stream; rows dated before that change are ``llama-quantize`` without one); iters > 0 is
-SignRound toward the same grids, from that start.  One JSON row per (type, iters), appended; rows already present
-are skipped (``--out`` elsewhere to measure again).
+SignRound toward the same grids, from that start.  One JSON row per (type, iters), appended, with the commit it
+measured; a row already present for the same commit and arguments is skipped.
 
 ``--calib wikitext-heldout`` calibrates (importance and tuning alike) on wikitext-2 text that the evaluation never
 reads (the test file from twice the evaluated tokens on): a calibration text of the evaluation's domain, to tell
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import checkout_commit
 from gguf_llamacpp import CALIB, CALIB_N, CALIB_SEQLEN, EVAL, EVAL_N, EVAL_SEQLEN, MODEL, Bench, cpu_info
 
 import signround
@@ -39,11 +40,16 @@ from signround.tuning.signsgd import default_lr
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_signround.jsonl"
 
 
-def _done(path: Path) -> set[tuple[str, int, float | None, str]]:
+def _key(row: dict) -> tuple:
+    """What makes two rows the same measurement: the code (commit), the type, the tuning arguments, the text."""
+    overrides = tuple(sorted(row.get("overrides", {}).items()))
+    return row.get("commit"), row["type"], row["iters"], row.get("lr"), row.get("calibration", CALIB.name), overrides
+
+
+def _done(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["type"], r["iters"], r.get("lr"), r.get("calibration", CALIB.name)) for r in rows}
+    return {_key(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
 
 
 def heldout_wikitext(model_dir: Path, work: Path) -> Path:
@@ -92,12 +98,15 @@ def main() -> None:
     bench = Bench(args.work, args.threads)
     bench.prepare(model_dir)
     done = _done(args.out)
+    commit = checkout_commit()
     calib = CALIB if args.calib == "tinyshakespeare" else heldout_wikitext(model_dir, args.work)
     for type_name in args.types:
         for iters in args.iters:
             lr = (args.lr if args.lr is not None else default_lr(iters, 4)) if iters else None  # < 1000 iters: any bits
-            if (type_name, iters, lr, calib.name) in done and not overrides:
-                print(f"skip {type_name} iters={iters}: already in {args.out}")
+            recorded = {key: repr(value) for key, value in overrides.items()}
+            key = (commit, type_name, iters, lr, calib.name, tuple(sorted(recorded.items())))
+            if commit and not commit.endswith("+") and key in done:
+                print(f"skip {type_name} iters={iters}: already in {args.out} for {commit}")
                 continue
             start = time.perf_counter()
             ar = signround.AutoRound(
@@ -120,13 +129,13 @@ def main() -> None:
             row = {
                 "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
                 "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "calibration": calib.name,
-                **({"overrides": {key: repr(value) for key, value in overrides.items()}} if overrides else {}),
+                **({"overrides": recorded} if overrides else {}),
                 "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
                 "tokens_match": scored.get("tokens_match", scored.get("checks")),
                 "blocks_improved": sum(final < first for first, final in losses), "blocks": len(losses),
                 "quantize_seconds": round(seconds, 1), "cpu": cpu_info(),
-                "command": shlex.join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "commit": commit, "command": shlex.join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             }  # fmt: skip
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as f:
