@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import CACHE, CALIB, _eval_windows, _evaluate
+from accuracy import CACHE, CALIB, _eval_windows, _evaluate, checkout_commit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_blocks.jsonl"
 
@@ -55,6 +55,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--minmax_lr", type=float, default=None)
+    p.add_argument(
+        "--minmax", choices=["auto", "on", "off"], default="auto",
+        help="enable_minmax_tuning: auto (the default: clipping kept on GGUF grids, tuned on the integer one), on, off",
+    )  # fmt: skip
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -71,6 +75,7 @@ def main() -> None:
         model, tokenizer, **grid, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr,
         dataset=chunk_token_ids(ids, 256, args.nsamples), nsamples=args.nsamples, seqlen=256, batch_size=8,
         show_progress=False, layer_config=layer_config, low_cpu_mem_usage=False,
+        enable_minmax_tuning={"auto": None, "on": True, "off": False}[args.minmax],
     )  # fmt: skip
     start = time.perf_counter()
     ar.quantize()
@@ -79,10 +84,10 @@ def main() -> None:
     losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
     row = {
         "grid": "int4-g32-sym" if args.int else args.type, "blocks": args.blocks, "iters": args.iters,
-        "lr": args.lr, "minmax_lr": args.minmax_lr, "nsamples": args.nsamples, "ppl": round(ppl, 3),
+        "lr": args.lr, "minmax_lr": args.minmax_lr, "minmax": args.minmax, "nsamples": args.nsamples, "ppl": round(ppl, 3),
         "kl": round(kl, 5), "held_out_shakespeare_ppl": round(_held_out_ppl(ar.model, ids), 3),
         "seconds": round(seconds, 1), "block_losses": [(round(a, 6), round(b, 6)) for a, b in losses],
-        "command": " ".join(sys.argv),
+        "commit": checkout_commit(), "command": " ".join(sys.argv),
     }  # fmt: skip
     print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
