@@ -127,13 +127,17 @@ def _evaluate(model, wins, ref_path: Path | None, save_ref: Path | None) -> tupl
 
 
 def checkout_commit() -> str | None:
-    """The checkout's commit (with "+" when it has uncommitted changes): which code a row measured."""
+    """The checkout's commit, with "+" when the code (src/, bench/ but its results, pyproject.toml) has uncommitted
+    changes: which code a row measured.  Results and docs written meanwhile do not count."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+        code = ["src", "bench", ":!bench/results", "pyproject.toml"]
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *code], cwd=root, capture_output=True
+        )
     except OSError:
         return None
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else None
