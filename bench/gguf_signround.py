@@ -104,7 +104,8 @@ def main() -> None:
         for iters in args.iters:
             lr = (args.lr if args.lr is not None else default_lr(iters, 4)) if iters else None  # < 1000 iters: any bits
             recorded = {key: repr(value) for key, value in overrides.items()}
-            key = (commit, type_name, iters, lr, calib.name, tuple(sorted(recorded.items())))
+            measured = {"commit": commit, "type": type_name, "iters": iters, "lr": lr, "calibration": calib.name}
+            key = _key({**measured, **({"overrides": recorded} if recorded else {})})
             if commit and not commit.endswith("+") and key in done:
                 print(f"skip {type_name} iters={iters}: already in {args.out} for {commit}")
                 continue
