@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import checkout_commit
 from gguf_llamacpp import BIN, CALIB, CALIB_N, CALIB_SEQLEN, Bench, cpu_info
 from gguf_tensor_error import compare, importance_of, tensors_of
 
@@ -157,7 +158,7 @@ def main() -> None:
                 "model": MODEL, "type": type_name, "variant": variant, "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "tensor_types": tensor_types(path),
                 "f32_ppl": f32["ppl"], "hf_fp32_ppl": meta["hf_fp32_ppl"], "training": training,
-                "cpu": cpu_info(), "command": shlex.join(sys.argv), "llama_quantize": str(BIN / "llama-quantize"),
+                "cpu": cpu_info(), "commit": checkout_commit(), "command": shlex.join(sys.argv), "llama_quantize": str(BIN / "llama-quantize"),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             }  # fmt: skip
             if variant in ("b", "c"):
