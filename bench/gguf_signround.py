@@ -110,10 +110,10 @@ def main() -> None:
                 print(f"skip {type_name} iters={iters}: already in {args.out} for {commit}")
                 continue
             start = time.perf_counter()
+            protocol = {"nsamples": CALIB_N, "seqlen": CALIB_SEQLEN, "batch_size": 8}  # --set may change these
             ar = signround.AutoRound(
-                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, nsamples=CALIB_N,
-                seqlen=CALIB_SEQLEN, batch_size=8, dataset=str(calib), dtype=torch.float32, show_progress=False,
-                **overrides,
+                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, dataset=str(calib),
+                dtype=torch.float32, show_progress=False, **{**protocol, **overrides},
             )  # fmt: skip
             tag = f"iters{iters}" + (f"-lr{args.lr:g}" if args.lr is not None and iters else "")
             tag += "" if calib == CALIB else f"-{args.calib}"
