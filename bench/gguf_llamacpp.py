@@ -128,8 +128,13 @@ def _rows(path: Path) -> dict:
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                rows[(row["type"], bool(row["imatrix"]))] = row
+                rows[_row_key(row["type"], bool(row["imatrix"]), row.get("calib_n", CALIB_N))] = row
     return rows
+
+
+def _row_key(qtype: str, imatrix: bool, calib_n: int) -> tuple:
+    """What a llama.cpp row measures: the type, and for an importance-matrix row how many calibration chunks."""
+    return (qtype, imatrix, calib_n if imatrix else None)
 
 
 class Bench:
@@ -137,9 +142,15 @@ class Bench:
     ``work``.  SmolLM2 on wikitext with tinyshakespeare calibration unless told otherwise (bench/gguf_k256.py)."""
 
     def __init__(
-        self, work: Path, threads: int, model: str = MODEL, eval_text: Path = EVAL, calib_text: Path = CALIB
+        self,
+        work: Path,
+        threads: int,
+        model: str = MODEL,
+        eval_text: Path = EVAL,
+        calib_text: Path = CALIB,
+        calib_n: int = CALIB_N,
     ) -> None:
-        self.work, self.threads = work, threads
+        self.work, self.threads, self.calib_n = work, threads, calib_n
         self.model, self.eval_text, self.calib_text = model, eval_text, calib_text
         work.mkdir(parents=True, exist_ok=True)
         self.f32 = work / f"{model}-f32.gguf"
@@ -148,7 +159,8 @@ class Bench:
         self.calib_ids = work / "calib_ids.npy"
         self.ref = work / "fp32_logprobs.npy"
         self.ref_meta = work / "fp32_logprobs.json"
-        self.imatrix = work / "imatrix.gguf"
+        # the protocol's importance matrix keeps its old name; another chunk count gets its own file
+        self.imatrix = work / ("imatrix.gguf" if calib_n == CALIB_N else f"imatrix-n{calib_n}.gguf")
         self.commands: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------ reference side
@@ -168,7 +180,7 @@ class Bench:
         ids = tokenize_file(tokenizer, self.eval_text)
         wins = windows(ids, EVAL_SEQLEN, EVAL_N)
         calib = tokenizer(self.calib_text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-        chunk_token_ids(calib, CALIB_SEQLEN, CALIB_N)  # raises if the text is too short
+        chunk_token_ids(calib, CALIB_SEQLEN, self.calib_n)  # raises if the text is too short
         np.save(self.eval_ids, ids.numpy().astype(np.int32))
         np.save(self.calib_ids, calib.numpy().astype(np.int32))
         np.save(self.windows, wins.numpy().astype(np.int32))
@@ -227,19 +239,23 @@ class Bench:
         return _run([*cmd, self.f32, out, qtype, str(self.threads)], self.work / f"llama-quantize-{out.stem}.log")
 
     def make_imatrix(self) -> None:
-        tmp = self.work / "imatrix.tmp.gguf"
+        tmp = self.imatrix.with_suffix(".tmp.gguf")
         # BOS off: the Hugging Face calibration ids carry no special tokens (llama-imatrix would otherwise put BOS
         # in front of the text and in place of the first token of every chunk; the converted file says false
         # already, the override makes it explicit).
         cmd = [
             BIN / "llama-imatrix", "-m", self.f32, "-f", self.calib_text, "-c", str(CALIB_SEQLEN), "-b", str(CALIB_SEQLEN),
-            "--chunks", str(CALIB_N), "-t", str(self.threads), "-ngl", "0", "--no-ppl",
+            "--chunks", str(self.calib_n), "-t", str(self.threads), "-ngl", "0", "--no-ppl",
             "--override-kv", "tokenizer.ggml.add_bos_token=bool:false", "-o", tmp,
         ]  # fmt: skip
         self.commands["imatrix"] = f"{shlex.join(str(c) for c in cmd)}  # then renamed to {self.imatrix.name}"
         if not self.imatrix.exists():
-            _run(cmd, self.work / "imatrix.log")
+            _run(cmd, self.imatrix_log)
             tmp.rename(self.imatrix)
+
+    @property
+    def imatrix_log(self) -> Path:
+        return self.imatrix.with_suffix(".log")
 
     def evaluate(self, gguf: Path, check_calib: bool) -> dict:
         result = self.work / f"{gguf.stem}.eval.json"
@@ -294,6 +310,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("GGUF_LLAMACPP_WORK", "/tmp/gguf-llamacpp")))
     parser.add_argument("--keep", action="store_true", help="keep the quantized GGUF files in --work")
+    parser.add_argument(
+        "--calib-n", type=int, default=CALIB_N,
+        help=f"calibration chunks of {CALIB_SEQLEN} tokens for llama-imatrix (default {CALIB_N}, the protocol's)",
+    )  # fmt: skip
     args = parser.parse_args()
     variants = [v for v, on in ((False, args.no_imatrix), (True, args.imatrix)) if on] or [False, True]
     argv = shlex.join([".venv/bin/python", "bench/gguf_llamacpp.py", *sys.argv[1:]])
@@ -314,7 +334,9 @@ def main() -> None:
 
     done = _rows(args.out)
     todo = []
-    for key in [("F32", False)] + [(t.upper(), v) for t in args.types for v in variants]:
+    for key in [_row_key("F32", False, args.calib_n)] + [
+        _row_key(t.upper(), v, args.calib_n) for t in args.types for v in variants
+    ]:
         if key in done:
             _log(f"{key[0]} imatrix={key[1]}: already in {args.out}, skipped")
         elif key not in todo:
@@ -322,11 +344,11 @@ def main() -> None:
     if not todo:
         return
 
-    bench = Bench(args.work, args.threads)
+    bench = Bench(args.work, args.threads, calib_n=args.calib_n)
     meta = bench.prepare(model_dir)
     bench.convert(model_dir)
     cpu = cpu_info()
-    for qtype, imatrix in todo:
+    for qtype, imatrix, _calib_n in todo:
         _log(f"--- {qtype} imatrix={imatrix}")
         row: dict = {"tool": TOOL, "model": MODEL, "type": qtype, "imatrix": imatrix}
         commands = [argv, bench.commands["convert"]]
@@ -345,10 +367,10 @@ def main() -> None:
         else:
             bench.make_imatrix()
             commands.append(bench.commands["imatrix"])
-            gguf = args.work / f"{MODEL}-{qtype}-imatrix.gguf"
+            gguf = args.work / f"{MODEL}-{qtype}-{bench.imatrix.stem}.gguf"
             commands.append(bench.quantize_bin(qtype, gguf, bench.imatrix))
             row["quantizer"] = "llama-quantize --imatrix (built from the sdist)"
-            row.update(_imatrix_log_facts(args.work / "imatrix.log"))
+            row.update(_imatrix_log_facts(bench.imatrix_log), calib_n=args.calib_n)
         if qtype != "F32":
             log = f"quantize-{qtype}.log" if not imatrix else f"llama-quantize-{gguf.stem}.log"
             row["tensor_types"] = tensor_types(args.work / log)
@@ -367,7 +389,7 @@ def main() -> None:
         )
         if imatrix:
             row.update(calib_tokens_match=checks[CALIB.name]["match"], calib_token_check=checks[CALIB.name])
-            row["imatrix_calibration"] = f"{CALIB.name}, -c {CALIB_SEQLEN} --chunks {CALIB_N}, no BOS"
+            row["imatrix_calibration"] = f"{CALIB.name}, -c {CALIB_SEQLEN} --chunks {args.calib_n}, no BOS"
         row.update(
             hf_fp32_ppl=round(meta["hf_fp32_ppl"], 4),
             quantize_seconds=round(quant_seconds, 1),
