@@ -66,6 +66,15 @@ for _seed in (43, 44):
 # Without tuning the blocks' norm weights (enable_norm_bias_tuning=False): the rounding and clipping alone.
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-no-norms"] = {"bits": _bits, "iters": 50, "enable_norm_bias_tuning": False}
+# The clipping factors kept at the optimised-RTN start (enable_minmax_tuning=False): the rounding and the norms alone,
+# as the GGUF grids tune by default; over three calibration orders at W4 / W2.
+for _bits in (4, 3, 2):
+    CONFIGS[f"signround-w{_bits}-no-minmax"] = {"bits": _bits, "iters": 50, "enable_minmax_tuning": False}
+for _seed in (43, 44):
+    for _bits in (4, 2):
+        CONFIGS[f"signround-w{_bits}-no-minmax-seed{_seed}"] = {
+            "bits": _bits, "iters": 50, "enable_minmax_tuning": False, "seed": _seed,
+        }  # fmt: skip
 # quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp next-token distributions (iters 50).
 for _bits in (4, 2):
     CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
@@ -81,6 +90,8 @@ ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3") for b in (4, 3, 
 ORDER += [f"signround-w{b}-iters200{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w2-iters200{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
 ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}-no-minmax" for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}-no-minmax-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
@@ -163,7 +174,8 @@ def run_one(name: str) -> dict:
         ar = signround.AutoRound(
             model, tokenizer, **grid, iters=cfg["iters"], disable_opt_rtn=cfg.get("disable_opt_rtn", False),
             amp=cfg.get("amp", True), quant_lm_head=cfg.get("quant_lm_head", False), dataset=_calibration(tokenizer),
-            lr=cfg.get("lr"), enable_norm_bias_tuning=cfg.get("enable_norm_bias_tuning", True), seed=cfg.get("seed", 42), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
+            lr=cfg.get("lr"), enable_norm_bias_tuning=cfg.get("enable_norm_bias_tuning", True),
+            enable_minmax_tuning=cfg.get("enable_minmax_tuning"), seed=cfg.get("seed", 42), nsamples=32, seqlen=256, batch_size=8, show_progress=False,
             low_cpu_mem_usage=False,  # the packed model is evaluated in this process: keep its blocks in memory
         )  # fmt: skip
         start = time.perf_counter()
