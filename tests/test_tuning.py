@@ -421,7 +421,10 @@ def test_the_engine_computes_what_textbook_signround_computes(tiny_llama_factory
     plain = copy.deepcopy(block)
     plain_layers = {n: (plain.get_submodule(n), spec, ab) for n, (_m, _s, ab) in layers.items()}
     with torch.enable_grad():
-        options = TuneOptions(iters=10, batch_size=4, show_progress=False, amp=False, enable_norm_bias_tuning=False)
+        options = TuneOptions(  # the textbook's parameters: v, alpha and beta alike; no norms
+            iters=10, batch_size=4, show_progress=False, amp=False, enable_norm_bias_tuning=False,
+            enable_minmax_tuning=True,
+        )  # fmt: skip
         result = tune_block(block, layers, inputs, targets, options, objective=MSE)  # the textbook's loss
         lr = default_lr(10, spec.bits)  # what the engine takes when none is given
         best_iter, packed = _plain_signround(plain, plain_layers, inputs, targets, iters=10, lr=lr, bs=4, seed=42)

@@ -148,7 +148,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _on_off(
         p, "minmax_tuning", "tune each group's clipping (scale and zero) with the rounding",
-        "tune the rounding only (default: minmax tuned except on GGUF grids)",
+        "tune the rounding only (default: the clipping is tuned only where no search placed it: plain-RTN starts, fp grids)",
     )  # fmt: skip
     p.add_argument(
         "--device_map",

@@ -147,9 +147,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
     ``enable_norm_bias_tuning`` (default on, unlike the reference) tunes each block's norm weights along with the
     rounding (by at most half a step of the scheme's grid over each norm weight's range; they stay in 16 bit);
     Linear biases are not tuned.  ``enable_minmax_tuning`` tunes each group's clipping factors (its scale and
-    zero) with the rounding: ``None`` (default) on every grid but the GGUF ones, whose start is llama.cpp's own
-    importance-weighted scale search and whose files came out closer to the fp model with only the rounding tuned
-    (docs/benchmarks.md); ``True`` / ``False`` everywhere / nowhere.
+    zero) with the rounding: ``None`` (default) only where no search placed them (plain-RTN starts with
+    ``disable_opt_rtn=True``, the fp grids' full block ranges); optimised RTN's clipping on integer grids and
+    llama.cpp's importance-weighted scale search on the GGUF ones are kept, as the models came out closer to the fp
+    one with only the rounding (and the norms) tuned (docs/benchmarks.md); ``True`` / ``False`` everywhere / nowhere.
 
     Per-layer control, with the reference's names:
 

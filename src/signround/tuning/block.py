@@ -443,13 +443,17 @@ def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor
 
 
 def tunes_minmax(options: TuneOptions, spec: LayerSpec) -> bool:
-    """Whether a layer's clipping factors ``alpha`` / ``beta`` move with its rounding.  By default everywhere but
-    on the GGUF grids: their start is llama.cpp's importance-weighted search of each sub-block's scale (and min),
-    and moving those on the calibration text fitted it at the cost of other text, while the rounding offsets alone
-    moved the file closer to the fp model (measured: docs/benchmarks.md, "GGUF: what tuning moves")."""
+    """Whether a layer's clipping factors ``alpha`` / ``beta`` move with its rounding.  By default only where no
+    search placed them: a GGUF grid starts from llama.cpp's importance-weighted search of each sub-block's scale (and
+    min), an integer grid from optimised RTN's activation-weighted search of each group's clipping, and moving those
+    on the calibration text fitted it at the cost of other text, while the rounding offsets alone (with the norms)
+    moved the model closer to the fp one (docs/benchmarks.md, "GGUF: what tuning moves" and "The clipping: kept
+    where a search put it").  Plain-RTN starts (``disable_opt_rtn``) and the fp grids (full block ranges) tune it."""
     if options.enable_minmax_tuning is not None:
         return options.enable_minmax_tuning
-    return not is_gguf(spec)
+    if is_gguf(spec):
+        return False
+    return is_fp(spec) or options.disable_opt_rtn
 
 
 def _signsgd_loop(
