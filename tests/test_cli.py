@@ -314,3 +314,24 @@ def test_layer_config_key_matching_nothing_names_close_layers(tmp_path, stories_
     assert line.startswith("signround: error: layer_config key 'self_attn.k_prj' matches no layer")
     assert "self_attn.k_proj" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"enable_minmax_tuning": False, "enable_norm_bias_tuning": True}),  # what the default tuning did
+        (["--enable_minmax_tuning"], {"enable_norm_bias_tuning": True}),  # True is the reference's default: left out
+        (["--disable_opt_rtn"], {"enable_norm_bias_tuning": True}),  # a plain start: its clipping is tuned
+        (["--iters", "0"], {}),  # nothing tuned: neither key
+    ],
+)
+def test_the_checkpoint_records_what_the_tuning_moved(tmp_path, stories_dir, shakespeare, flags, expected) -> None:
+    """The reference reads an absent ``enable_minmax_tuning`` as True: a run that kept the clipping must say so."""
+    out = tmp_path / "out"
+    argv = ["--model", str(stories_dir), "--scheme", "W4A16", "--group_size", "32", "--iters", "2", "--nsamples", "4"]
+    argv += ["--seqlen", "32"]
+    argv += ["--batch_size", "2", "--dataset", f"{shakespeare}:concat=True", "--output_dir", str(out), *flags]
+    assert main(argv) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    recorded = {k: qc[k] for k in ("enable_minmax_tuning", "enable_norm_bias_tuning") if k in qc}
+    assert recorded == expected

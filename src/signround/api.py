@@ -31,7 +31,7 @@ from .models.gguf_arch import check_gguf_supported
 from .models.naming import checkpoint_name
 from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
-from .tuning.block import TuneOptions
+from .tuning.block import TuneOptions, minmax_tuned
 from .tuning.engine import TuneReport, rtn_only
 from .tuning.engine import run as run_tuning
 from .tuning.signsgd import learning_rates
@@ -312,6 +312,11 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         "batch_size": config.batch_size,
         "gradient_accumulate_steps": config.gradient_accumulate_steps,
         "amp": config.amp,
+        # what the tuning did (the reference's keys; its defaults True / False are left out of the file)
+        "enable_minmax_tuning": minmax_tuned(config.enable_minmax_tuning, config.disable_opt_rtn, default)
+        if config.iters
+        else None,
+        "enable_norm_bias_tuning": config.enable_norm_bias_tuning if config.iters else None,
         "dataset": config.dataset if isinstance(config.dataset, str) else "custom",
         "block_name_to_quantize": ",".join(block_paths),
         "quant_lm_head": config.quant_lm_head or None,

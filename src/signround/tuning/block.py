@@ -449,11 +449,17 @@ def tunes_minmax(options: TuneOptions, spec: LayerSpec) -> bool:
     on the calibration text fitted it at the cost of other text, while the rounding offsets alone (with the norms)
     moved the model closer to the fp one (docs/benchmarks.md, "GGUF: what tuning moves" and "The clipping: kept
     where a search put it").  Plain-RTN starts (``disable_opt_rtn``) and the fp grids (full block ranges) tune it."""
-    if options.enable_minmax_tuning is not None:
-        return options.enable_minmax_tuning
+    return minmax_tuned(options.enable_minmax_tuning, options.disable_opt_rtn, spec)
+
+
+def minmax_tuned(enable: bool | None, disable_opt_rtn: bool, spec: LayerSpec) -> bool:
+    """:func:`tunes_minmax` from the user's ``enable_minmax_tuning`` and ``disable_opt_rtn`` alone (what a
+    checkpoint records about its run)."""
+    if enable is not None:
+        return enable
     if is_gguf(spec):
         return False
-    return is_fp(spec) or options.disable_opt_rtn
+    return is_fp(spec) or disable_opt_rtn
 
 
 def _signsgd_loop(
