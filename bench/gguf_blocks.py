@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--minmax_lr", type=float, default=None)
     p.add_argument(
         "--minmax", choices=["auto", "on", "off"], default="auto",
-        help="enable_minmax_tuning: auto (the default: clipping kept on GGUF grids, tuned on the integer one), on, off",
+        help="enable_minmax_tuning: auto (the default: clipping kept where a search placed it), on, off",
     )  # fmt: skip
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--out", type=Path, default=RESULTS)
