@@ -71,3 +71,23 @@ def test_clipping_moves_where_minmax_tuning_is_on(tiny_llama_factory, monkeypatc
     expected = enable if enable is not None else AUTOMATIC[grid]
     assert moved and all(m["v"] for m in moved.values())  # the rounding is tuned either way
     assert all((m["alpha"] or m["beta"]) == expected for m in moved.values()), moved
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "warned"),
+    [
+        ({"minmax_lr": 1e-3}, True),  # optimised-RTN start: the clipping is kept, the rate unused
+        ({"minmax_lr": 1e-3, "enable_minmax_tuning": True}, False),
+        ({"minmax_lr": 1e-3, "disable_opt_rtn": True}, False),  # a plain start: its clipping is tuned
+        ({"minmax_lr": 1e-3, "iters": 0}, False),  # nothing is tuned: nothing to say about the rate
+        ({}, False),
+    ],
+)
+def test_an_unused_minmax_lr_is_named(caplog, kwargs: dict, warned: bool) -> None:
+    from signround.api import tune_options
+    from signround.config import AutoRoundConfig
+
+    config = AutoRoundConfig(**{"bits": 4, "group_size": 32, "iters": 10, **kwargs})
+    with caplog.at_level("WARNING", logger="signround.api"):
+        tune_options(config, show_progress=False)
+    assert ("minmax_lr=0.001 has no effect" in caplog.text) == warned, caplog.text

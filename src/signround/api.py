@@ -115,6 +115,16 @@ def _count(n: int) -> str:
 
 
 def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOptions:
+    """The tuning loop's knobs from ``config``; names a given ``minmax_lr`` that nothing will use."""
+    default = config.default_spec()
+    unused = config.iters and config.minmax_lr is not None and default is not None
+    if unused and not minmax_tuned(config.enable_minmax_tuning, config.disable_opt_rtn, default):
+        logger.warning(
+            "minmax_lr=%g has no effect: the clipping of scheme %s stays where the start's search put it; "
+            "pass enable_minmax_tuning=True to tune it",
+            config.minmax_lr,
+            config.scheme or default.data_type,
+        )
     return TuneOptions(
         iters=config.iters,
         lr=config.lr,
