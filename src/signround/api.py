@@ -31,7 +31,7 @@ from .models.gguf_arch import check_gguf_supported
 from .models.naming import checkpoint_name
 from .packing.registry import Packer, format_packer
 from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
-from .tuning.block import TuneOptions, minmax_tuned
+from .tuning.block import TuneOptions, tunes_minmax
 from .tuning.engine import TuneReport, rtn_only
 from .tuning.engine import run as run_tuning
 from .tuning.signsgd import learning_rates
@@ -118,7 +118,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
     """The tuning loop's knobs from ``config``; names a given ``minmax_lr`` that nothing will use."""
     default = config.default_spec()
     unused = config.iters and config.minmax_lr is not None and default is not None
-    if unused and not minmax_tuned(config.enable_minmax_tuning, config.disable_opt_rtn, default):
+    if unused and not tunes_minmax(config.enable_minmax_tuning, config.disable_opt_rtn, default):
         logger.warning(
             "minmax_lr=%g has no effect: the clipping of scheme %s stays where the start's search put it; "
             "pass enable_minmax_tuning=True to tune it",
@@ -323,7 +323,7 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         "gradient_accumulate_steps": config.gradient_accumulate_steps,
         "amp": config.amp,
         # what the tuning did (the reference's keys; its defaults True / False are left out of the file)
-        "enable_minmax_tuning": minmax_tuned(config.enable_minmax_tuning, config.disable_opt_rtn, default)
+        "enable_minmax_tuning": tunes_minmax(config.enable_minmax_tuning, config.disable_opt_rtn, default)
         if config.iters
         else None,
         "enable_norm_bias_tuning": config.enable_norm_bias_tuning if config.iters else None,

@@ -76,7 +76,7 @@ class TuneOptions:
     # the block's norm weights tuned with the rounding (the reference's enable_norm_bias_tuning; tuning/norms.py)
     enable_norm_bias_tuning: bool = True
     # the clipping factors alpha / beta tuned with the rounding (the reference's enable_minmax_tuning); None:
-    # everywhere but on GGUF grids (tunes_minmax)
+    # only where no search placed it (tunes_minmax)
     enable_minmax_tuning: bool | None = None
 
 
@@ -442,20 +442,14 @@ def _loop_dtype(options: TuneOptions, inputs: BlockInputs, targets: torch.Tensor
     return torch.bfloat16 if options.amp and fast_bf16(device) else None
 
 
-def tunes_minmax(options: TuneOptions, spec: LayerSpec) -> bool:
+def tunes_minmax(enable: bool | None, disable_opt_rtn: bool, spec: LayerSpec) -> bool:
     """Whether a layer's clipping factors ``alpha`` / ``beta`` move with its rounding.  By default only where no
     search placed them: a GGUF grid starts from llama.cpp's importance-weighted search of each sub-block's scale (and
     min), an integer grid from optimised RTN's activation-weighted search of each group's clipping, and moving those
     on the calibration text fitted it at the cost of other text, while the rounding offsets alone (with the norms)
     moved the model closer to the fp one (docs/benchmarks.md, "GGUF: what tuning moves" and "The clipping: kept
     where a search put it").  Plain-RTN starts (``disable_opt_rtn``) and the fp grids (full block ranges) tune it."""
-    return minmax_tuned(options.enable_minmax_tuning, options.disable_opt_rtn, spec)
-
-
-def minmax_tuned(enable: bool | None, disable_opt_rtn: bool, spec: LayerSpec) -> bool:
-    """:func:`tunes_minmax` from the user's ``enable_minmax_tuning`` and ``disable_opt_rtn`` alone (what a
-    checkpoint records about its run)."""
-    if enable is not None:
+    if enable is not None:  # the user's enable_minmax_tuning
         return enable
     if is_gguf(spec):
         return False
@@ -480,7 +474,7 @@ def _signsgd_loop(
     lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, min_bits)
     factors = []
     for tl in tunables.values():
-        tuned = tunes_minmax(options, tl.spec)
+        tuned = tunes_minmax(options.enable_minmax_tuning, options.disable_opt_rtn, tl.spec)
         tl.alpha.requires_grad_(tuned)  # frozen: no gradient computed for them either
         tl.beta.requires_grad_(tuned)
         factors += [tl.alpha, tl.beta] if tuned else []
