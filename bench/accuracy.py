@@ -70,11 +70,19 @@ for _bits in (4, 3, 2):
 # as the GGUF grids tune by default; over three calibration orders at W4 / W2.
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-no-minmax"] = {"bits": _bits, "iters": 50, "enable_minmax_tuning": False}
+    # the clipping tuned too (the reference's behaviour, and the default before the kept clipping was measured)
+    CONFIGS[f"signround-w{_bits}-minmax"] = {"bits": _bits, "iters": 50, "enable_minmax_tuning": True}
 for _seed in (43, 44):
     for _bits in (4, 2):
         CONFIGS[f"signround-w{_bits}-no-minmax-seed{_seed}"] = {
             "bits": _bits, "iters": 50, "enable_minmax_tuning": False, "seed": _seed,
         }  # fmt: skip
+# iters 200 with the clipping kept (the default since it was measured at iters 50); W2's automatic step 1.25e-3.
+for _bits in (4, 3, 2):
+    CONFIGS[f"signround-w{_bits}-iters200-no-minmax"] = {"bits": _bits, "iters": 200, "enable_minmax_tuning": False}
+    CONFIGS[f"signround-w{_bits}-iters200-no-minmax-lr1.25e-3"] = {
+        "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 1.25e-3,
+    }  # fmt: skip
 # quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp next-token distributions (iters 50).
 for _bits in (4, 2):
     CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
@@ -90,8 +98,9 @@ ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3") for b in (4, 3, 
 ORDER += [f"signround-w{b}-iters200{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w2-iters200{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
 ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]
-ORDER += [f"signround-w{b}-no-minmax" for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}{m}" for m in ("-no-minmax", "-minmax") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-no-minmax-seed{s}" for b in (4, 2) for s in (43, 44)]
+ORDER += [f"signround-w{b}-iters200-no-minmax{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
