@@ -83,10 +83,12 @@ for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-iters200-no-minmax-lr1.25e-3"] = {
         "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 1.25e-3,
     }  # fmt: skip
-# the quarter step at W4 over another calibration order (whether the total-movement rule holds beyond one)
-CONFIGS["signround-w4-iters200-no-minmax-lr1.25e-3-seed43"] = {
-    "bits": 4, "iters": 200, "enable_minmax_tuning": False, "lr": 1.25e-3, "seed": 43,
-}  # fmt: skip
+# W4 at both steps over other calibration orders (whether the quarter step's gain holds beyond one order)
+for _seed in (43, 44):
+    for _lr in ("", "-lr1.25e-3"):
+        CONFIGS[f"signround-w4-iters200-no-minmax{_lr}-seed{_seed}"] = {
+            **CONFIGS[f"signround-w4-iters200-no-minmax{_lr}"], "seed": _seed,
+        }  # fmt: skip
 # quant_lm_head: the head too, optimised RTN (iters 0) or tuned toward the fp next-token distributions (iters 50).
 for _bits in (4, 2):
     CONFIGS[f"optrtn-w{_bits}-head"] = {"bits": _bits, "iters": 0, "quant_lm_head": True}
@@ -105,7 +107,7 @@ ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}{m}" for m in ("-no-minmax", "-minmax") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-no-minmax-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"signround-w{b}-iters200-no-minmax{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
-ORDER += ["signround-w4-iters200-no-minmax-lr1.25e-3-seed43"]
+ORDER += [f"signround-w4-iters200-no-minmax{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
