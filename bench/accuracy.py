@@ -44,9 +44,11 @@ for _bits in (4, 3, 2):
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-lr2e-2"] = {"bits": _bits, "iters": 50, "lr": 2e-2}
     CONFIGS[f"signround-w{_bits}-lr2.5e-3"] = {"bits": _bits, "iters": 50, "lr": 2.5e-3}  # half the default step
-# The reference's default recipe length (iters 200; automatic lr 1/200 in both tools).
+    CONFIGS[f"signround-w{_bits}-lr1e-2"] = {"bits": _bits, "iters": 50, "lr": 1e-2}  # twice the default step
+# The reference's default recipe length (iters 200) at its step 1/200 = 5e-3 (the automatic step in both tools when
+# these rows were measured; ours is now min(5e-3, 0.25/iters) = 1.25e-3 at iters 200: the -lr1.25e-3 rows).
 for _bits in (4, 3, 2):
-    CONFIGS[f"signround-w{_bits}-iters200"] = {"bits": _bits, "iters": 200}
+    CONFIGS[f"signround-w{_bits}-iters200"] = {"bits": _bits, "iters": 200, "lr": 5e-3}
     # iters 200 at a quarter of the step: the same total movement of v as iters 50 at 5e-3, in smaller steps
     CONFIGS[f"signround-w{_bits}-iters200-lr1.25e-3"] = {"bits": _bits, "iters": 200, "lr": 1.25e-3}
 # Tuning entirely in float32 (amp off): a like-for-like time comparison with the reference's --no_amp run (W4),
@@ -61,7 +63,7 @@ for _seed in (43, 44):
 # W2 at iters 200 over calibration orders, at the automatic step and at a quarter of it: whether a smaller step for
 # long 2-bit runs holds beyond one seed.
 for _seed in (43, 44):
-    CONFIGS[f"signround-w2-iters200-seed{_seed}"] = {"bits": 2, "iters": 200, "seed": _seed}
+    CONFIGS[f"signround-w2-iters200-seed{_seed}"] = {"bits": 2, "iters": 200, "lr": 5e-3, "seed": _seed}
     CONFIGS[f"signround-w2-iters200-lr1.25e-3-seed{_seed}"] = {"bits": 2, "iters": 200, "lr": 1.25e-3, "seed": _seed}
 # Without tuning the blocks' norm weights (enable_norm_bias_tuning=False): the rounding and clipping alone.
 for _bits in (4, 3, 2):
@@ -77,9 +79,12 @@ for _seed in (43, 44):
         CONFIGS[f"signround-w{_bits}-no-minmax-seed{_seed}"] = {
             "bits": _bits, "iters": 50, "enable_minmax_tuning": False, "seed": _seed,
         }  # fmt: skip
-# iters 200 with the clipping kept (the default since it was measured at iters 50); W2's automatic step 1.25e-3.
+# iters 200 with the clipping kept (the default since it was measured at iters 50), at the automatic step of the
+# time: 1/200 at W4 / W3, 1.25e-3 at W2 (the -lr1.25e-3 rows: the automatic step at every width since).
 for _bits in (4, 3, 2):
-    CONFIGS[f"signround-w{_bits}-iters200-no-minmax"] = {"bits": _bits, "iters": 200, "enable_minmax_tuning": False}
+    CONFIGS[f"signround-w{_bits}-iters200-no-minmax"] = {
+        "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 5e-3 if _bits > 2 else 1.25e-3,
+    }  # fmt: skip
     CONFIGS[f"signround-w{_bits}-iters200-no-minmax-lr1.25e-3"] = {
         "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 1.25e-3,
     }  # fmt: skip
@@ -100,7 +105,7 @@ for _scheme in FP_SCHEMES:
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
 ORDER += ["signround-w4-fp32", "signround-w2-fp32"] + [f"signround-w{b}-seed{s}" for b in (4, 2) for s in (43, 44)]
-ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3") for b in (4, 3, 2)]
+ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3", "1e-2") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-iters200{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w2-iters200{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
 ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]

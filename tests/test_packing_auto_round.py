@@ -322,7 +322,7 @@ def test_bad_override_names_the_layer() -> None:
 def test_a_saved_checkpoint_records_the_learning_rates_the_run_used(
     stories_dir, shakespeare, tmp_path, lr, minmax_lr, expected
 ) -> None:
-    """The automatic lr is resolved (1/max(iters, 200) = 5e-3 at iters 3, not the reference's 1/iters) and
+    """The automatic lr is resolved (min(5e-3, 0.25/iters) = 5e-3 at iters 3, not the reference's 1/iters) and
     minmax_lr follows lr: a reader assuming the reference's defaults for missing keys would get them wrong."""
     ar = signround.AutoRound(
         str(stories_dir), bits=4, group_size=32, iters=3, lr=lr, minmax_lr=minmax_lr, nsamples=4, seqlen=32,

@@ -54,20 +54,20 @@ def test_signsgd_rejects_non_positive_lr(lr: float) -> None:
 @pytest.mark.parametrize(
     ("iters", "bits", "expected"),
     [
-        (200, 4, 1 / 200),
-        (200, 3, 1 / 200),  # 200 to 999 iterations: 1/iters from 3 bits up
-        (200, 2, 0.25 / 200),  # at 2 bits the total movement of 50 steps of 5e-3: 1.25e-3
+        (200, 4, 0.25 / 200),  # below 1000 iterations the total movement of 50 steps of 5e-3: 1.25e-3 at 200
+        (200, 3, 0.25 / 200),
+        (200, 2, 0.25 / 200),
         (100, 2, 0.25 / 100),
         (999, 2, 0.25 / 999),
-        (999, 3, 1 / 999),
-        (1000, 3, 2 / 1000),
+        (999, 4, 0.25 / 999),
+        (1000, 3, 2 / 1000),  # from 1000 iterations the reference's rules
         (1000, 2, 2 / 1000),
-        (1000, 4, 1 / 1000),  # long runs at 4+ bits keep 1/iters
+        (1000, 4, 1 / 1000),
         (5000, 8, 1 / 5000),
-        (50, 4, 1 / 200),  # short runs keep the 200-iteration step instead of growing it to 1/iters
+        (50, 4, 1 / 200),  # short runs keep 5e-3 instead of growing the step to 1/iters
         (50, 2, 1 / 200),  # (= 0.25 / 50: the two rules meet at 50 iterations)
         (10, 2, 1 / 200),
-        (199, 4, 1 / 200),
+        (199, 4, 0.25 / 199),
         (1, 4, 1 / 200),
         (0, 4, 0.0),
     ],

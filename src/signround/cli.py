@@ -106,7 +106,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr",
         type=float,
-        help="default: 1/max(iters, 200); at <= 2 bits min(5e-3, 0.25/iters); 2/iters from 1000 iters at <= 3 bits",
+        help="default: min(5e-3, 0.25/iters) below 1000 iters; from 1000: 1/iters, 2/iters at <= 3 bits",
     )
     p.add_argument("--minmax_lr", type=float, help="default: lr")
     p.add_argument("--nsamples", type=int)

@@ -32,30 +32,29 @@ class SignSGD(torch.optim.Optimizer):
         return None
 
 
-SHORT_RUN_ITERS = 200  # the reference's default recipe; shorter runs keep its step (1/200 = 5e-3)
-# At <= 2 bits a run moves the rounding offsets no further in total than 50 steps of 5e-3 do: lr = this / iters
-LOW_BIT_TOTAL_STEP = 0.25
+SHORT_RUN_ITERS = 200  # below this many iterations a run keeps the 200-iteration step 1/200 = 5e-3
+# Below 1000 iterations a run moves the rounding offsets no further in total than 50 steps of 5e-3: lr = this / iters
+TOTAL_STEP = 0.25
+LONG_RUN_ITERS = 1000  # from here on the reference's rules: 1/iters, 2/iters at <= 3 bits
 
 
 def default_lr(iters: int, bits: int) -> float:
-    """The automatic learning rate: ``1/max(iters, 200)``; at <= 2 bits ``min(5e-3, 0.25/iters)`` below 1000
-    iterations; ``2/iters`` for runs of 1000+ iterations at <= 3 bits.
+    """The automatic learning rate: ``min(5e-3, 0.25/iters)`` below 1000 iterations; from 1000 iterations
+    ``1/iters``, ``2/iters`` at <= 3 bits.
 
-    From 200 iterations up ``1/iters`` is the reference's rule.  Below, its ``1/iters`` grows the step as the run
-    shortens (2e-2 at 50), and the step is what hurts there: on SmolLM2 at iters 50 the reference's own light-recipe
-    step 5e-3 gives lower perplexity and KL than 2e-2 at W4, W3 and W2 alike, and better tuned GGUF files at every
-    type measured (docs/benchmarks.md, "Learning rate at iters 50" and the GGUF table).  So short runs keep the
-    200-iteration step instead of taking larger ones.  At 2 bits longer runs take smaller steps instead: W2G32 at
-    iters 200 with 1.25e-3 (the total movement of iters 50 at 5e-3) gave lower perplexity and KL than 5e-3 in
-    each of three measured runs, two CPUs and two calibration orders (docs/benchmarks.md, "iters 200").
+    The reference's ``1/iters`` grows the step as the run shortens (2e-2 at 50), and the step is what hurts there:
+    on SmolLM2 at iters 50 the reference's own light-recipe step 5e-3 gives lower perplexity and KL than 2e-2 at
+    W4, W3 and W2 alike, and better tuned GGUF files at every type measured (docs/benchmarks.md, "Learning rate at
+    iters 50").  So short runs keep 5e-3.  Longer runs take smaller steps, so that the whole schedule moves the
+    offsets as far as 50 steps of 5e-3 do (1.25e-3 at the default 200): more, smaller steps on the same calibration
+    tokens instead of four times the movement.  At iters 200 that gave lower perplexity and KL than 1/200 at W4,
+    W3 and W2 on SmolLM2 over several calibration orders (docs/benchmarks.md, "iters 200").
     """
     if iters <= 0:
         return 0.0
-    if iters >= 1000 and bits <= 3:
-        return 2.0 / iters
-    if bits <= 2:
-        return min(1.0 / SHORT_RUN_ITERS, LOW_BIT_TOTAL_STEP / iters)
-    return 1.0 / max(iters, SHORT_RUN_ITERS)
+    if iters >= LONG_RUN_ITERS:
+        return (2.0 if bits <= 3 else 1.0) / iters
+    return min(1.0 / SHORT_RUN_ITERS, TOTAL_STEP / iters)
 
 
 def learning_rates(lr: float | None, minmax_lr: float | None, iters: int, bits: int) -> tuple[float, float]:
