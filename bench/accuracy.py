@@ -91,6 +91,13 @@ for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-iters200-no-minmax-lr1.25e-3"] = {
         "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 1.25e-3,
     }  # fmt: skip
+# W2 at iters 200 at half the 5e-3 step: the total movement (0.5) that lr 1e-2 gives at iters 50
+CONFIGS["signround-w2-iters200-no-minmax-lr2.5e-3"] = {
+    "bits": 2,
+    "iters": 200,
+    "enable_minmax_tuning": False,
+    "lr": 2.5e-3,
+}
 # W4 at both steps over other calibration orders (whether the quarter step's gain holds beyond one order)
 for _seed in (43, 44):
     for _lr in ("", "-lr1.25e-3"):
@@ -117,6 +124,7 @@ ORDER += [f"signround-w{b}{m}" for m in ("-no-minmax", "-minmax") for b in (4, 3
 ORDER += [f"signround-w{b}-no-minmax-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"signround-w{b}-iters200-no-minmax{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w4-iters200-no-minmax{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
+ORDER += ["signround-w2-iters200-no-minmax-lr2.5e-3"]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
