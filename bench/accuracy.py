@@ -113,6 +113,11 @@ FP_SCHEMES = ("MXFP4", "MXFP8", "NVFP4")
 for _scheme in FP_SCHEMES:
     CONFIGS[f"rtn-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 0}
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
+# W2 rows at iters 50 without a given step ran at 5e-3, the automatic step until it became 1e-2 on the integer
+# grids at <= 2 bits (0.5 / max(iters, 50)); they keep it, and the default's W2 rows are the -lr1e-2 ones.
+for _cfg in CONFIGS.values():
+    if _cfg.get("bits") == 2 and _cfg.get("iters") == 50 and "lr" not in _cfg:
+        _cfg["lr"] = 5e-3
 ORDER = ["fp32"] + [f"{k}-w{b}" for b in (4, 3, 2) for k in ("rtn", "optrtn", "signround")]
 ORDER += ["signround-w4-fp32", "signround-w2-fp32"] + [f"signround-w{b}-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3", "1e-2") for b in (4, 3, 2)]

@@ -318,14 +318,18 @@ def test_bad_override_names_the_layer() -> None:
         get_packer(ZP).quantization_config(LayerSpec(), {"model.layers.0.mlp.up_proj": {"bits": 5}}, {})
 
 
-@pytest.mark.parametrize(("lr", "minmax_lr", "expected"), [(None, None, (5e-3, 5e-3)), (1e-2, None, (1e-2, 1e-2))])
+@pytest.mark.parametrize(
+    ("bits", "lr", "minmax_lr", "expected"),
+    [(4, None, None, (5e-3, 5e-3)), (4, 1e-2, None, (1e-2, 1e-2)), (2, None, None, (1e-2, 1e-2))],
+)
 def test_a_saved_checkpoint_records_the_learning_rates_the_run_used(
-    stories_dir, shakespeare, tmp_path, lr, minmax_lr, expected
+    stories_dir, shakespeare, tmp_path, bits, lr, minmax_lr, expected
 ) -> None:
-    """The automatic lr is resolved (min(5e-3, 0.25/iters) = 5e-3 at iters 3, not the reference's 1/iters) and
-    minmax_lr follows lr: a reader assuming the reference's defaults for missing keys would get them wrong."""
+    """The automatic lr is resolved (0.25 / max(iters, 50) = 5e-3 at iters 3, 0.5 / 50 at 2 bits; not the
+    reference's 1/iters) and minmax_lr follows lr: a reader assuming the reference's defaults for missing keys would
+    get them wrong."""
     ar = signround.AutoRound(
-        str(stories_dir), bits=4, group_size=32, iters=3, lr=lr, minmax_lr=minmax_lr, nsamples=4, seqlen=32,
+        str(stories_dir), bits=bits, group_size=32, iters=3, lr=lr, minmax_lr=minmax_lr, nsamples=4, seqlen=32,
         batch_size=2, dataset=str(shakespeare), dtype=torch.float32, show_progress=False,
     )  # fmt: skip
     out = ar.quantize_and_save(tmp_path / "out")

@@ -54,26 +54,33 @@ def test_signsgd_rejects_non_positive_lr(lr: float) -> None:
 @pytest.mark.parametrize(
     ("iters", "bits", "expected"),
     [
-        (200, 4, 0.25 / 200),  # below 1000 iterations the total movement of 50 steps of 5e-3: 1.25e-3 at 200
+        (200, 4, 0.25 / 200),  # below 1000 iterations a total movement of 0.25: 1.25e-3 at 200
         (200, 3, 0.25 / 200),
-        (200, 2, 0.25 / 200),
-        (100, 2, 0.25 / 100),
-        (999, 2, 0.25 / 999),
+        (200, 2, 0.5 / 200),  # at <= 2 bits 0.5: 2.5e-3 at 200
+        (100, 2, 0.5 / 100),
+        (999, 2, 0.5 / 999),
         (999, 4, 0.25 / 999),
         (1000, 3, 2 / 1000),  # from 1000 iterations the reference's rules
         (1000, 2, 2 / 1000),
         (1000, 4, 1 / 1000),
         (5000, 8, 1 / 5000),
-        (50, 4, 1 / 200),  # short runs keep 5e-3 instead of growing the step to 1/iters
-        (50, 2, 1 / 200),  # (= 0.25 / 50: the two rules meet at 50 iterations)
-        (10, 2, 1 / 200),
-        (199, 4, 0.25 / 199),
-        (1, 4, 1 / 200),
+        (50, 4, 5e-3),  # short runs keep the 50-iteration step instead of growing it to 1/iters
+        (50, 2, 1e-2),
+        (10, 2, 1e-2),
+        (10, 3, 5e-3),
+        (1, 4, 5e-3),
         (0, 4, 0.0),
     ],
 )
 def test_default_lr_rules(iters: int, bits: int, expected: float) -> None:
     assert default_lr(iters, bits) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_gguf_two_bit_type_keeps_the_common_movement() -> None:
+    """The doubled movement at <= 2 bits was measured on the integer grids only; gguf:q2_k keeps 0.25 / iters."""
+    assert default_lr(50, 2, "gguf:q2_k") == pytest.approx(5e-3)
+    assert default_lr(200, 2, "gguf:q2_k") == pytest.approx(1.25e-3)
+    assert default_lr(200, 2, "int") == pytest.approx(2.5e-3)
 
 
 def test_linear_decay_reaches_zero() -> None:

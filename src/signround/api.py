@@ -291,7 +291,7 @@ def _tuned_lrs(config: AutoRoundConfig) -> tuple[float | None, float | None]:
     without tuning, what was given."""
     if not config.iters:
         return config.lr, config.minmax_lr if config.minmax_lr is not None else config.lr
-    return learning_rates(config.lr, config.minmax_lr, config.iters, config.bits)
+    return learning_rates(config.lr, config.minmax_lr, config.iters, config.bits, config.data_type)
 
 
 def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, packer: Packer) -> None:

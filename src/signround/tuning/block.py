@@ -470,8 +470,8 @@ def _signsgd_loop(
     norms: dict[str, TunableNorm] | None = None,
 ) -> BlockResult:
     norms = norms or {}
-    min_bits = min(tl.spec.bits for tl in tunables.values())
-    lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, min_bits)
+    narrowest = min((tl.spec for tl in tunables.values()), key=lambda spec: spec.bits)
+    lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, narrowest.bits, narrowest.data_type)
     factors = []
     for tl in tunables.values():
         tuned = tunes_minmax(options.enable_minmax_tuning, options.disable_opt_rtn, tl.spec)

@@ -32,35 +32,42 @@ class SignSGD(torch.optim.Optimizer):
         return None
 
 
-SHORT_RUN_ITERS = 200  # below this many iterations a run keeps the 200-iteration step 1/200 = 5e-3
-# Below 1000 iterations a run moves the rounding offsets no further in total than 50 steps of 5e-3: lr = this / iters
-TOTAL_STEP = 0.25
+SHORT_RUN_ITERS = 50  # shorter runs take the 50-iteration step instead of growing it further
+# Below 1000 iterations the whole schedule moves the rounding offsets this far (lr = this / iters): 0.25, and 0.5 on
+# the integer grids at <= 2 bits (measured there; the GGUF 2-bit type keeps 0.25, where its rows were measured).
+TOTAL_MOVEMENT = 0.25
+LOW_BIT_TOTAL_MOVEMENT = 0.5
 LONG_RUN_ITERS = 1000  # from here on the reference's rules: 1/iters, 2/iters at <= 3 bits
 
 
-def default_lr(iters: int, bits: int) -> float:
-    """The automatic learning rate: ``min(5e-3, 0.25/iters)`` below 1000 iterations; from 1000 iterations
-    ``1/iters``, ``2/iters`` at <= 3 bits.
+def default_lr(iters: int, bits: int, data_type: str = "int") -> float:
+    """The automatic learning rate below 1000 iterations: ``0.25 / max(iters, 50)`` (5e-3 at iters 50, 1.25e-3 at
+    the default 200), on the integer grids at <= 2 bits ``0.5 / max(iters, 50)`` (1e-2, 2.5e-3); from 1000
+    iterations ``1/iters``, ``2/iters`` at <= 3 bits.
 
     The reference's ``1/iters`` grows the step as the run shortens (2e-2 at 50), and the step is what hurts there:
     on SmolLM2 at iters 50 the reference's own light-recipe step 5e-3 gives lower perplexity and KL than 2e-2 at
-    W4, W3 and W2 alike, and better tuned GGUF files at every type measured (docs/benchmarks.md, "Learning rate at
-    iters 50").  So short runs keep 5e-3.  Longer runs take smaller steps, so that the whole schedule moves the
-    offsets as far as 50 steps of 5e-3 do (1.25e-3 at the default 200): more, smaller steps on the same calibration
-    tokens instead of four times the movement.  At iters 200 that gave lower perplexity and KL than 1/200 at W4,
-    W3 and W2 on SmolLM2 over several calibration orders (docs/benchmarks.md, "iters 200").
-    """
+    W4 and W3, and better tuned GGUF files at every type measured (docs/benchmarks.md, "Learning rate at iters
+    50").  Longer runs take smaller steps, so that the whole schedule moves the offsets as far as 50 steps do: more,
+    smaller steps on the same calibration tokens instead of more movement.  At iters 200 that gave lower perplexity
+    and KL than 1/200 at W4 and W3 over several calibration orders (docs/benchmarks.md, "iters 200").  At 2 bits,
+    on the integer grids with the clipping kept at its searched start, twice that movement measured better: iters 50
+    at 1e-2 against 5e-3 lowered perplexity and KL over three calibration orders, and iters 200 at 2.5e-3 was level
+    with 1.25e-3 (docs/benchmarks.md, "Learning rate at iters 50")."""
     if iters <= 0:
         return 0.0
     if iters >= LONG_RUN_ITERS:
         return (2.0 if bits <= 3 else 1.0) / iters
-    return min(1.0 / SHORT_RUN_ITERS, TOTAL_STEP / iters)
+    total = LOW_BIT_TOTAL_MOVEMENT if bits <= 2 and data_type == "int" else TOTAL_MOVEMENT
+    return total / max(iters, SHORT_RUN_ITERS)
 
 
-def learning_rates(lr: float | None, minmax_lr: float | None, iters: int, bits: int) -> tuple[float, float]:
+def learning_rates(
+    lr: float | None, minmax_lr: float | None, iters: int, bits: int, data_type: str = "int"
+) -> tuple[float, float]:
     """``(lr, minmax_lr)`` as a run uses them: an unset ``lr`` is :func:`default_lr`, an unset ``minmax_lr`` is
     ``lr``.  One rule for the tuning loop and for what a checkpoint records about the run."""
-    lr = lr if lr is not None else default_lr(iters, bits)
+    lr = lr if lr is not None else default_lr(iters, bits, data_type)
     return lr, (minmax_lr if minmax_lr is not None else lr)
 
 
