@@ -106,7 +106,8 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr",
         type=float,
-        help="default: min(5e-3, 0.25/iters) below 1000 iters; from 1000: 1/iters, 2/iters at <= 3 bits",
+        help="default below 1000 iters: 0.25/max(iters, 50), 0.5/max(iters, 50) for int <= 2 bits; from 1000: "
+        "1/iters, 2/iters at <= 3 bits",
     )
     p.add_argument("--minmax_lr", type=float, help="default: lr")
     p.add_argument("--nsamples", type=int)

@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 QUANT_METHOD = "auto-round"
 DEFAULT_DATASET = "NeelNanda/pile-10k"
 
-# The reference's recipes (user guide, "各配置方案详细参数"); lr None = automatic (min(5e-3, 0.25/iters) below 1000
-# iterations, see tuning.signsgd.default_lr).
+# The reference's recipes (user guide, "各配置方案详细参数"); lr None = automatic (0.25 / max(iters, 50) below 1000
+# iterations, twice that for int <= 2 bits; see tuning.signsgd.default_lr).
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {"batch_size": 8, "iters": 200, "seqlen": 2048, "nsamples": 128, "lr": None},
     "best": {"batch_size": 8, "iters": 1000, "seqlen": 2048, "nsamples": 512, "lr": None},
