@@ -44,9 +44,9 @@ for _bits in (4, 3, 2):
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-lr2e-2"] = {"bits": _bits, "iters": 50, "lr": 2e-2}
     CONFIGS[f"signround-w{_bits}-lr2.5e-3"] = {"bits": _bits, "iters": 50, "lr": 2.5e-3}  # half the default step
-    CONFIGS[f"signround-w{_bits}-lr1e-2"] = {"bits": _bits, "iters": 50, "lr": 1e-2}  # twice the default step
+    CONFIGS[f"signround-w{_bits}-lr1e-2"] = {"bits": _bits, "iters": 50, "lr": 1e-2}  # twice 5e-3 (W2's default)
 # The reference's default recipe length (iters 200) at its step 1/200 = 5e-3 (the automatic step in both tools when
-# these rows were measured; ours is now min(5e-3, 0.25/iters) = 1.25e-3 at iters 200: the -lr1.25e-3 rows).
+# these rows were measured; ours is now 0.25 / max(iters, 50) = 1.25e-3 at iters 200: the -lr1.25e-3 rows).
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-iters200"] = {"bits": _bits, "iters": 200, "lr": 5e-3}
     # iters 200 at a quarter of the step: the same total movement of v as iters 50 at 5e-3, in smaller steps
@@ -83,7 +83,7 @@ for _seed in (43, 44):
             "bits": _bits, "iters": 50, "enable_minmax_tuning": False, "seed": _seed,
         }  # fmt: skip
 # iters 200 with the clipping kept (the default since it was measured at iters 50), at the automatic step of the
-# time: 1/200 at W4 / W3, 1.25e-3 at W2 (the -lr1.25e-3 rows: the automatic step at every width since).
+# time: 1/200 at W4 / W3, 1.25e-3 at W2 (now automatic: 1.25e-3 at W4 / W3, the -lr1.25e-3 rows; 2.5e-3 at W2).
 for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-iters200-no-minmax"] = {
         "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 5e-3 if _bits > 2 else 1.25e-3,
@@ -93,11 +93,8 @@ for _bits in (4, 3, 2):
     }  # fmt: skip
 # W2 at iters 200 at half the 5e-3 step: the total movement (0.5) that lr 1e-2 gives at iters 50
 CONFIGS["signround-w2-iters200-no-minmax-lr2.5e-3"] = {
-    "bits": 2,
-    "iters": 200,
-    "enable_minmax_tuning": False,
-    "lr": 2.5e-3,
-}
+    "bits": 2, "iters": 200, "enable_minmax_tuning": False, "lr": 2.5e-3,
+}  # fmt: skip
 # W4 at both steps over other calibration orders (whether the quarter step's gain holds beyond one order)
 for _seed in (43, 44):
     for _lr in ("", "-lr1.25e-3"):
