@@ -60,9 +60,11 @@ CONFIGS["signround-w2-fp32"] = {"bits": 2, "iters": 50, "amp": False}
 for _seed in (43, 44):
     for _bits in (4, 2):
         CONFIGS[f"signround-w{_bits}-seed{_seed}"] = {"bits": _bits, "iters": 50, "seed": _seed}
-# W2 at iters 50 at twice the step over other calibration orders (whether 1e-2's gain with the clipping kept holds).
+# W2 / W4 at iters 50 at twice the step over other calibration orders (whether 1e-2's gain with the clipping kept
+# holds beyond one order).
 for _seed in (43, 44):
-    CONFIGS[f"signround-w2-lr1e-2-seed{_seed}"] = {"bits": 2, "iters": 50, "lr": 1e-2, "seed": _seed}
+    for _bits in (4, 2):
+        CONFIGS[f"signround-w{_bits}-lr1e-2-seed{_seed}"] = {"bits": _bits, "iters": 50, "lr": 1e-2, "seed": _seed}
 # W2 at iters 200 over calibration orders, at the automatic step and at a quarter of it: whether a smaller step for
 # long 2-bit runs holds beyond one seed.
 for _seed in (43, 44):
@@ -91,10 +93,11 @@ for _bits in (4, 3, 2):
     CONFIGS[f"signround-w{_bits}-iters200-no-minmax-lr1.25e-3"] = {
         "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 1.25e-3,
     }  # fmt: skip
-# W2 at iters 200 at half the 5e-3 step: the total movement (0.5) that lr 1e-2 gives at iters 50
-CONFIGS["signround-w2-iters200-no-minmax-lr2.5e-3"] = {
-    "bits": 2, "iters": 200, "enable_minmax_tuning": False, "lr": 2.5e-3,
-}  # fmt: skip
+# iters 200 at half the 5e-3 step: the total movement (0.5) that lr 1e-2 gives at iters 50
+for _bits in (4, 3, 2):
+    CONFIGS[f"signround-w{_bits}-iters200-no-minmax-lr2.5e-3"] = {
+        "bits": _bits, "iters": 200, "enable_minmax_tuning": False, "lr": 2.5e-3,
+    }  # fmt: skip
 # W4 at both steps over other calibration orders (whether the quarter step's gain holds beyond one order)
 for _seed in (43, 44):
     for _lr in ("", "-lr1.25e-3"):
@@ -120,13 +123,13 @@ ORDER += ["signround-w4-fp32", "signround-w2-fp32"] + [f"signround-w{b}-seed{s}"
 ORDER += [f"signround-w{b}-lr{lr}" for lr in ("2e-2", "2.5e-3", "1e-2") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-iters200{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w2-iters200{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
-ORDER += [f"signround-w2-lr1e-2-seed{s}" for s in (43, 44)]
+ORDER += [f"signround-w{b}-lr1e-2-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"signround-w{b}-no-norms" for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}{m}" for m in ("-no-minmax", "-minmax") for b in (4, 3, 2)]
 ORDER += [f"signround-w{b}-no-minmax-seed{s}" for b in (4, 2) for s in (43, 44)]
 ORDER += [f"signround-w{b}-iters200-no-minmax{lr}" for lr in ("", "-lr1.25e-3") for b in (4, 3, 2)]
 ORDER += [f"signround-w4-iters200-no-minmax{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
-ORDER += ["signround-w2-iters200-no-minmax-lr2.5e-3"]
+ORDER += [f"signround-w{b}-iters200-no-minmax-lr2.5e-3" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
 ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
 
