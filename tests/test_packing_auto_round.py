@@ -335,3 +335,28 @@ def test_a_saved_checkpoint_records_the_learning_rates_the_run_used(
     out = ar.quantize_and_save(tmp_path / "out")
     qc = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
     assert (qc["lr"], qc["minmax_lr"]) == pytest.approx(expected)
+
+
+def test_a_mixed_width_run_tunes_every_block_at_the_step_it_records(stories_dir, shakespeare, tmp_path) -> None:
+    """With one 2-bit layer in block 0 of a 4-bit run, the automatic step is the 2-bit one (0.5 / 50 at iters 3)
+    for every block, and the checkpoint records it: the later, all-4-bit blocks tune exactly as at an explicit
+    lr=1e-2 and not as at 5e-3 (the 4-bit step a per-block rule would give them)."""
+
+    def tuned(lr: float | None) -> tuple[signround.AutoRound, dict[str, torch.Tensor]]:
+        ar = signround.AutoRound(
+            str(stories_dir), bits=4, group_size=32, iters=3, lr=lr, nsamples=4, seqlen=32, batch_size=2,
+            dataset=str(shakespeare), dtype=torch.float32, show_progress=False,
+            layer_config={"model.layers.0.self_attn.o_proj": {"bits": 2}}, low_cpu_mem_usage=False,
+        )  # fmt: skip
+        ar.quantize()
+        return ar, {name: q.codes.clone() for name, q in ar.result.report.quantized.items()}
+
+    automatic, codes = tuned(None)
+    automatic.save_quantized(tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert (qc["lr"], qc["minmax_lr"]) == pytest.approx((1e-2, 1e-2))
+    later = [name for name in codes if not name.startswith("model.layers.0.")]
+    assert later, "the test needs blocks after the mixed one"
+    same, four_bit = tuned(1e-2)[1], tuned(5e-3)[1]
+    assert all(torch.equal(codes[name], same[name]) for name in codes)
+    assert any(not torch.equal(codes[name], four_bit[name]) for name in later)

@@ -34,7 +34,7 @@ from .schemes import LayerSpec, QuantPlan, SkippedLayer, resolve_plan
 from .tuning.block import TuneOptions, tunes_minmax
 from .tuning.engine import TuneReport, rtn_only
 from .tuning.engine import run as run_tuning
-from .tuning.signsgd import learning_rates
+from .tuning.signsgd import run_learning_rates
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def quantize_model(
     if not plan.layers:
         return QuantizationResult(plan, TuneReport())
     options = tune_options(config, show_progress)
+    options.lr, options.minmax_lr = _tuned_lrs(config, plan)  # one step for every block, the one recorded
     if config.iters == 0 and config.disable_opt_rtn:  # plain RTN needs no calibration data
         report = rtn_only(model, plan, options)
         offload.settle(model)
@@ -286,12 +287,12 @@ def pack_model(
     return packer
 
 
-def _tuned_lrs(config: AutoRoundConfig) -> tuple[float | None, float | None]:
-    """``(lr, minmax_lr)`` the run used (the automatic ones resolved), so the checkpoint records what happened;
-    without tuning, what was given."""
-    if not config.iters:
+def _tuned_lrs(config: AutoRoundConfig, plan: QuantPlan) -> tuple[float | None, float | None]:
+    """``(lr, minmax_lr)`` the run uses (the automatic ones resolved from the narrowest layer ``plan``
+    quantizes), for the tuning loop and for what the checkpoint records; without tuning, what was given."""
+    if not config.iters or not plan.layers:
         return config.lr, config.minmax_lr if config.minmax_lr is not None else config.lr
-    return learning_rates(config.lr, config.minmax_lr, config.iters, config.bits, config.data_type)
+    return run_learning_rates(config.lr, config.minmax_lr, config.iters, plan.layers.values())
 
 
 def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, packer: Packer) -> None:
@@ -312,7 +313,7 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         on_disk = checkpoint_name(model, name)
         if on_disk != name:
             overrides.setdefault(on_disk, overrides[name])
-    lr, minmax_lr = _tuned_lrs(config)
+    lr, minmax_lr = _tuned_lrs(config, plan)
     extra = {
         "iters": config.iters,
         "lr": lr,
@@ -581,7 +582,7 @@ class AutoRound:
         dataset = c.dataset if isinstance(c.dataset, str) else "custom"
         tuning = {
             "scheme": c.scheme, "bits": c.bits, "group_size": c.group_size, "sym": c.sym, "iters": c.iters,
-            "lr": _tuned_lrs(c)[0], "nsamples": c.nsamples,
+            "lr": _tuned_lrs(c, self.result.plan)[0] if self.result else c.lr, "nsamples": c.nsamples,
             "seqlen": c.seqlen, "batch_size": c.batch_size, "calibration dataset": dataset, "format": format_name,
             "quantized layers": self.result.report.layer_count if self.result else None,
         }  # fmt: skip

@@ -107,7 +107,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         help="default below 1000 iters: 0.25/max(iters, 50), 0.5/max(iters, 50) for int <= 2 bits; from 1000: "
-        "1/iters, 2/iters at <= 3 bits",
+        "1/iters, 2/iters at <= 3 bits; the bits of the run's narrowest layer",
     )
     p.add_argument("--minmax_lr", type=float, help="default: lr")
     p.add_argument("--nsamples", type=int)

@@ -41,7 +41,7 @@ from .gguf_linear import GGUFTunableLinear
 from .inputs import BlockInputs
 from .norms import TunableNorm, norm_modules
 from .objectives import RELATIVE_MSE, Objective
-from .signsgd import SignSGD, learning_rates, linear_decay
+from .signsgd import SignSGD, linear_decay, run_learning_rates
 from .tunable import KeptResult, TunableParameters
 
 logger = logging.getLogger(__name__)
@@ -470,8 +470,9 @@ def _signsgd_loop(
     norms: dict[str, TunableNorm] | None = None,
 ) -> BlockResult:
     norms = norms or {}
-    narrowest = min((tl.spec for tl in tunables.values()), key=lambda spec: spec.bits)
-    lr, minmax_lr = learning_rates(options.lr, options.minmax_lr, options.iters, narrowest.bits, narrowest.data_type)
+    # the run's step, resolved by the caller from every layer it quantizes; this block's own layers otherwise
+    specs = [tl.spec for tl in tunables.values()]
+    lr, minmax_lr = run_learning_rates(options.lr, options.minmax_lr, options.iters, specs)
     factors = []
     for tl in tunables.values():
         tuned = tunes_minmax(options.enable_minmax_tuning, options.disable_opt_rtn, tl.spec)

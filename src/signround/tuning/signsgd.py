@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -69,6 +70,22 @@ def learning_rates(
     ``lr``.  One rule for the tuning loop and for what a checkpoint records about the run."""
     lr = lr if lr is not None else default_lr(iters, bits, data_type)
     return lr, (minmax_lr if minmax_lr is not None else lr)
+
+
+def run_learning_rates(
+    lr: float | None, minmax_lr: float | None, iters: int, specs: Iterable[Any]
+) -> tuple[float, float]:
+    """:func:`learning_rates` for a run whose layers have the quantization ``specs`` (``bits`` / ``data_type``):
+    the automatic step of its narrowest layer, for every block.
+
+    One step per run, as the reference takes, so the step a checkpoint records is the step every block moved by;
+    a 4-bit run with some 2-bit layers takes the 2-bit step, which at 4 bits measured level in perplexity and lower
+    in KL (docs/benchmarks.md, "Learning rate at iters 50").  At equal width an integer layer counts as narrower
+    than a GGUF one (its larger step)."""
+    narrowest = min(specs, key=lambda spec: (spec.bits, spec.data_type != "int"), default=None)
+    if narrowest is None:
+        raise ValueError("no quantized layer to take the learning rate from")
+    return learning_rates(lr, minmax_lr, iters, narrowest.bits, narrowest.data_type)
 
 
 def linear_decay(optimizer: torch.optim.Optimizer, iters: int) -> torch.optim.lr_scheduler.LambdaLR:
