@@ -113,6 +113,8 @@ FP_SCHEMES = ("MXFP4", "MXFP8", "NVFP4")
 for _scheme in FP_SCHEMES:
     CONFIGS[f"rtn-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 0}
     CONFIGS[f"signround-{_scheme.lower()}"] = {"scheme": _scheme, "iters": 50}
+    # the default recipe length at the automatic step (1.25e-3 there)
+    CONFIGS[f"signround-{_scheme.lower()}-iters200"] = {"scheme": _scheme, "iters": 200}
 # W2 rows at iters 50 without a given step ran at 5e-3, the automatic step until it became 1e-2 on the integer
 # grids at <= 2 bits (0.5 / max(iters, 50)); they keep it, and the default's W2 rows are the -lr1e-2 ones.
 for _cfg in CONFIGS.values():
@@ -131,7 +133,9 @@ ORDER += [f"signround-w{b}-iters200-no-minmax{lr}" for lr in ("", "-lr1.25e-3") 
 ORDER += [f"signround-w4-iters200-no-minmax{lr}-seed{s}" for s in (43, 44) for lr in ("", "-lr1.25e-3")]
 ORDER += [f"signround-w{b}-iters200-no-minmax-lr2.5e-3" for b in (4, 3, 2)]
 ORDER += [f"{k}-w{b}-head" for b in (4, 2) for k in ("optrtn", "signround")]
-ORDER += [f"{k}-{s.lower()}" for s in FP_SCHEMES for k in ("rtn", "signround")]
+ORDER += [
+    f"{k}-{s.lower()}{i}" for s in FP_SCHEMES for k, i in (("rtn", ""), ("signround", ""), ("signround", "-iters200"))
+]
 
 
 def _peak_rss_mb() -> float:
