@@ -63,20 +63,12 @@ def default_lr(iters: int, bits: int, data_type: str = "int") -> float:
     return total / max(iters, SHORT_RUN_ITERS)
 
 
-def learning_rates(
-    lr: float | None, minmax_lr: float | None, iters: int, bits: int, data_type: str = "int"
-) -> tuple[float, float]:
-    """``(lr, minmax_lr)`` as a run uses them: an unset ``lr`` is :func:`default_lr`, an unset ``minmax_lr`` is
-    ``lr``.  One rule for the tuning loop and for what a checkpoint records about the run."""
-    lr = lr if lr is not None else default_lr(iters, bits, data_type)
-    return lr, (minmax_lr if minmax_lr is not None else lr)
-
-
 def run_learning_rates(
     lr: float | None, minmax_lr: float | None, iters: int, specs: Iterable[Any]
 ) -> tuple[float, float]:
-    """:func:`learning_rates` for a run whose layers have the quantization ``specs`` (``bits`` / ``data_type``):
-    the automatic step of its narrowest layer, for every block.
+    """``(lr, minmax_lr)`` as a run whose layers have the quantization ``specs`` (``bits`` / ``data_type``) uses
+    them: an unset ``lr`` is :func:`default_lr` of its narrowest layer, for every block; an unset ``minmax_lr`` is
+    ``lr``.
 
     One step per run, as the reference takes, so the step a checkpoint records is the step every block moved by;
     a 4-bit run with some 2-bit layers takes the 2-bit step, which at 4 bits measured level in perplexity and lower
@@ -85,7 +77,8 @@ def run_learning_rates(
     narrowest = min(specs, key=lambda spec: (spec.bits, spec.data_type != "int"), default=None)
     if narrowest is None:
         raise ValueError("no quantized layer to take the learning rate from")
-    return learning_rates(lr, minmax_lr, iters, narrowest.bits, narrowest.data_type)
+    lr = lr if lr is not None else default_lr(iters, narrowest.bits, narrowest.data_type)
+    return lr, (minmax_lr if minmax_lr is not None else lr)
 
 
 def linear_decay(optimizer: torch.optim.Optimizer, iters: int) -> torch.optim.lr_scheduler.LambdaLR:
