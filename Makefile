@@ -100,7 +100,8 @@ venv-llama: .venv-llama/.installed
 	.venv-llama/bin/python -c "import llama_cpp, gguf; print('llama-cpp-python', llama_cpp.__version__)"
 	touch $@
 
-# Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py (never a signround dependency).
+# Intel's auto-round 0.16.1 in its own venv, for bench/reference_autoround.py and bench/gguf_reference.py (gguf and
+# sentencepiece: its GGUF export); never a signround dependency.
 # torch is pinned on every pip line so pip never swaps in another build; transformers as in .venv.
 venv-ref: .venv-ref/.installed
 
@@ -108,7 +109,7 @@ venv-ref: .venv-ref/.installed
 	test -x .venv-ref/bin/python || $(PY) -m venv .venv-ref
 	.venv-ref/bin/python -m pip install -q --upgrade pip
 	.venv-ref/bin/python -m pip install -q "$(TORCH_PIN)"
-	.venv-ref/bin/python -m pip install -q "$(TORCH_PIN)" auto-round==0.16.1 transformers==5.24.0
+	.venv-ref/bin/python -m pip install -q "$(TORCH_PIN)" auto-round==0.16.1 transformers==5.24.0 gguf==0.19.0 sentencepiece==0.2.3
 	.venv-ref/bin/python -m pip check
 	.venv-ref/bin/python -c "import torch, transformers, auto_round; from auto_round import AutoRound; \
 		print('torch', torch.__version__, 'transformers', transformers.__version__, 'auto-round', auto_round.__version__)"

@@ -8,7 +8,10 @@
 * ``--ref``: float16 ``[n, L, vocab]`` log-probs of the fp32 Hugging Face model on the same windows, memmapped and
   read one window at a time;
 * ppl = exp(mean NLL of tokens 1..L-1 of every window); kl = mean over all ``n * L`` positions of
-  KL(p_fp || p_gguf), as bench/accuracy.py computes them;
+  KL(p_fp || p_gguf), as bench/accuracy.py computes them; ``entropy`` / ``ref_entropy``: the mean entropy (nats)
+  of the file's / the fp32 model's next-token distributions over the same positions (a file flatter than fp32 shows
+  a higher one: on a text where fp32 is over-confident, flatter can mean a lower ppl at a higher KL);
+  ``window_nll``: each window's summed NLL, so two files' ppl can be compared window by window (paired);
 * ``--check-text TEXT IDS``: tokenizes TEXT with llama.cpp's tokenizer (no BOS, special tokens not parsed, as the
   Hugging Face tokenizer does for these texts) and compares with the 1-D ids IDS; reports the outcome.
 """
@@ -80,21 +83,28 @@ def main() -> None:
     checks = [_check_tokens(llm, text, ids) for text, ids in args.check_text]
     memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
     nll, count, kl_sum, kl_count = 0.0, 0, 0.0, 0
+    entropy, ref_entropy, window_nll = 0.0, 0.0, []
     start = time.perf_counter()
     for w in range(n):
         llm.reset()
         llama_cpp.llama_memory_clear(memory, True)  # a fresh KV cache for every window
         llm.eval(wins[w].tolist())
         logq = _log_softmax(np.array(llm.scores[:length], dtype=np.float64))
-        nll -= float(logq[np.arange(length - 1), wins[w, 1:]].sum())
+        window_nll.append(-float(logq[np.arange(length - 1), wins[w, 1:]].sum()))
+        nll += window_nll[-1]
         count += length - 1
         r = np.asarray(ref[w], dtype=np.float64)
         kl_sum += float((np.exp(r) * (r - logq)).sum())
+        entropy -= float((np.exp(logq) * logq).sum())
+        ref_entropy -= float((np.exp(r) * r).sum())
         kl_count += length
     seconds = time.perf_counter() - start
     result = {
         "ppl": float(np.exp(nll / count)),
         "kl": kl_sum / kl_count,
+        "entropy": entropy / kl_count,
+        "ref_entropy": ref_entropy / kl_count,
+        "window_nll": window_nll,
         "n_windows": int(n),
         "window": int(length),
         "n_vocab": int(llm.n_vocab()),

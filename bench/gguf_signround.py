@@ -65,7 +65,8 @@ def heldout_wikitext(model_dir: Path, work: Path) -> Path:
     return path
 
 
-def _override(item: str) -> tuple[str, object]:
+def parse_override(item: str) -> tuple[str, object]:
+    """``--set KEY=VALUE``: the value as a Python literal where it is one, else the string."""
     key, sep, value = item.partition("=")
     if not sep:
         raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
@@ -92,7 +93,7 @@ def main() -> None:
         help="further AutoRound arguments, e.g. enable_norm_bias_tuning=False (Python literals; recorded in the row)",
     )  # fmt: skip
     args = parser.parse_args()
-    overrides = dict(_override(item) for item in args.set)
+    overrides = dict(parse_override(item) for item in args.set)
     torch.set_num_threads(args.threads)
     model_dir = cached_model_path("smollm2-135m")
     bench = Bench(args.work, args.threads)
@@ -133,6 +134,7 @@ def main() -> None:
                 **({"overrides": recorded} if overrides else {}),
                 "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
+                **{key: scored[key] for key in ("entropy", "ref_entropy", "window_nll") if key in scored},
                 "tokens_match": scored.get("tokens_match", scored.get("checks")),
                 "blocks_improved": sum(final < first for first, final in losses), "blocks": len(losses),
                 "quantize_seconds": round(seconds, 1), "cpu": cpu_info(),
