@@ -89,6 +89,11 @@ def main() -> None:
         help="calibration text (default: the accuracy protocol's); wikitext-heldout: see above",
     )  # fmt: skip
     parser.add_argument(
+        "--concat", action="store_true",
+        help="join the calibration text into one token stream cut in consecutive chunks (dataset ':concat=True'), "
+        "so --set nsamples=N can take more samples than the text's long-enough paragraphs (106 for tinyshakespeare)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE",
         help="further AutoRound arguments, e.g. enable_norm_bias_tuning=False (Python literals; recorded in the row)",
     )  # fmt: skip
@@ -105,7 +110,10 @@ def main() -> None:
         for iters in args.iters:
             lr = (args.lr if args.lr is not None else default_lr(iters, 4)) if iters else None  # < 1000 iters: any bits
             recorded = {key: repr(value) for key, value in overrides.items()}
-            measured = {"commit": commit, "type": type_name, "iters": iters, "lr": lr, "calibration": calib.name}
+            dataset, calibration = (
+                (f"{calib}:concat=True", f"{calib.name}:concat=True") if args.concat else (str(calib), calib.name)
+            )
+            measured = {"commit": commit, "type": type_name, "iters": iters, "lr": lr, "calibration": calibration}
             key = _key({**measured, **({"overrides": recorded} if recorded else {})})
             if commit and not commit.endswith("+") and key in done:
                 print(f"skip {type_name} iters={iters}: already in {args.out} for {commit}")
@@ -113,11 +121,11 @@ def main() -> None:
             start = time.perf_counter()
             protocol = {"nsamples": CALIB_N, "seqlen": CALIB_SEQLEN, "batch_size": 8}  # --set may change these
             ar = signround.AutoRound(
-                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, dataset=str(calib),
+                str(model_dir), format=f"gguf:{type_name.lower()}", iters=iters, lr=args.lr, dataset=dataset,
                 dtype=torch.float32, show_progress=False, **{**protocol, **overrides},
             )  # fmt: skip
             tag = f"iters{iters}" + (f"-lr{args.lr:g}" if args.lr is not None and iters else "")
-            tag += "" if calib == CALIB else f"-{args.calib}"
+            tag += ("" if calib == CALIB else f"-{args.calib}") + ("-concat" if args.concat else "")
             tag += "".join(f"-{key}={value}" for key, value in overrides.items())
             out_dir = args.work / f"signround-{type_name}-{tag}"
             ar.quantize_and_save(out_dir)
@@ -130,7 +138,7 @@ def main() -> None:
             losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
             row = {
                 "tool": f"signround {signround.__version__}" if hasattr(signround, "__version__") else "signround",
-                "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "calibration": calib.name,
+                "model": MODEL, "type": type_name, "iters": iters, "lr": lr, "calibration": calibration,
                 **({"overrides": recorded} if overrides else {}),
                 "file_bytes": path.stat().st_size,
                 "ppl": scored["ppl"], "kl": scored["kl"], "n_windows": scored.get("n_windows"),
