@@ -60,6 +60,11 @@ def main() -> None:
         help="enable_minmax_tuning: auto (the default: clipping kept where a search placed it), on, off",
     )  # fmt: skip
     p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument(
+        "--fp-inputs", action="store_true",
+        help="enable_quanted_input=False: every block tuned on the fp model's inputs (the reference's "
+        "disable_quanted_input)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -76,6 +81,7 @@ def main() -> None:
         dataset=chunk_token_ids(ids, 256, args.nsamples), nsamples=args.nsamples, seqlen=256, batch_size=8,
         show_progress=False, layer_config=layer_config, low_cpu_mem_usage=False,
         enable_minmax_tuning={"auto": None, "on": True, "off": False}[args.minmax],
+        enable_quanted_input=not args.fp_inputs,
     )  # fmt: skip
     start = time.perf_counter()
     ar.quantize()
@@ -84,7 +90,8 @@ def main() -> None:
     losses = [(first, final) for first, final in ar.result.report.block_losses if first is not None]
     row = {
         "grid": "int4-g32-sym" if args.int else args.type, "blocks": args.blocks, "iters": args.iters,
-        "lr": args.lr, "minmax_lr": args.minmax_lr, "minmax": args.minmax, "nsamples": args.nsamples, "ppl": round(ppl, 3),
+        "lr": args.lr, "minmax_lr": args.minmax_lr, "minmax": args.minmax, "nsamples": args.nsamples,
+        **({"quanted_input": False} if args.fp_inputs else {}), "ppl": round(ppl, 3),
         "kl": round(kl, 5), "held_out_shakespeare_ppl": round(_held_out_ppl(ar.model, ids), 3),
         "seconds": round(seconds, 1), "block_losses": [(round(a, 6), round(b, 6)) for a, b in losses],
         "commit": checkout_commit(), "command": " ".join(sys.argv),

@@ -61,6 +61,16 @@ def test_norm_tuning_is_on_unless_disabled() -> None:
         AutoRoundConfig(bits=4, enable_norm_bias_tuning="yes")
 
 
+def test_quantized_inputs_are_on_unless_disabled() -> None:
+    from signround.config import AutoRoundConfig
+
+    assert "enable_quanted_input" not in _kwargs()
+    assert AutoRoundConfig(bits=4).enable_quanted_input is True
+    assert _kwargs("--disable_quanted_input") == {"enable_quanted_input": False}
+    with pytest.raises(ValueError, match="enable_quanted_input must be True or False"):
+        AutoRoundConfig(bits=4, enable_quanted_input="no")
+
+
 def test_minmax_tuning_is_automatic_unless_given() -> None:
     from signround.config import AutoRoundConfig
 
@@ -323,6 +333,10 @@ def test_layer_config_key_matching_nothing_names_close_layers(tmp_path, stories_
         (["--enable_minmax_tuning"], {"enable_norm_bias_tuning": True}),  # True is the reference's default: left out
         (["--disable_opt_rtn"], {"enable_norm_bias_tuning": True}),  # a plain start: its clipping is tuned
         (["--iters", "0"], {}),  # nothing tuned: neither key
+        (
+            ["--disable_quanted_input"],  # not the reference's default: written
+            {"enable_minmax_tuning": False, "enable_norm_bias_tuning": True, "enable_quanted_input": False},
+        ),
     ],
 )
 def test_the_checkpoint_records_what_the_tuning_moved(tmp_path, stories_dir, shakespeare, flags, expected) -> None:
@@ -333,5 +347,6 @@ def test_the_checkpoint_records_what_the_tuning_moved(tmp_path, stories_dir, sha
     argv += ["--batch_size", "2", "--dataset", f"{shakespeare}:concat=True", "--output_dir", str(out), *flags]
     assert main(argv) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    recorded = {k: qc[k] for k in ("enable_minmax_tuning", "enable_norm_bias_tuning") if k in qc}
+    keys = ("enable_minmax_tuning", "enable_norm_bias_tuning", "enable_quanted_input")
+    recorded = {k: qc[k] for k in keys if k in qc}
     assert recorded == expected

@@ -3,6 +3,8 @@ the work directory refuses another model, config or data."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_families import make_tiny_llama
@@ -24,9 +26,11 @@ class _Killed(Exception):
     pass
 
 
-def test_walk_resumed_after_block_0_equals_the_uninterrupted_walk(tmp_path):
+@pytest.mark.parametrize("quanted_input", [True, False])  # False: one stream, stored once
+def test_walk_resumed_after_block_0_equals_the_uninterrupted_walk(tmp_path, quanted_input):
+    options = dataclasses.replace(OPTIONS, enable_quanted_input=quanted_input)
     model = make_tiny_llama()
-    full = engine.run(model, _plan(model), IDS, None, OPTIONS)
+    full = engine.run(model, _plan(model), IDS, None, options)
 
     store = ResumeStore(tmp_path / "work", {"model": "m", "config": "c", "data": "d"})
     known: set[str] = set()
@@ -37,13 +41,13 @@ def test_walk_resumed_after_block_0_equals_the_uninterrupted_walk(tmp_path):
 
     killed = make_tiny_llama()
     with pytest.raises(_Killed):
-        engine.run(killed, _plan(killed), IDS, None, OPTIONS, on_block=record_then_die)
+        engine.run(killed, _plan(killed), IDS, None, options, on_block=record_then_die)
     loaded = store.load()
     assert loaded is not None and loaded.next_block == 1
     assert sorted(loaded.report.quantized) == sorted(n for n in full.quantized if n.startswith("model.layers.0."))
 
     fresh = make_tiny_llama()  # the fp model again, as after a kill
-    resumed = engine.run(fresh, _plan(fresh), IDS, None, OPTIONS, resume=loaded)
+    resumed = engine.run(fresh, _plan(fresh), IDS, None, options, resume=loaded)
     assert set(resumed.quantized) == set(full.quantized)
     for name, qt in full.quantized.items():
         other = resumed.quantized[name]

@@ -543,6 +543,37 @@ def test_engine_run_quantizes_every_planned_layer(tiny_llama) -> None:
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
+@pytest.mark.parametrize("quanted_input", [True, False])
+def test_each_block_tunes_on_the_stream_the_option_names(tiny_llama_factory, monkeypatch, quanted_input) -> None:
+    """enable_quanted_input: block 1 tunes on block 0's quantized outputs (the default), or with False on the fp
+    model's own block-1 inputs, so it fits its own error only (the reference's disable_quanted_input)."""
+    model = tiny_llama_factory()
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    fp_seen: list[torch.Tensor] = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, args, kw: fp_seen.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    tuned_on: dict[int, torch.Tensor] = {}
+    real = engine._tune_one_block
+
+    def spy(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i):
+        tuned_on[i] = q_in.hidden.detach().clone()
+        return real(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i)
+
+    monkeypatch.setattr(engine, "_tune_one_block", spy)
+    plan = resolve_plan(engine.quantizable_layers(model), LayerSpec(bits=2, group_size=32), {})
+    options = TuneOptions(iters=3, batch_size=2, show_progress=False, amp=False, enable_quanted_input=quanted_input)
+    engine.run(model, plan, ids, None, options)
+    gap = (tuned_on[1].reshape(fp_seen[0].shape) - fp_seen[0]).abs().max().item()
+    if quanted_input:
+        assert gap > 1e-2  # 2-bit block 0 moved its outputs
+    else:
+        assert gap < 1e-5
+
+
 def test_rtn_only_is_plain_rtn(tiny_llama) -> None:
     plan = resolve_plan(engine.quantizable_layers(tiny_llama), LayerSpec(bits=4, group_size=32, sym=False))
     fp = {n: tiny_llama.get_submodule(n).weight.clone() for n in plan.layers}

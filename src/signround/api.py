@@ -136,6 +136,7 @@ def tune_options(config: AutoRoundConfig, show_progress: bool = True) -> TuneOpt
         enable_torch_compile=config.enable_torch_compile,
         enable_norm_bias_tuning=config.enable_norm_bias_tuning,
         enable_minmax_tuning=config.enable_minmax_tuning,
+        enable_quanted_input=config.enable_quanted_input,
         amp=config.amp,
         device=config.tuning_device(),
         low_gpu_mem_usage=config.low_gpu_mem_usage,
@@ -328,6 +329,7 @@ def describe_packed(model: nn.Module, config: AutoRoundConfig, plan: QuantPlan, 
         if config.iters
         else None,
         "enable_norm_bias_tuning": config.enable_norm_bias_tuning if config.iters else None,
+        "enable_quanted_input": config.enable_quanted_input,  # iters=0 too: the stream its importance is read on
         "dataset": config.dataset if isinstance(config.dataset, str) else "custom",
         "block_name_to_quantize": ",".join(block_paths),
         "quant_lm_head": config.quant_lm_head or None,

@@ -143,6 +143,10 @@ def _quantize_parser() -> argparse.ArgumentParser:
         "never compile the tuning loop",
     )  # fmt: skip
     p.add_argument("--disable_amp", action="store_true", help="tune in float32 even where bf16 is native")
+    p.add_argument(
+        "--disable_quanted_input", action="store_true",
+        help="tune every block on the fp model's inputs instead of the quantized blocks' outputs",
+    )  # fmt: skip
     _on_off(
         p, "norm_bias_tuning", "tune each block's norm weights with the rounding (the default)",
         "leave the norm weights as they are",
@@ -213,6 +217,8 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs["low_cpu_mem_usage"] = not args.disable_low_cpu_mem_usage
     if args.disable_amp:
         kwargs["amp"] = False
+    if args.disable_quanted_input:
+        kwargs["enable_quanted_input"] = False
     if args.enable_norm_bias_tuning is not None:
         kwargs["enable_norm_bias_tuning"] = args.enable_norm_bias_tuning
     if args.enable_minmax_tuning is not None:

@@ -53,6 +53,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 _TUNING_KEYS = (
     "iters", "lr", "minmax_lr", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
     "seed", "disable_opt_rtn", "enable_torch_compile", "amp", "enable_norm_bias_tuning", "enable_minmax_tuning",
+    "enable_quanted_input",
 )  # fmt: skip
 
 
@@ -151,6 +152,10 @@ class AutoRoundConfig(QuantizationConfigMixin):
     ``disable_opt_rtn=True``, the fp grids' full block ranges); optimised RTN's clipping on integer grids and
     llama.cpp's importance-weighted scale search on the GGUF ones are kept, as the models came out closer to the fp
     one with only the rounding (and the norms) tuned (docs/benchmarks.md); ``True`` / ``False`` everywhere / nowhere.
+    ``enable_quanted_input`` (default on, as the reference) tunes each block on the outputs of the blocks already
+    quantized, so it also makes up for their error on the calibration text; ``False`` tunes every block on the fp
+    model's own inputs, fitting only its own error (the reference's ``disable_quanted_input``; what each does on
+    calibration text unlike the model's use: docs/benchmarks.md, "What tuning does to the blocks it tunes").
 
     Per-layer control, with the reference's names:
 
@@ -206,6 +211,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         enable_torch_compile: bool | None = None,
         enable_norm_bias_tuning: bool = True,
         enable_minmax_tuning: bool | None = None,
+        enable_quanted_input: bool = True,
         disable_opt_rtn: bool = False,
         amp: bool = True,
         device_map: str | int | None = None,
@@ -271,6 +277,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         self.enable_torch_compile = enable_torch_compile
         self.enable_norm_bias_tuning = enable_norm_bias_tuning
         self.enable_minmax_tuning = enable_minmax_tuning
+        self.enable_quanted_input = enable_quanted_input
         self.disable_opt_rtn = disable_opt_rtn
         self.amp = amp
         self.device_map = kwargs.pop("device", None) if device_map is None else device_map  # the reference's old name
@@ -381,7 +388,7 @@ class AutoRoundConfig(QuantizationConfigMixin):
         )
         for name in (
             "quant_lm_head", "quant_nontext_module", "disable_opt_rtn", "amp", "enable_norm_bias_tuning",
-            "low_gpu_mem_usage", "low_cpu_mem_usage", "enable_deterministic_algorithms",
+            "enable_quanted_input", "low_gpu_mem_usage", "low_cpu_mem_usage", "enable_deterministic_algorithms",
         ):  # fmt: skip
             _require(
                 isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}"

@@ -180,7 +180,8 @@ class ResumeStore:
             "resuming from %s: blocks 0-%d already tuned, continuing at block %d",
             self.directory, state["next_block"] - 1, state["next_block"],
         )  # fmt: skip
-        return BlockCheckpoint(state["next_block"], streams["fp_hidden"], streams["q_hidden"], report)
+        fp_hidden = streams["fp_hidden"]
+        return BlockCheckpoint(state["next_block"], fp_hidden, streams.get("q_hidden", fp_hidden), report)
 
     def save(self, checkpoint: BlockCheckpoint, known: set[str]) -> None:
         """Record a finished block: its new quantized tensors (those not in ``known``), the streams, the state."""
@@ -198,9 +199,10 @@ class ResumeStore:
         atomic_save_tensors(self.directory / block_file, tensors)
         _atomic_write_json((self.directory / block_file).with_suffix(".json"), descriptions)
         streams_file = f"streams-{checkpoint.next_block:04d}.safetensors"
-        atomic_save_tensors(
-            self.directory / streams_file, {"fp_hidden": checkpoint.fp_hidden, "q_hidden": checkpoint.q_hidden}
-        )
+        streams = {"fp_hidden": checkpoint.fp_hidden}
+        if checkpoint.q_hidden is not checkpoint.fp_hidden:  # one stream without quantized inputs: written once
+            streams["q_hidden"] = checkpoint.q_hidden
+        atomic_save_tensors(self.directory / streams_file, streams)
         previous = self._state()
         _atomic_write_json(
             self.directory / _STATE,

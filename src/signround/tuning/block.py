@@ -78,6 +78,9 @@ class TuneOptions:
     # the clipping factors alpha / beta tuned with the rounding (the reference's enable_minmax_tuning); None:
     # only where no search placed it (tunes_minmax)
     enable_minmax_tuning: bool | None = None
+    # each block tuned on the quantized blocks' outputs (the reference's enable_quanted_input); False: on the fp
+    # model's own inputs, so a block fits its own error only
+    enable_quanted_input: bool = True
 
 
 @dataclass

@@ -250,7 +250,7 @@ def run(
                     report.expert_tokens[f"{prefix}{name}.{e}"] = count
                 experts.routed_tokens.zero_()
             if not layers:
-                q_out = fp_out if q_in is fp_in else run_block(block, q_in, bs)
+                q_out = fp_out if q_in is fp_in or not options.enable_quanted_input else run_block(block, q_in, bs)
                 report.block_losses.append((None, None))
             else:
                 result = _tune_one_block(block, layers, importance, prefix, plan, q_in, fp_out, options, bar, i)
@@ -261,7 +261,12 @@ def run(
                         block.get_submodule(name).weight.detach().to("cpu", copy=True)
                     )
                 report.block_losses.append((result.init_loss, result.final_loss))
-                q_out = result.outputs if result.outputs is not None else run_block(block, q_in, bs)
+                if not options.enable_quanted_input:
+                    q_out = fp_out  # the stream the next block tunes on (its quantized outputs are not needed)
+                elif result.outputs is not None:
+                    q_out = result.outputs
+                else:
+                    q_out = run_block(block, q_in, bs)
                 del result  # its quantized tensors are the report's now (and the packed block's, once packed)
                 return_freed_memory()  # the loop's state, freed, leaves the process before packing allocates
             if dispatch is None:
@@ -270,7 +275,9 @@ def run(
                 dispatch.release()  # hooks off, the block home
                 dispatch = None
             fp_inputs = fp_in.with_hidden(fp_out)
-            q_inputs = q_in.with_hidden(q_out.to(cache))
+            # without quantized inputs the fp stream feeds the next block's tuning too (the reference's
+            # disable_quanted_input): each block then fits its own error, not its predecessors' as well
+            q_inputs = q_in.with_hidden(q_out.to(cache)) if options.enable_quanted_input else fp_inputs
             bar.update(1)
             if on_block is not None:
                 on_block(BlockCheckpoint(i + 1, fp_out, q_out, report))
